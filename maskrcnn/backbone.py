@@ -1,0 +1,127 @@
+"""Bottom-up pathway: torchvision's ResNet, returning the outputs of res2..res5 as c2..c5.
+
+Shapes: images [N, 3, H, W] -> {"c2": [N, 256, H/4, W/4], "c3": /8, "c4": /16, "c5": [N, 2048, H/32, W/32]}
+(channels for depth 50/101; depth 18/34 give 64, 128, 256, 512).
+
+Module names follow torchvision (`conv1`, `bn1`, `layer1`..`layer4`) so ImageNet and torchvision detection
+weights load key for key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+LEVELS = ("c2", "c3", "c4", "c5")
+_RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+# ImageNet weights the detection references start from (torchvision's V1 weights).
+_WEIGHTS = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50_Weights", 101: "ResNet101_Weights"}
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were asked for but cannot be had (offline, no cached file)."""
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters (buffers, not parameters)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # present in BatchNorm checkpoints
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Folded into one scale and shift: cheaper than F.batch_norm and safe in fp16.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+    def __repr__(self) -> str:
+        return f"FrozenBatchNorm2d({self.weight.shape[0]}, eps={self.eps})"
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return lambda c: nn.GroupNorm(32, c)
+    raise ValueError(f"unknown norm '{norm}' (frozen_bn | bn | gn)")
+
+
+class ResNetBottomUp(nn.Module):
+    def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
+        net = getattr(torchvision.models, _RESNETS[depth])(weights=None, norm_layer=_norm_layer(norm))
+        self.depth = depth
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = 4 if depth >= 50 else 1
+        self.out_channels = {lvl: 64 * 2**i * expansion for i, lvl in enumerate(LEVELS)}
+        self.strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Freeze the stem (1) and res2..res<freeze_at> (2..5): no gradients, as in detectron2."""
+        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        for stage in stages[: max(0, freeze_at)]:
+            for module in stage:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """x [N, 3, H, W] normalised images -> {"c2".."c5"}."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+
+
+def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
+    """Load ImageNet weights ("imagenet", through torchvision) or a local state dict (path). Returns a
+    description of what was loaded. Offline without a cached file it raises WeightsUnavailable with one
+    line saying which file to place where."""
+    if weights in ("", "none"):
+        return "random initialisation"
+    if weights == "imagenet":
+        enum = getattr(torchvision.models, _WEIGHTS[bottom_up.depth]).IMAGENET1K_V1
+        filename = enum.url.rsplit("/", 1)[-1]
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=False)
+        except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
+            raise WeightsUnavailable(
+                f"ImageNet weights for ResNet-{bottom_up.depth} could not be downloaded ({type(e).__name__}); "
+                f"place {filename} at {cached}, or set model.backbone.weights=none (or a path to a .pth file)"
+            ) from None
+        source = f"ImageNet ({filename})"
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailable(f"backbone weights file not found: {path} (model.backbone.weights)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        source = str(path)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier head is not used
+    missing, unexpected = bottom_up.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise WeightsUnavailable(
+            f"{source} does not fit ResNet-{bottom_up.depth}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return source

@@ -1,0 +1,314 @@
+"""Typed configuration: nested dataclasses with defaults, YAML overrides and `--set a.b=value`.
+
+Every field has a default and a one-line meaning (the comment beside it). Only `build_model(cfg)` and the
+entry points read a config; modules take explicit arguments.
+
+    cfg = load_config("configs/coco_r50_fpn_1x.yaml", ["solver.lr=0.01", "model.noise.enabled=true"])
+
+An unknown key or a value of the wrong type raises `ConfigError` naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------------------- model
+@dataclass
+class BackboneConfig:
+    depth: int = 50  # ResNet depth: 18, 34, 50 or 101 (torchvision's ResNet)
+    norm: str = "frozen_bn"  # frozen_bn | bn | gn (gn/bn for training from scratch)
+    freeze_at: int = 2  # 0: train all; 1: freeze stem; 2: stem+res2; ... 5: stem..res5
+    weights: str = "imagenet"  # imagenet (through torchvision) | none | path to a .pth state dict
+
+
+@dataclass
+class NoiseConfig:
+    enabled: bool = False  # LatentNoise is the identity unless enabled (--feature-noise turns it on)
+    levels: list[str] = field(default_factory=lambda: ["c5"])  # bottom-up levels the noise touches
+    mode: str = "multiplicative"  # multiplicative: x * n | additive: x + n * std(x)
+    distribution: str = "uniform"  # uniform: n ~ U(-s, s) | gaussian: n ~ N(0, s)   (1 + n when multiplicative)
+    strength: float = 0.2  # s above; 0.2 uniform multiplicative is U(0.8, 1.2)
+    shape: str = "position"  # element: [N,C,H,W] | position: [1,1,H,W] | channel: [1,C,1,1]
+    train_only: bool = True  # identity in eval mode unless false
+    seed: Optional[int] = None  # seed of the module's own generator (None: the global RNG)
+
+
+@dataclass
+class FPNConfig:
+    in_features: list[str] = field(default_factory=lambda: ["c2", "c3", "c4", "c5"])  # bottom-up inputs
+    out_channels: int = 256  # channels of every P level
+
+
+@dataclass
+class AnchorConfig:
+    levels: list[str] = field(default_factory=lambda: ["p2", "p3", "p4", "p5", "p6"])  # feature maps used
+    strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # pixel stride of each level
+    sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])  # one per level
+    ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    round_base: bool = False  # round the base anchors to integers (torchvision does)
+    offset: float = 0.0  # anchor centre offset in units of stride (detectron2 default 0.0)
+
+
+@dataclass
+class RPNConfig:
+    conv_dims: int = -1  # channels of the 3x3 head conv (-1: same as input)
+    fg_iou: float = 0.7  # IoU >= this: positive anchor
+    bg_iou: float = 0.3  # IoU < this: negative anchor
+    allow_low_quality: bool = True  # each GT's best anchors are positive too
+    batch_size_per_image: int = 256  # anchors sampled per image for the loss
+    positive_fraction: float = 0.5  # at most this fraction of the sample is positive
+    pre_nms_topk_train: int = 2000  # per level, per image, before NMS (training)
+    pre_nms_topk_test: int = 1000  # per level, per image, before NMS (inference)
+    post_nms_topk_train: int = 1000  # per image after NMS (training; torchvision: 2000)
+    post_nms_topk_test: int = 1000  # per image after NMS (inference)
+    nms_thresh: float = 0.7  # NMS IoU threshold, applied per level
+    min_size: float = 0.0  # proposals with a side below this (px) are removed
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # box coder weights
+    smooth_l1_beta: float = 0.0  # 0: L1 loss (detectron2); 1/9: torchvision's smooth L1
+
+
+@dataclass
+class RoIHeadsConfig:
+    fg_iou: float = 0.5  # IoU >= this: foreground RoI
+    bg_iou: float = 0.5  # IoU < this: background RoI
+    batch_size_per_image: int = 512  # RoIs sampled per image
+    positive_fraction: float = 0.25  # at most this fraction foreground
+    add_gt_as_proposals: bool = True  # ground-truth boxes join the proposals in training
+    box_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    box_pooler_resolution: int = 7  # RoIAlign output for the box head
+    mask_pooler_resolution: int = 14  # RoIAlign output for the mask head
+    sampling_ratio: int = 0  # RoIAlign samples per bin side (<=0: adaptive)
+    aligned: bool = True  # RoIAlign half-pixel shift (detectron2 True, torchvision False)
+    canonical_box_size: float = 224.0  # FPN level assignment: k = floor(k0 + log2(sqrt(wh) / this))
+    canonical_level: int = 4  # k0 above
+    fc_dim: int = 1024  # width of the two box-head FC layers
+    mask_conv_dim: int = 256  # channels of the mask-head convs
+    mask_num_convs: int = 4  # number of 3x3 convs in the mask head
+    smooth_l1_beta: float = 0.0  # 0: L1 (detectron2); 1/9 torchvision
+    mask_on: bool = True  # build the mask head
+    score_thresh: float = 0.05  # detections below this score are dropped
+    nms_thresh: float = 0.5  # per-class NMS
+    detections_per_image: int = 100  # top-k after NMS
+    mask_threshold: float = 0.5  # used when binarising masks (evaluation, drawing)
+    roi_align_impl: str = "ours"  # ours (hand-written, maskrcnn.ops) | torchvision (its compiled kernel)
+
+
+@dataclass
+class TransformConfig:
+    min_size_train: list[int] = field(default_factory=lambda: [800])  # short side, one chosen per batch
+    max_size_train: int = 1333  # long side at most
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1 scale
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    size_divisibility: int = 32  # batch padded to a multiple of this
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80  # K object classes, background excluded (set from the dataset when 0)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class LossWeights:
+    loss_rpn_cls: float = 1.0
+    loss_rpn_box: float = 1.0
+    loss_cls: float = 1.0
+    loss_box: float = 1.0
+    loss_mask: float = 1.0
+
+
+@dataclass
+class ShapesConfig:
+    num_train: int = 400  # images in the generated train split
+    num_val: int = 100  # images in the generated val split
+    image_size: list[int] = field(default_factory=lambda: [256, 320])  # side range in px
+    seed: int = 0  # generator seed: same seed, same dataset
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes (generated on first use) | coco (any COCO-format JSON + images)
+    root: str = "datasets/shapes"  # where the shapes set is generated
+    train_images: str = ""  # coco: image folder of the train split
+    train_ann: str = ""  # coco: annotation JSON of the train split
+    val_images: str = ""
+    val_ann: str = ""
+    categories: list[str] = field(default_factory=list)  # keep only these category names (empty: all)
+    remove_images_without_annotations: bool = True  # drop images with no (non-crowd) object from training
+    flip_prob: float = 0.5  # horizontal flip in training
+    num_workers: int = 2  # DataLoader workers
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class SolverConfig:
+    ims_per_batch: int = 16  # images per iteration
+    base_lr: float = 0.02  # learning rate at ims_per_batch (SGD)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    max_iter: int = 90000
+    warmup_iters: int = 1000  # linear warmup length
+    warmup_factor: float = 0.001  # lr multiplier at iteration 0
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])  # lr x gamma at each
+    gamma: float = 0.1
+    clip_grad_norm: float = 0.0  # max global grad norm (0: off)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs"  # runs/<name>/
+    name: str = ""  # run name (empty: <stage>-<time>)
+    seed: int = 0  # seeds data order, augmentation and initialisation
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    log_period: int = 20  # TensorBoard scalars every N iterations
+    checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
+    vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)
+    eval_at_end: bool = True  # AR (rpn stage) or AP (full stage) on the val split at the end
+
+
+@dataclass
+class TestConfig:
+    ims_per_batch: int = 2  # inference batch
+    max_images: int = 0  # evaluate on at most this many val images (0: all)
+
+
+@dataclass
+class Config:
+    stage: str = "full"  # rpn: backbone + FPN + RPN | full: the whole Mask R-CNN
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+# ------------------------------------------------------------------------------------ merge / parse
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f" (closest valid key: '{match[0]}')" if match else ""
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotated type `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> None:
+    """Write the nested dict `data` into the dataclass `obj`, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'" + _closest(path, [f"{prefix}{n}" for n in names]))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file (`_base_: other.yaml` chains allowed) <- overrides."""
+    cfg = Config()
+    if path is not None:
+        _merge_file(cfg, Path(path))
+    return apply_overrides(cfg, list(overrides or []))
+
+
+def _merge_file(cfg: Config, path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    base = data.pop("_base_", None)
+    if base is not None:
+        _merge_file(cfg, path.parent / base)
+    try:
+        _merge(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

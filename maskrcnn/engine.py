@@ -1,0 +1,185 @@
+"""Training: data, optimiser and schedule, the loop, checkpoints, and the end-of-run evaluation.
+
+    run = Trainer(cfg, init="runs/rpn/model_final.pth"); run.train()
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from .build import build_model
+from .checkpoint import load_checkpoint, partial_load, save_checkpoint
+from .config import Config, save_config
+from .data_setup import build_datasets
+from .data.loader import build_loader
+from .evaluation import evaluate_model, format_metrics
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(solver) -> callable:
+    """Linear warmup from warmup_factor, then x gamma at each step."""
+    def f(it: int) -> float:
+        factor = solver.gamma ** sum(it >= s for s in solver.steps)
+        if it < solver.warmup_iters:
+            alpha = it / solver.warmup_iters
+            factor *= solver.warmup_factor * (1 - alpha) + alpha
+        return factor
+    return f
+
+
+def total_loss(losses: dict[str, torch.Tensor], weights) -> torch.Tensor:
+    """The one place loss weights are applied."""
+    return sum(getattr(weights, name) * value for name, value in losses.items())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, init: Optional[str] = None, resume: bool = False,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        seed_everything(cfg.train.seed)
+        self.device = select_device(cfg.train.device)
+        self.train_set, self.val_set = build_datasets(cfg)
+        if cfg.model.num_classes != self.train_set.num_classes:
+            print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
+                  f"(was {cfg.model.num_classes})")
+            cfg.model.num_classes = self.train_set.num_classes
+        save_config(cfg, self.run_dir / "config.yaml")
+        resume_path = self.run_dir / "last_checkpoint.pth"
+        self.model = build_model(cfg, load_weights=not (resume and resume_path.exists())).to(self.device)
+        if init:
+            report = partial_load(self.model, init)
+            print(report.summary())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        s = cfg.solver
+        self.optimizer = torch.optim.SGD(params, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s))
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.start_iter = 0
+        if resume and resume_path.exists():
+            state = load_checkpoint(resume_path)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start_iter = state["iteration"]
+            print(f"resumed from {resume_path} at iteration {self.start_iter}")
+
+    def checkpoint(self, iteration: int, final: bool = False) -> Path:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "iteration": iteration,
+                 "config": self.cfg, "stage": self.cfg.stage}
+        save_checkpoint(state, self.run_dir / "last_checkpoint.pth")
+        if final:
+            path = self.run_dir / "model_final.pth"
+            save_checkpoint({"model": state["model"], "iteration": iteration, "config": self.cfg,
+                             "stage": self.cfg.stage}, path)
+            return path
+        return self.run_dir / "last_checkpoint.pth"
+
+    def train(self) -> dict:
+        cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
+        loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
+                              seed=t.seed + self.start_iter, drop_last=True, infinite=True)
+        writer = SummaryWriter(str(self.run_dir))
+        self.model.train()
+        it = self.start_iter
+        bar = tqdm(total=s.max_iter, initial=it, desc=f"train {cfg.stage}", disable=not self.progress,
+                   dynamic_ncols=True)
+        data_iter = iter(loader)
+        history = []
+        t_last = time.perf_counter()
+        while it < s.max_iter:
+            images, targets = next(data_iter)
+            images = [img.to(self.device, non_blocking=True) for img in images]
+            targets = [{k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                        for k, v in tg.items()} for tg in targets]
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                losses = self.model(images, targets)
+            loss = total_loss({k: v.float() for k, v in losses.items()}, cfg.loss_weights)
+            if not math.isfinite(loss.item()):
+                bar.close()
+                raise FloatingPointError(
+                    f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); "
+                    f"the last good checkpoint is {self.run_dir / 'last_checkpoint.pth'}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if s.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            it += 1
+            now = time.perf_counter()
+            sec_per_iter, t_last = now - t_last, now
+            values = {k: v.item() for k, v in losses.items()}
+            values["total_loss"] = loss.item()
+            history.append(values)
+            bar.update(1)
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
+            if it % t.log_period == 0 or it == s.max_iter:
+                for k, v in values.items():
+                    writer.add_scalar(f"loss/{k}", v, it)
+                writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
+                writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
+            if t.vis_period > 0 and it % t.vis_period == 0:
+                from .visualize import log_training_images  # drawing only when asked for
+                log_training_images(writer, self.model, images, targets, it)
+            if it % t.checkpoint_period == 0 and it < s.max_iter:
+                self.checkpoint(it)
+        bar.close()
+        final = self.checkpoint(it, final=True)
+        summary = {"stage": cfg.stage, "iterations": it, "checkpoint": str(final),
+                   "first_losses": history[0] if history else {}, "last_losses": history[-1] if history else {}}
+        if history:
+            n = max(1, min(20, len(history) // 5))
+            summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]}
+            summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]}
+        if t.eval_at_end:
+            metrics, results = evaluate_model(self.model, self.val_set, self.device, cfg.test.ims_per_batch,
+                                              cfg.test.max_images, self.amp,
+                                              cfg.model.roi_heads.mask_threshold, self.progress, "evaluate val")
+            summary["val"] = _strip_summaries(metrics)
+            print(f"val: {format_metrics(metrics)}")
+            for k, v in _flat_scalars(metrics).items():
+                writer.add_scalar(f"val/{k}", v, it)
+        writer.close()
+        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _strip_summaries(metrics: dict) -> dict:
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "summary"} if isinstance(v, dict) else v)
+            for k, v in metrics.items()}
+
+
+def _flat_scalars(metrics: dict) -> dict[str, float]:
+    if "AR@100" in metrics:
+        return dict(metrics)
+    return {f"{t}_{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t]["stats"].items()}

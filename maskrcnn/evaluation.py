@@ -1,0 +1,154 @@
+"""Evaluation: inference over a dataset, COCO box/mask AP and proposal AR through pycocotools.
+
+Results are converted to COCO's results format image by image, so full-resolution masks never pile up.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Optional
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+from tqdm import tqdm
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def detections_to_coco(det: dict[str, Tensor], image_id: int, contiguous_to_cat_id: dict[int, int],
+                       mask_threshold: float = 0.5) -> list[dict]:
+    """One image's detections -> COCO result records (bbox xywh; segmentation as compressed RLE)."""
+    boxes = det["boxes"].float().cpu()
+    if boxes.numel() == 0:
+        return []
+    xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), 1).tolist()
+    scores = det["scores"].float().cpu().tolist()
+    labels = det["labels"].cpu().tolist()
+    rles = None
+    if "masks" in det:
+        binary = (det["masks"][:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [H, W, D] Fortran order
+    out = []
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        rec = {"image_id": int(image_id), "category_id": contiguous_to_cat_id[int(label)], "bbox": box,
+               "score": float(score)}
+        if rles is not None:
+            rle = rles[i]
+            rec["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        out.append(rec)
+    return out
+
+
+def proposals_to_coco(props: dict[str, Tensor], image_id: int, max_dets: int) -> list[dict]:
+    boxes = props["boxes"][:max_dets].float().cpu()
+    scores = props["scores"][:max_dets].float().cpu().tolist()
+    xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), 1).tolist()
+    return [{"image_id": int(image_id), "category_id": 1, "bbox": b, "score": float(s)}
+            for b, s in zip(xywh, scores)]
+
+
+@torch.no_grad()
+def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max_images: int = 0,
+                  amp: bool = False, mask_threshold: float = 0.5, progress: bool = True,
+                  desc: str = "inference") -> tuple[list[dict], list[int]]:
+    """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model)."""
+    model.eval()
+    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    results: list[dict] = []
+    image_ids: list[int] = []
+    mapping = getattr(dataset, "contiguous_to_cat_id", None)
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        images = [img.to(device, non_blocking=True) for img, _ in batch]
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            outputs = model(images)
+        for (_, target), out in zip(batch, outputs):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            if model.stage == "rpn":
+                results.extend(proposals_to_coco(out, image_id, max_dets=1000))
+            else:
+                results.extend(detections_to_coco(out, image_id, mapping, mask_threshold))
+    return results, image_ids
+
+
+def _quiet(fn, *args):
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        out = fn(*args)
+    return out, buf.getvalue()
+
+
+def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
+                  cat_ids: Optional[list[int]] = None, verbose: bool = False) -> dict:
+    """The 12-number COCO summary (as fractions) and per-category AP for iou_type 'bbox' or 'segm'."""
+    stats = {name: 0.0 for name in STAT_NAMES}
+    if not results:
+        return {"stats": stats, "per_category": {}, "summary": "no detections"}
+    coco_dt, _ = _quiet(coco_gt.loadRes, [dict(r) for r in results])  # loadRes mutates records: copies
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    ev.params.imgIds = sorted(image_ids)
+    if cat_ids is not None:  # only the categories the model was trained on
+        ev.params.catIds = sorted(cat_ids)
+    _, text1 = _quiet(ev.evaluate)
+    _, text2 = _quiet(ev.accumulate)
+    _, summary = _quiet(ev.summarize)
+    if verbose:
+        print(summary)
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    # precision [T, R, K, A, M]: IoU thresholds, recall points, categories, areas, max dets
+    precision = ev.eval["precision"]
+    per_cat = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_cat[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else float("nan")
+    return {"stats": stats, "per_category": per_cat, "summary": summary}
+
+
+def proposal_recall(coco_gt, results: list[dict], image_ids: list[int], max_dets=(100, 1000)) -> dict:
+    """COCO-style average recall of class-agnostic proposals (IoU 0.5:0.95, all areas) at each max_dets."""
+    if not results:
+        return {f"AR@{m}": 0.0 for m in max_dets}
+    coco_dt, _ = _quiet(coco_gt.loadRes, [dict(r) for r in results])
+    ev = COCOeval(coco_gt, coco_dt, "bbox")
+    ev.params.imgIds = sorted(image_ids)
+    ev.params.useCats = 0
+    ev.params.maxDets = list(max_dets)
+    _quiet(ev.evaluate)
+    _quiet(ev.accumulate)
+    recall = ev.eval["recall"]  # [T, K, A, M]
+    out = {}
+    for m_idx, m in enumerate(max_dets):
+        r = recall[:, 0, 0, m_idx]
+        r = r[r > -1]
+        out[f"AR@{m}"] = float(r.mean()) if r.size else 0.0
+    return out
+
+
+def evaluate_model(model, dataset, device: torch.device, batch_size: int = 2, max_images: int = 0,
+                   amp: bool = False, mask_threshold: float = 0.5, progress: bool = True,
+                   desc: str = "evaluate") -> tuple[dict, list[dict]]:
+    """Metrics dict (AR for the RPN stage; box and mask AP for the full model) and the COCO results."""
+    results, image_ids = run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold,
+                                       progress, desc)
+    if model.stage == "rpn":
+        return proposal_recall(dataset.coco, results, image_ids), results
+    cat_ids = list(dataset.contiguous_to_cat_id.values())
+    metrics = {"bbox": coco_evaluate(dataset.coco, results, "bbox", image_ids, cat_ids)}
+    if model.roi_heads.mask_on:
+        metrics["segm"] = coco_evaluate(dataset.coco, results, "segm", image_ids, cat_ids)
+    return metrics, results
+
+
+def format_metrics(metrics: dict) -> str:
+    if "AR@100" in metrics:
+        return " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    parts = []
+    for iou_type in ("bbox", "segm"):
+        if iou_type in metrics:
+            s = metrics[iou_type]["stats"]
+            parts.append(f"{iou_type}: AP {s['AP']:.3f} AP50 {s['AP50']:.3f} AP75 {s['AP75']:.3f}")
+    return " | ".join(parts)

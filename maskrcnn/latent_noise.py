@@ -1,0 +1,101 @@
+"""LatentNoise: a pluggable perturbation of the bottom-up features before the FPN ("prior to the RPN").
+
+Identity unless enabled. Seed 000's rule is the preset `LatentNoise.seed000()`: c5 multiplied by
+U(0.8, 1.2), one value per spatial position shared over batch and channels, in training only.
+
+Shapes: features {"c2".."c5"}: [N, C, H, W] each; noise tensors broadcast to these:
+element [N, C, H, W] | position [1, 1, H, W] | channel [1, C, 1, 1].
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("multiplicative", "additive")
+DISTRIBUTIONS = ("uniform", "gaussian")
+SHAPES = ("element", "position", "channel")
+
+
+class LatentNoise(nn.Module):
+    def __init__(
+        self,
+        enabled: bool = False,
+        levels: Sequence[str] = ("c5",),
+        mode: str = "multiplicative",
+        distribution: str = "uniform",
+        strength: float = 0.2,
+        shape: str = "position",
+        train_only: bool = True,
+        seed: Optional[int] = None,
+    ):
+        super().__init__()
+        for name, value, options in (("mode", mode, MODES), ("distribution", distribution, DISTRIBUTIONS),
+                                     ("shape", shape, SHAPES)):
+            if value not in options:
+                raise ValueError(f"LatentNoise {name} '{value}' not one of {options}")
+        if strength < 0:
+            raise ValueError(f"LatentNoise strength must be >= 0, got {strength}")
+        self.enabled = enabled
+        self.levels = tuple(levels)
+        self.mode = mode
+        self.distribution = distribution
+        self.strength = float(strength)
+        self.shape = shape
+        self.train_only = train_only
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @classmethod
+    def seed000(cls, seed: Optional[int] = None) -> "LatentNoise":
+        """c5 x U(0.8, 1.2), one value per position, training only."""
+        return cls(enabled=True, levels=("c5",), mode="multiplicative", distribution="uniform",
+                   strength=0.2, shape="position", train_only=True, seed=seed)
+
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        if device not in self._generators:  # one stream per device, seeded once: runs repeat
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def reset(self) -> None:
+        """Restart the seeded noise stream."""
+        self._generators.clear()
+
+    def sample(self, x: Tensor) -> Tensor:
+        """Zero-mean noise n of the configured shape for features x [N, C, H, W] (fp32)."""
+        n, c, h, w = x.shape
+        size = {"element": (n, c, h, w), "position": (1, 1, h, w), "channel": (1, c, 1, 1)}[self.shape]
+        gen = self._generator(x.device)
+        if self.distribution == "uniform":
+            noise = torch.rand(size, generator=gen, device=x.device) * 2 - 1
+        else:
+            noise = torch.randn(size, generator=gen, device=x.device)
+        return noise * self.strength
+
+    def active(self) -> bool:
+        return self.enabled and self.strength > 0 and (self.training or not self.train_only)
+
+    def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{"c2".."c5"} -> the same keys and shapes; only `levels` are perturbed."""
+        if not self.active():
+            return features
+        out = dict(features)
+        for level in self.levels:
+            if level not in features:
+                raise KeyError(f"LatentNoise level '{level}' not among the features {list(features)}")
+            x = features[level]
+            noise = self.sample(x)
+            if self.mode == "multiplicative":
+                out[level] = x * (1 + noise).to(x.dtype)
+            else:  # additive, relative to the feature's own spread so `strength` means the same at every level
+                out[level] = x + noise.to(x.dtype) * x.detach().float().std().to(x.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        if not self.enabled:
+            return "enabled=False (identity)"
+        return (f"levels={self.levels}, mode={self.mode}, distribution={self.distribution}, "
+                f"strength={self.strength}, shape={self.shape}, train_only={self.train_only}, seed={self.seed}")

@@ -1,0 +1,76 @@
+"""Multi-scale RoI pooling: each RoI is pooled from one FPN level chosen by its size.
+
+Shapes: R RoIs over the batch as rois [R, 5] (batch index, x1, y1, x2, y2) in image pixels;
+features list of [N, C, Hi, Wi] for levels k_min..k_max; output [R, C, S, S].
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .box_ops import box_area
+
+
+def roi_align_fn(impl: str):
+    """RoIAlign implementation: "ours" (hand-written, maskrcnn.ops) or "torchvision" (compiled kernel)."""
+    if impl == "ours":
+        from .ops import roi_align
+        return roi_align
+    if impl == "torchvision":
+        from torchvision.ops import roi_align
+        return roi_align
+    raise ValueError(f"unknown RoIAlign implementation '{impl}' (ours | torchvision)")
+
+
+def rois_from_boxes(boxes: Sequence[Tensor]) -> Tensor:
+    """List of [Ri, 4] boxes per image -> [R, 5] with the image index in column 0."""
+    idx = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat((idx, torch.cat(list(boxes))), dim=1)
+
+
+def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_size: float, canonical_level: int) -> Tensor:
+    """[R, 4] boxes -> [R] level index in 0..(k_max - k_min), by k = floor(k0 + log2(sqrt(wh) / s0))."""
+    size = box_area(boxes).sqrt()
+    k = torch.floor(canonical_level + torch.log2(size / canonical_size + 1e-8))
+    return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    def __init__(self, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool,
+                 canonical_box_size: float = 224.0, canonical_level: int = 4, impl: str = "ours"):
+        super().__init__()
+        self.output_size = output_size
+        self.scales = [1.0 / s for s in strides]
+        self.k_min = int(round(math.log2(strides[0])))
+        self.k_max = int(round(math.log2(strides[-1])))
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.canonical_box_size = canonical_box_size
+        self.canonical_level = canonical_level
+        self.impl = impl
+        self._roi_align = roi_align_fn(impl)
+
+    def forward(self, features: list[Tensor], boxes: Sequence[Tensor]) -> Tensor:
+        """features: one map per level (fine to coarse); boxes: list of [Ri, 4] per image -> [R, C, S, S]."""
+        rois = rois_from_boxes(boxes)
+        c = features[0].shape[1]
+        out = features[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
+        if rois.shape[0] == 0:
+            return out
+        levels = assign_levels(rois[:, 1:], self.k_min, self.k_max, self.canonical_box_size,
+                               self.canonical_level)
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.nonzero(levels == level).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            pooled = self._roi_align(feature, rois[idx].to(feature.dtype), (self.output_size, self.output_size),
+                                     spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+            out.index_copy_(0, idx, pooled.to(out.dtype))  # written back by index: RoI order is kept
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, scales={self.scales}, sampling_ratio={self.sampling_ratio}, "
+                f"aligned={self.aligned}, impl={self.impl}")

@@ -1,0 +1,157 @@
+"""Region Proposal Network: head, anchor labelling and sampling, losses, and proposal selection.
+
+Shapes: N images; L FPN levels; A anchors per location; level i has Hi x Wi cells, so Ai = Hi * Wi * A
+anchors; M ground-truth boxes in an image; P proposals per image after NMS.
+  head:     p_i [N, C, Hi, Wi] -> objectness [N, A, Hi, Wi], deltas [N, 4A, Hi, Wi]
+  flattened objectness [N, Ai], deltas [N, Ai, 4], anchors [Ai, 4] (same for every image of the batch)
+  proposals: per image dict(boxes [P, 4] xyxy in the resized-image frame, scores [P] logits, levels [P])
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from .anchors import AnchorGenerator
+from .box_coder import BoxCoder
+from .box_ops import box_iou, clip_boxes, nonempty
+from .losses import smooth_l1_sum
+from .matcher import BELOW_LOW_THRESHOLD, Matcher
+from .sampler import BalancedSampler
+from .transform import ImageList
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU shared over levels, then 1x1 convs for A objectness logits and 4A deltas."""
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_dims: int = -1):
+        super().__init__()
+        mid = in_channels if conv_dims < 0 else conv_dims
+        self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
+        self.cls_logits = nn.Conv2d(mid, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(mid, num_anchors * 4, 1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = [], []
+        for x in features:
+            t = F.relu(self.conv(x))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+class RPN(nn.Module):
+    def __init__(
+        self,
+        in_features: Sequence[str],
+        in_channels: int,
+        anchor_generator: AnchorGenerator,
+        box_coder: BoxCoder,
+        matcher: Matcher,
+        sampler: BalancedSampler,
+        pre_nms_topk: tuple[int, int],  # (train, test), per level and image
+        post_nms_topk: tuple[int, int],  # (train, test), per image
+        nms_thresh: float = 0.7,
+        min_size: float = 0.0,
+        smooth_l1_beta: float = 0.0,
+        conv_dims: int = -1,
+    ):
+        super().__init__()
+        self.in_features = list(in_features)
+        self.anchor_generator = anchor_generator
+        self.head = RPNHead(in_channels, anchor_generator.num_anchors, conv_dims)
+        self.box_coder = box_coder
+        self.matcher = matcher
+        self.sampler = sampler
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None
+                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}."""
+        feats = [features[name] for name in self.in_features]
+        logits, deltas = self.head(feats)
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats])
+        n = feats[0].shape[0]
+        # [N, A, Hi, Wi] -> [N, Hi, Wi, A] -> [N, Hi*Wi*A]: the anchor order of AnchorGenerator
+        logits = [x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits]
+        # [N, 4A, Hi, Wi] -> [N, A, 4, Hi, Wi] -> [N, Hi, Wi, A, 4] -> [N, Hi*Wi*A, 4]
+        deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+                  for x in deltas]
+        proposals = self.select_proposals(anchors, [x.detach() for x in logits], [x.detach() for x in deltas],
+                                          images.image_sizes)
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("RPN in training mode needs targets")
+            losses = self.losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets)
+        return proposals, losses
+
+    # ------------------------------------------------------------------------------------- proposals
+    @torch.no_grad()
+    def select_proposals(self, anchors: list[Tensor], logits: list[Tensor], deltas: list[Tensor],
+                         image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per level: top-k over the whole batch, decode; per image: clip, drop small, NMS per level, top-k."""
+        pre_k = self.pre_nms_topk[0 if self.training else 1]
+        post_k = self.post_nms_topk[0 if self.training else 1]
+        n = logits[0].shape[0]
+        batch_idx = torch.arange(n, device=logits[0].device)[:, None]
+        all_boxes, all_scores, all_levels = [], [], []
+        for level, (anc, lg, dl) in enumerate(zip(anchors, logits, deltas)):
+            k = min(pre_k, lg.shape[1])
+            scores, idx = lg.topk(k, dim=1)  # [N, k]
+            boxes = self.box_coder.decode(dl[batch_idx, idx].reshape(-1, 4), anc[idx].reshape(-1, 4))
+            all_boxes.append(boxes.view(n, k, 4))
+            all_scores.append(scores.float())
+            all_levels.append(torch.full((n, k), level, dtype=torch.int64, device=lg.device))
+        boxes, scores, levels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_levels, 1)
+        results = []
+        for i, size in enumerate(image_sizes):  # the per-image loop only around NMS
+            b, s, lv = clip_boxes(boxes[i], size), scores[i], levels[i]
+            keep = nonempty(b, self.min_size) & torch.isfinite(b).all(dim=1) & torch.isfinite(s)
+            b, s, lv = b[keep], s[keep], lv[keep]
+            keep = batched_nms(b, s, lv, self.nms_thresh)[:post_k]  # sorted by score
+            results.append({"boxes": b[keep], "scores": s[keep], "levels": lv[keep]})
+        return results
+
+    # ----------------------------------------------------------------------------------------- losses
+    @torch.no_grad()
+    def label_anchors(self, anchors: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """anchors [Ai, 4], gt [M, 4] -> labels [Ai] (1 pos, 0 neg, -1 ignore), matched gt boxes [Ai, 4]."""
+        matches = self.matcher(box_iou(gt_boxes, anchors))
+        labels = torch.full_like(matches, -1)
+        labels[matches >= 0] = 1
+        labels[matches == BELOW_LOW_THRESHOLD] = 0
+        if gt_boxes.numel() == 0:
+            return labels, torch.zeros_like(anchors)
+        return labels, gt_boxes[matches.clamp(min=0)]
+
+    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        """anchors [Atot, 4], logits [N, Atot], deltas [N, Atot, 4]."""
+        labels, matched_boxes = [], []
+        for target in targets:
+            lab, matched = self.label_anchors(anchors, target["boxes"])
+            pos, neg = self.sampler(lab)
+            sampled = torch.full_like(lab, -1)
+            sampled[pos], sampled[neg] = 1, 0
+            labels.append(sampled)
+            matched_boxes.append(matched)
+        labels_t = torch.stack(labels)  # [N, Atot]
+        valid = labels_t >= 0
+        pos = labels_t == 1
+        normalizer = max(1, int(valid.sum()))
+        loss_cls = F.binary_cross_entropy_with_logits(
+            logits[valid].float(), labels_t[valid].float(), reduction="sum") / normalizer
+        # Regression targets only for the sampled positives: [N, Atot, 4][pos] -> [P, 4]
+        reg = self.box_coder.encode(anchors.expand(len(targets), -1, -1)[pos], torch.stack(matched_boxes)[pos])
+        loss_box = smooth_l1_sum(deltas[pos], reg, self.smooth_l1_beta) / normalizer
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}

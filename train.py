@@ -1,0 +1,60 @@
+"""Train the RPN stage or the whole Mask R-CNN.
+
+    python train.py --stage rpn
+    python train.py --stage full --feature-noise --init runs/rpn/model_final.pth
+    python train.py --config configs/coco_r50_fpn_1x.yaml --set data.train_ann=... solver.max_iter=1000
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from maskrcnn.cli import add_config_args, one_line_errors
+
+DEFAULT_CONFIG = "configs/shapes.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, DEFAULT_CONFIG)
+    p.add_argument("--stage", choices=["rpn", "full"], help="rpn: backbone+FPN+RPN; full: Mask R-CNN "
+                   "(default: the config's stage)")
+    p.add_argument("--feature-noise", action="store_true", help="switch on the configured LatentNoise")
+    p.add_argument("--init", help="checkpoint to initialise from (an RPN-stage run, or any compatible one)")
+    p.add_argument("--name", help="run name: runs/<name>/ (default: <stage>[-noise]-<time>)")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--resume", action="store_true", help="continue the run <name> from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    with one_line_errors():
+        from maskrcnn.config import load_config
+        from maskrcnn.engine import Trainer
+        cfg = load_config(args.config, args.set)
+        if args.stage:
+            cfg.stage = args.stage
+        if args.feature_noise:
+            cfg.model.noise.enabled = True
+        if args.seed is not None:
+            cfg.train.seed = args.seed
+        if args.resume and not args.name:
+            raise ValueError("--resume needs --name of the run to continue")
+        if args.init and not Path(args.init).is_file():
+            raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
+        name = args.name or cfg.train.name or (
+            f"{cfg.stage}{'-noise' if cfg.model.noise.enabled else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.train.name = name
+        run_dir = Path(cfg.train.output_dir) / name
+        print(f"run directory: {run_dir}")
+        trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress)
+        summary = trainer.train()
+        print(f"checkpoint: {summary['checkpoint']}")
+        return summary
+
+
+if __name__ == "__main__":
+    main()
