@@ -1,0 +1,178 @@
+"""Deterministic batching for detection datasets.
+
+Reproducibility design: every epoch's order *and* a per-sample augmentation
+seed are drawn from ``(seed, epoch)``.  Each sample is loaded with torch's RNG
+seeded from its own seed (then restored, so the caller's global RNG is untouched).
+Consequently the same seed gives the same batches whatever ``num_workers`` is,
+and epoch ``e`` of a resumed run equals epoch ``e`` of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["collate", "build_loader", "SeededLoader", "epoch_seed"]
+
+Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> Batch:
+    """Keep images (of different sizes) and targets as lists; the model pads them."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for ``(seed, epoch)`` (nearby seeds give unrelated streams)."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class _EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, sample_seed)`` pairs; order and seeds depend only on (seed, epoch)."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=g)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _SeededItems(Dataset):
+    """Loads ``dataset[index]`` with torch's RNG seeded by the sample's own seed."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        # Seed only the CPU generator (torch.manual_seed also queues CUDA seeding,
+        # ~1 ms per call) and restore it afterwards, so loading in the main
+        # process (num_workers=0) does not disturb the training loop's RNG.
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            gen.set_state(state)
+
+
+def _worker_init_fn(worker_id: int) -> None:
+    """Seed numpy/random in each worker from torch's per-worker seed (set by DataLoader)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class SeededLoader:
+    """Iterable over ``(images, targets)`` batches; see :func:`build_loader`.
+
+    Each pass (one ``iter()`` of a finite loader, or each epoch of an infinite
+    one) uses epoch number :attr:`epoch` and then advances it, so consecutive
+    epochs are shuffled differently.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int,
+        seed: int,
+        drop_last: bool = False,
+        infinite: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.infinite = infinite
+        self.epoch = 0
+        self.sampler = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
+        self.loader = DataLoader(
+            _SeededItems(dataset),
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=drop_last,
+            # Seeds the workers' base seed (numpy/random via worker_init_fn).
+            generator=torch.Generator().manual_seed(int(seed)),
+            worker_init_fn=_worker_init_fn,
+            persistent_workers=num_workers > 0,
+        )
+        if infinite and len(self.loader) == 0:
+            raise ValueError(
+                f"dataset of {len(dataset)} images gives no batch of {batch_size} "  # type: ignore[arg-type]
+                "with drop_last=True; an infinite loader would never yield"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at ``epoch`` (e.g. when resuming)."""
+        self.epoch = epoch
+
+    def _one_epoch(self) -> Iterator[Batch]:
+        # Advance first: an epoch abandoned half-way is not replayed by the next iter().
+        self.sampler.epoch = self.epoch
+        self.epoch += 1
+        yield from self.loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.infinite:
+            return self._one_epoch()
+        return self._forever()
+
+    def _forever(self) -> Iterator[Batch]:
+        while True:
+            yield from self._one_epoch()
+
+    def __len__(self) -> int:
+        if self.infinite:
+            raise TypeError("an infinite loader has no length; use batches_per_epoch")
+        return len(self.loader)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool = False,
+    infinite: bool = False,
+) -> SeededLoader:
+    """A reproducible loader yielding ``(list[image], list[target])`` batches.
+
+    Args:
+        dataset: map-style dataset of ``(image, target)``.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (order depends on ``(seed, epoch)``).
+        num_workers: loader processes (persistent across epochs when > 0).
+        seed: same seed -> same batches, including random augmentation.
+        drop_last: drop the last incomplete batch of each epoch.
+        infinite: yield batches forever, epoch after epoch (for
+            iteration-based training); otherwise one epoch per ``iter()``.
+    """
+    return SeededLoader(dataset, batch_size, shuffle, num_workers, seed, drop_last, infinite)

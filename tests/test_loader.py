@@ -1,0 +1,103 @@
+"""Reproducible batching: same seed -> same batches (order and augmentation), collate types."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from maskrcnn.data import CocoInstances, Compose, RandomHorizontalFlip, build_loader, collate, generate_shapes
+
+
+class _Random(Dataset):
+    """Item i: a tensor and a target whose 'aug' value comes from torch's RNG (like an augmentation)."""
+
+    def __init__(self, n: int = 10) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        return torch.full((3, 4, 5), float(i)), {"index": i, "aug": torch.rand(()).item()}
+
+
+def _summary(batches) -> list[list[tuple[int, float]]]:
+    return [[(t["index"], t["aug"]) for t in targets] for _, targets in batches]
+
+
+def test_collate_types() -> None:
+    batch = [_Random()[0], _Random()[1]]
+    images, targets = collate(batch)
+    assert isinstance(images, list) and isinstance(targets, list)
+    assert all(isinstance(im, torch.Tensor) for im in images) and targets[1]["index"] == 1
+    images, targets = next(iter(build_loader(_Random(), 3, shuffle=False, num_workers=0, seed=0)))
+    assert isinstance(images, list) and len(images) == 3 and images[2].shape == (3, 4, 5)
+    assert [t["index"] for t in targets] == [0, 1, 2]
+
+
+def test_same_seed_same_batches() -> None:
+    a = _summary(build_loader(_Random(), 3, shuffle=True, num_workers=0, seed=7))
+    b = _summary(build_loader(_Random(), 3, shuffle=True, num_workers=0, seed=7))
+    c = _summary(build_loader(_Random(), 3, shuffle=True, num_workers=0, seed=8))
+    assert a == b and a != c
+    assert sorted(i for batch in a for i, _ in batch) == list(range(10))  # one full epoch
+    assert [len(x) for x in a] == [3, 3, 3, 1]
+
+
+def test_independent_of_global_rng_and_workers() -> None:
+    torch.manual_seed(123)
+    a = _summary(build_loader(_Random(), 4, shuffle=True, num_workers=0, seed=1))
+    torch.manual_seed(999)  # a different global state must not matter
+    b = _summary(build_loader(_Random(), 4, shuffle=True, num_workers=0, seed=1))
+    assert a == b
+    loader = build_loader(_Random(), 4, shuffle=True, num_workers=2, seed=1)
+    assert _summary(loader) == a  # same batches with worker processes
+    del loader
+
+
+def test_loader_does_not_touch_global_rng() -> None:
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    list(build_loader(_Random(), 4, shuffle=True, num_workers=0, seed=1))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_epochs_reshuffle_and_resume() -> None:
+    loader = build_loader(_Random(), 5, shuffle=True, num_workers=0, seed=3, drop_last=True)
+    epoch0, epoch1 = _summary(loader), _summary(loader)
+    assert epoch0 != epoch1 and loader.epoch == 2
+    resumed = build_loader(_Random(), 5, shuffle=True, num_workers=0, seed=3, drop_last=True)
+    resumed.set_epoch(1)
+    assert _summary(resumed) == epoch1
+
+
+def test_infinite() -> None:
+    loader = build_loader(_Random(10), 4, shuffle=True, num_workers=0, seed=2, drop_last=True, infinite=True)
+    assert loader.batches_per_epoch == 2
+    with pytest.raises(TypeError):
+        len(loader)
+    batches = _summary(itertools.islice(iter(loader), 7))
+    assert len(batches) == 7 and all(len(b) == 4 for b in batches)
+    epochs = [[i for b in batches[k:k + 2] for i, _ in b] for k in range(0, 6, 2)]
+    assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
+    again = _summary(itertools.islice(iter(build_loader(_Random(10), 4, True, 0, 2, True, True)), 7))
+    assert again == batches
+    with pytest.raises(ValueError, match="never yield"):
+        build_loader(_Random(3), 4, shuffle=True, num_workers=0, seed=0, drop_last=True, infinite=True)
+
+
+def test_flip_augmentation_repeatable(tmp_path: Path) -> None:
+    paths = generate_shapes(tmp_path, num_train=6, num_val=0, image_size=64, seed=0)
+    ds = CocoInstances(paths["train_images"], paths["train_ann"], transforms=Compose([RandomHorizontalFlip(0.5)]))
+
+    def run(seed: int) -> list[torch.Tensor]:
+        return [t["boxes"] for _, targets in build_loader(ds, 2, True, 0, seed) for t in targets]
+
+    a, b = run(0), run(0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    runs = [run(s) for s in range(1, 6)]
+    assert any(not all(torch.equal(x, y) for x, y in zip(a, r)) for r in runs)
