@@ -60,6 +60,19 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"unknown norm '{norm}' (frozen_bn | bn | gn)")
 
 
+def _freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm layers of a frozen stage become FrozenBatchNorm2d, so their statistics stop moving too."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+        frozen.load_state_dict(module.state_dict())
+        return frozen
+    for name, child in module.named_children():
+        new = _freeze_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
 class ResNetBottomUp(nn.Module):
     def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2):
         super().__init__()
@@ -76,9 +89,11 @@ class ResNetBottomUp(nn.Module):
 
     def freeze(self, freeze_at: int) -> None:
         """Freeze the stem (1) and res2..res<freeze_at> (2..5): no gradients, as in detectron2."""
-        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
         for stage in stages[: max(0, freeze_at)]:
-            for module in stage:
+            for name in stage:
+                module = _freeze_batchnorm(getattr(self, name))
+                setattr(self, name, module)
                 for p in module.parameters():
                     p.requires_grad_(False)
 
@@ -118,6 +133,11 @@ def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
         state = state.get("model", state) if isinstance(state, dict) else state
         source = str(path)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier head is not used
+    own = bottom_up.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        raise WeightsUnavailable(f"{source} does not fit ResNet-{bottom_up.depth}: shape mismatch {bad[:3]}")
     missing, unexpected = bottom_up.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

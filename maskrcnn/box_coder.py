@@ -52,4 +52,4 @@ class BoxCoder:
         pw = torch.exp(dw) * widths
         ph = torch.exp(dh) * heights
         boxes = torch.stack((pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph), dim=2)  # [R, k, 4]
-        return boxes.reshape(deltas.shape[0], -1)
+        return boxes.reshape(deltas.shape)

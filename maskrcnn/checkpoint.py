@@ -76,3 +76,27 @@ def partial_load(model: nn.Module, source: str | Path | dict) -> LoadReport:
     report.new = [k for k in own if k not in state]
     model.load_state_dict(to_load, strict=False)
     return report
+
+
+def model_from_checkpoint(path: str | Path, config: str | None = None, overrides: list[str] | None = None,
+                          device: str = "cpu"):
+    """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
+    `config` names a YAML file; `overrides` apply on top of either."""
+    from .build import build_model
+    from .config import Config, apply_overrides, load_config
+
+    state = load_checkpoint(path)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    elif isinstance(state.get("config"), Config):
+        cfg = apply_overrides(state["config"], list(overrides or []))
+    else:
+        raise ValueError(f"{path}: the checkpoint holds no config; pass --config")
+    cfg.stage = state.get("stage", cfg.stage)
+    model = build_model(cfg, load_weights=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit the model built from the config ({first})") from None
+    return model.to(device).eval(), cfg

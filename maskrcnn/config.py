@@ -224,6 +224,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -23,6 +23,15 @@ def dataset_paths(cfg: Config) -> dict[str, str]:
     raise ValueError(f"unknown data.dataset '{d.dataset}' (shapes | coco)")
 
 
+def build_eval_dataset(cfg: Config, split: str = "val", transforms=None) -> CocoInstances:
+    """The `split` ("train" or "val") for evaluation: every image kept, no augmentation unless given."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got '{split}'")
+    paths = dataset_paths(cfg)
+    return CocoInstances(paths[f"{split}_images"], paths[f"{split}_ann"], categories=list(cfg.data.categories) or None,
+                         remove_images_without_annotations=False, transforms=transforms)
+
+
 def build_datasets(cfg: Config, train: bool = True):
     """(train set with augmentation or None, val set)."""
     d = cfg.data
@@ -33,6 +42,4 @@ def build_datasets(cfg: Config, train: bool = True):
         train_set = CocoInstances(paths["train_images"], paths["train_ann"], categories=categories,
                                   remove_images_without_annotations=d.remove_images_without_annotations,
                                   transforms=Compose([RandomHorizontalFlip(d.flip_prob)]))
-    val_set = CocoInstances(paths["val_images"], paths["val_ann"], categories=categories,
-                            remove_images_without_annotations=False)
-    return train_set, val_set
+    return train_set, build_eval_dataset(cfg, "val")

@@ -23,6 +23,8 @@ class Matcher:
     def __call__(self, iou: Tensor) -> Tensor:
         """[M, N] IoU -> [N] int64 matched GT index (>= 0), BELOW_LOW_THRESHOLD or BETWEEN_THRESHOLDS."""
         m, n = iou.shape
+        if n == 0:
+            return torch.empty((0,), dtype=torch.int64, device=iou.device)
         if m == 0:  # no ground truth: everything is background
             return torch.full((n,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=iou.device)
         best_iou, matches = iou.max(dim=0)
