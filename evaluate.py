@@ -84,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         (out_dir / f"detections_{args.split}_{tag}.json").write_text(json.dumps(results))
         report["results"][tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
-    if args.corruption is not None and model.stage == "full" and len(runs) > 1:
+    if args.corruption == "all" and model.stage == "full":
         for iou_type in ("bbox", "segm"):
             aps = [r[iou_type]["stats"]["AP"] for r in report["results"].values() if iou_type in r]
             if aps:

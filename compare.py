@@ -1,0 +1,182 @@
+"""Compare runs: every named loss and the total against iteration (smoothed, mean and one standard
+deviation across seeds) in one figure, and a Markdown table of final box/mask AP, clean and under
+corruption, per run or group of runs.
+
+    python compare.py runs/demo/full-s0 runs/demo/full-noise-s0 --out comparison.png
+    python compare.py runs/demo/full-s* runs/demo/full-noise-s* --out comparison.png --table table.md
+
+Runs whose names differ only in a trailing seed suffix (-s0, -s1, ...) form one group.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from maskrcnn.cli import one_line_errors
+
+LOSSES = ["loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "total_loss"]
+SEED_SUFFIX = re.compile(r"-s\d+$")
+
+
+def read_scalars(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} from a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not list(run_dir.glob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"{run_dir}: no TensorBoard events (is it a run directory?)")
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events]))
+    return out
+
+
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, acc = np.empty_like(values, dtype=np.float64), 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out[i] = acc / (1 - weight ** (i + 1))
+    return out
+
+
+def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for run in run_dirs:
+        groups.setdefault(SEED_SUFFIX.sub("", run.name), []).append(run)
+    return groups
+
+
+def read_ap(run_dir: Path) -> dict[str, float]:
+    """Final AP of a run: clean from evaluate.py (or the training run's own end-of-run evaluation) and mean
+    under corruption from `evaluate.py --corruption all`."""
+    ap: dict[str, float] = {}
+    clean = run_dir / "eval_val_clean.json"
+    if clean.is_file():
+        res = json.loads(clean.read_text())["results"]["clean"]
+        for t in ("bbox", "segm"):
+            if t in res:
+                ap[f"{t}"] = res[t]["stats"]["AP"]
+    elif (run_dir / "metrics.json").is_file():
+        val = json.loads((run_dir / "metrics.json").read_text()).get("val", {})
+        for t in ("bbox", "segm"):
+            if t in val:
+                ap[f"{t}"] = val[t]["stats"]["AP"]
+    for path in sorted(run_dir.glob("eval_val_all-*.json")):
+        data = json.loads(path.read_text())
+        for t in ("bbox", "segm"):
+            if f"mean_corrupted_{t}_AP" in data:
+                ap[f"{t}_corrupted"] = data[f"mean_corrupted_{t}_AP"]
+    return ap
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    arr = np.array(xs, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def ap_table(groups: dict[str, list[Path]]) -> str:
+    columns = [("bbox", "box AP"), ("segm", "mask AP"), ("bbox_corrupted", "box AP corrupted"),
+               ("segm_corrupted", "mask AP corrupted")]
+    per_group = {name: [read_ap(r) for r in runs] for name, runs in groups.items()}
+    present = [(k, title) for k, title in columns if any(k in ap for aps in per_group.values() for ap in aps)]
+    if not present:
+        return "(no AP found: run evaluate.py on the runs first)"
+    header = "| run | seeds | " + " | ".join(t for _, t in present) + " |"
+    lines = [header, "|" + "---|" * (2 + len(present))]
+    base_name = next(iter(per_group))
+    base = {k: _mean_std([ap[k] for ap in per_group[base_name] if k in ap]) for k, _ in present
+            if any(k in ap for ap in per_group[base_name])}
+    for name, aps in per_group.items():
+        cells = []
+        for k, _ in present:
+            xs = [ap[k] for ap in aps if k in ap]
+            if not xs:
+                cells.append("-")
+                continue
+            mean, std = _mean_std(xs)
+            cell = f"{mean:.3f} ± {std:.3f}" if len(xs) > 1 else f"{mean:.3f}"
+            if name != base_name and k in base:
+                bm, bs = base[k]
+                nb = len([ap for ap in per_group[base_name] if k in ap])
+                spread = math.sqrt(std**2 / len(xs) + bs**2 / max(1, nb))
+                cell += f" ({mean - bm:+.3f} ± {spread:.3f})"
+            cells.append(cell)
+        lines.append(f"| {name} | {len(aps)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Mean ± sample standard deviation across seeds; in brackets the difference from `{base_name}` "
+                 "± its standard error.")
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, list[Path]], out: Path, smoothing: float = 0.8) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scalars = {name: [read_scalars(r) for r in runs] for name, runs in groups.items()}
+    tags = [t for t in LOSSES if any(f"loss/{t}" in s for runs in scalars.values() for s in runs)]
+    if not tags:
+        raise ValueError("no loss scalars found in the runs' events")
+    cols = min(3, len(tags))
+    rows = math.ceil(len(tags) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, tag in zip(axes.flat, tags):
+        for g, (name, runs) in enumerate(scalars.items()):
+            curves = [s[f"loss/{tag}"] for s in runs if f"loss/{tag}" in s]
+            if not curves:
+                continue
+            steps = curves[0][0]
+            n = min(len(c[0]) for c in curves)  # runs of a group share a schedule; cut to the shortest
+            ys = np.stack([smooth(c[1][:n], smoothing) for c in curves])
+            mean, std = ys.mean(0), ys.std(0)
+            colour = colours[g % len(colours)]
+            ax.plot(steps[:n], mean, color=colour, label=f"{name} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps[:n], mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set_title(tag)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tags):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"training losses (EMA {smoothing}; band: ±1 std across seeds)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
+    p.add_argument("--out", required=True, help="PNG of the loss curves")
+    p.add_argument("--table", help="also write the Markdown AP table to this file")
+    p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight (0: none)")
+    args = p.parse_args(argv)
+    with one_line_errors():
+        run_dirs = [Path(r) for r in args.runs]
+        for r in run_dirs:
+            if not r.is_dir():
+                raise FileNotFoundError(f"run directory not found: {r}")
+        groups = group_runs(run_dirs)
+        plot(groups, Path(args.out), args.smoothing)
+        table = ap_table(groups)
+        print(table)
+        print(f"chart: {args.out}")
+        if args.table:
+            Path(args.table).write_text(table + "\n")
+            print(f"table: {args.table}")
+        return table
+
+
+if __name__ == "__main__":
+    main()
