@@ -1,0 +1,1 @@
+from .roi_align import roi_align, RoIAlign

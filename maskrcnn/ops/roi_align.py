@@ -1,0 +1,328 @@
+"""RoIAlign (Mask R-CNN, He et al. 2017) in plain PyTorch tensor ops.
+
+Semantics are exactly those of ``torchvision.ops.roi_align`` (its CPU/CUDA
+kernels), but nothing here calls torchvision.
+
+Shape legend
+    N  images in the batch           C  channels
+    H, W  feature map height/width   K  number of RoIs
+    oh, ow  output bins per RoI      B = K * oh * ow  (one "bag" per bin)
+    gh, gw  sampling grid per bin (sampling_ratio, or adaptive per RoI)
+    E  (bag, sample, neighbour) entries = sum over bins of 4 * gh * gw
+    P = N * H * W  rows of the channels-last feature table
+
+How it works
+    Every output bin is a weighted sum of feature vectors: each of its
+    gh * gw sample points is a bilinear blend of 4 pixels, and the bin
+    averages its samples. So the whole op is a sparse [B, P] matrix times the
+    dense [P, C] channels-last feature table. We build that matrix as E
+    (row index, weight) pairs grouped into one bag per bin and evaluate it
+    with ``F.embedding_bag(mode="sum", per_sample_weights=...)``, a fused
+    gather-scale-reduce kernel that fetches contiguous C-vectors and never
+    materialises [E, C]. The backward is the transposed product, done with
+    the same kernel after sorting the entries by pixel row.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["roi_align", "RoIAlign"]
+
+BoxesT = Union[Tensor, Sequence[Tensor]]
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) == 1:
+        return size[0], size[0]
+    if len(size) != 2:
+        raise ValueError(f"output_size must be an int or a pair, got {size}")
+    return size[0], size[1]
+
+
+def _boxes_to_rois(boxes: BoxesT) -> Tensor:
+    """Tensor[K, 5] or list of Tensor[L_i, 4] -> Tensor[K, 5] (batch idx, x1, y1, x2, y2)."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.size(1) != 5:
+            raise ValueError(f"boxes tensor must have shape [K, 5], got {tuple(boxes.shape)}")
+        return boxes
+    boxes = list(boxes)
+    for b in boxes:
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != 4:
+            raise ValueError("each element of a boxes list must be a Tensor[L, 4]")
+    if len(boxes) == 0:
+        return torch.zeros(0, 5)
+    ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(ids, 0), torch.cat(boxes, 0)], dim=1)
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0, dtype=x.dtype) - x
+
+
+def _segment_ids(counts: Tensor, total: int) -> Tensor:
+    """[sum(counts)] segment id of each position, == arange(len(counts)).repeat_interleave(counts)."""
+    if counts.numel() >= 16384:
+        return torch.repeat_interleave(counts, output_size=total)
+    # torch.repeat_interleave opens a parallel region even for tiny inputs,
+    # which costs milliseconds on a busy CPU; for small segment counts mark
+    # the segment starts and take a running sum instead (empty segments just
+    # add more than one mark at the same position).
+    marks = torch.zeros(total + 1, dtype=counts.dtype, device=counts.device)
+    marks.index_add_(0, _exclusive_cumsum(counts), torch.ones_like(counts))
+    return torch.cumsum(marks[:total], 0, dtype=counts.dtype) - 1
+
+
+def _axis_samples(
+    start: Tensor, bin_size: Tensor, grid: Union[int, Tensor], pooled: int, size: int, idt: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """Sample coordinates along one axis and their two bilinear neighbours.
+
+    start, bin_size: [K]; grid: an int (fixed sampling ratio) or Tensor[K] of
+    per-RoI grid sizes (adaptive).  Returns ``(pos, weight)``, both [T, 2]:
+    the low/high neighbour pixel (dtype idt) and its 1-D bilinear weight (zero
+    for samples torchvision discards), T = sum_k pooled * grid_k, ordered
+    (roi, bin, sample) -- for a fixed grid simply [K * pooled * grid, 2].
+    """
+    dt, dev = start.dtype, start.device
+    if isinstance(grid, int):
+        p = torch.arange(pooled, device=dev, dtype=dt).view(1, -1, 1)
+        i = (torch.arange(grid, device=dev, dtype=dt) + 0.5).view(1, 1, -1)
+        s, b = start.view(-1, 1, 1), bin_size.view(-1, 1, 1)
+        # Same operation order as torchvision, so sample positions round identically.
+        coord = ((s + p * b) + (i * b) / grid).reshape(-1)
+    else:
+        n = grid * pooled
+        total = int(n.sum())
+        roi = _segment_ids(n, total)
+        local = torch.arange(total, device=dev) - _exclusive_cumsum(n).index_select(0, roi)
+        g = grid.index_select(0, roi)
+        p = torch.div(local, g, rounding_mode="floor")
+        i = local - p * g
+        b = bin_size.index_select(0, roi)
+        coord = (start.index_select(0, roi) + p.to(dt) * b) + ((i.to(dt) + 0.5) * b) / g.to(dt)
+
+    # torchvision drops samples more than one pixel outside the map (NaN
+    # counts as outside here) and clamps the rest onto it.
+    inside = (coord >= -1.0) & (coord <= size)
+    valid = inside.to(dt)
+    c = torch.where(inside, coord.clamp(min=0.0), torch.zeros_like(coord))  # in [0, size]
+    lo = c.to(idt)  # c >= 0, so truncation == floor
+    edge = lo >= size - 1
+    lo = torch.where(edge, torch.full_like(lo, size - 1), lo)
+    hi = torch.where(edge, lo, lo + 1)
+    frac = torch.where(edge, torch.zeros_like(c), c - lo.to(dt))
+    pos = torch.stack([lo, hi], dim=-1)
+    weight = torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
+    return pos, weight
+
+
+class _BagSum(torch.autograd.Function):
+    """out[b] = sum_{e in bag b} weight[e] * feat[index[e]]   (a sparse [B, P] @ [P, C]).
+
+    feat: [P, C]; index, weight: [E]; offsets: [B] first entry of each bag.
+    bag_of: [E] bag id per entry, or None when every bag has exactly
+    ``bag_len`` entries (then it is rebuilt cheaply in backward).
+    Gradient only w.r.t. feat (torchvision does not differentiate w.r.t. boxes).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, feat: Tensor, index: Tensor, weight: Tensor, offsets: Tensor, bag_of: Optional[Tensor], bag_len: int
+    ) -> Tensor:
+        ctx.save_for_backward(index, weight, bag_of)
+        ctx.num_rows, ctx.bag_len = feat.shape[0], bag_len
+        if offsets.numel() == 0:  # no RoIs: embedding_bag cannot produce 0 bags
+            return feat.new_zeros(0, feat.shape[1])
+        return F.embedding_bag(index, feat, offsets, mode="sum", per_sample_weights=weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        index, weight, bag_of = ctx.saved_tensors
+        P, C = ctx.num_rows, grad_out.shape[1]
+        if index.numel() == 0:
+            return grad_out.new_zeros(P, C), None, None, None, None, None
+        if bag_of is None:
+            bag_of = torch.arange(index.numel(), device=index.device, dtype=index.dtype) // ctx.bag_len
+        # The transpose of a bag-sum is again a bag-sum: group the entries by
+        # the feature row they read (sort) and sum the weighted output grads of
+        # their bags. Avoids both an [E, C] buffer and scatter-add atomics.
+        sorted_index, order = torch.sort(index)
+        # first entry of every feature row (rows nobody reads get empty bags)
+        rows = torch.arange(P, device=index.device, dtype=index.dtype)
+        row_offsets = torch.searchsorted(sorted_index, rows, out_int32=index.dtype == torch.int32)
+        grad_feat = F.embedding_bag(
+            bag_of.index_select(0, order),
+            grad_out.contiguous(),
+            row_offsets,
+            mode="sum",
+            per_sample_weights=weight.index_select(0, order),
+        )
+        return grad_feat, None, None, None, None, None
+
+
+def roi_align(
+    input: Tensor,
+    boxes: BoxesT,
+    output_size: Union[int, Tuple[int, int], List[int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign with average pooling, identical in semantics to ``torchvision.ops.roi_align``.
+
+    Args:
+        input: Tensor[N, C, H, W] feature map (float32/float64/float16/bfloat16).
+        boxes: Tensor[K, 5] of (batch index, x1, y1, x2, y2), or a list of N
+            Tensor[L_i, 4] of (x1, y1, x2, y2), one per image.
+        output_size: int or (oh, ow) bins per RoI.
+        spatial_scale: factor mapping box coordinates to feature-map coordinates.
+        sampling_ratio: samples per bin along each axis; <= 0 means adaptive,
+            ceil(roi_h / oh) x ceil(roi_w / ow) per RoI.
+        aligned: if True, shift boxes by -0.5 pixel (Detectron2 convention)
+            and do not force RoIs to be at least 1x1.
+
+    Returns:
+        Tensor[K, C, oh, ow] in the dtype of ``input``. Differentiable w.r.t.
+        ``input`` (not w.r.t. boxes, like torchvision).
+    """
+    if input.dim() != 4:
+        raise ValueError(f"input must be [N, C, H, W], got {tuple(input.shape)}")
+    oh, ow = _pair(output_size)
+    N, C, H, W = input.shape
+    dev = input.device
+    # Half types: gather/accumulate in float32 for accuracy; fp64 stays fp64.
+    cdt = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+
+    rois = _boxes_to_rois(boxes).detach().to(device=dev, dtype=cdt)
+    K = rois.shape[0]
+    B = K * oh * ow
+
+    # Channels-last table: each gathered row is one contiguous C-vector.
+    # (No copy at all if the caller already uses channels_last.)
+    feat = input.permute(0, 2, 3, 1)
+    if cdt == input.dtype:
+        feat = feat.contiguous().view(N * H * W, C)
+    else:  # cast and transpose in a single copy
+        feat = feat.to(cdt, memory_format=torch.contiguous_format).view(N * H * W, C)
+
+    offset = 0.5 if aligned else 0.0
+    start_w = rois[:, 1] * spatial_scale - offset
+    start_h = rois[:, 2] * spatial_scale - offset
+    roi_w = (rois[:, 3] * spatial_scale - offset) - start_w
+    roi_h = (rois[:, 4] * spatial_scale - offset) - start_h
+    if not aligned:  # legacy behaviour: force malformed RoIs to 1x1
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    bin_h = roi_h / oh
+    bin_w = roi_w / ow
+
+    if sampling_ratio > 0:
+        g = int(sampling_ratio)
+        m = 4 * g * g  # entries per bag: g*g samples x 4 neighbours
+        num_entries = B * m
+    else:
+        gh = torch.ceil(bin_h).clamp(min=0).long()
+        gw = torch.ceil(bin_w).clamp(min=0).long()
+        num_entries = int((4 * oh * ow * gh * gw).sum())
+    # int32 index arithmetic / gathers / sort are ~2-4x faster than int64 on CPU.
+    idt = torch.int32 if max(num_entries, N * H * W) < 2**31 - 1 else torch.int64
+    base = rois[:, 0].to(idt) * (H * W)  # first row of each RoI's image in `feat`
+
+    bag_of: Optional[Tensor] = None
+    bag_len = 0
+    if sampling_ratio > 0:
+        ypos, yw = _axis_samples(start_h, bin_h, g, oh, H, idt)
+        xpos, xw = _axis_samples(start_w, bin_w, g, ow, W, idt)
+        # [K, oh, 2g] row starts and [K, ow, 2g] columns; broadcast to
+        # [K, oh, ow, 2g, 2g]: every (y neighbour, x neighbour) pair of a bin.
+        yrow = (base.view(-1, 1, 1) + ypos.view(K, oh, 2 * g) * W).view(K, oh, 1, 2 * g, 1)
+        ywt = (yw.view(K, oh, 2 * g) / float(g * g)).view(K, oh, 1, 2 * g, 1)
+        index = (yrow + xpos.view(K, 1, ow, 1, 2 * g)).reshape(-1)
+        weight = (ywt * xw.view(K, 1, ow, 1, 2 * g)).reshape(-1)
+        offsets = torch.arange(0, num_entries, m, device=dev, dtype=idt)
+        bag_len = m
+    else:
+        # Adaptive grids differ per RoI, so the entries are ragged. Build them
+        # in two ragged levels without any Python loop over RoIs:
+        #   bag (k, ph, pw) -> its 2*gh y-neighbour "rows" -> 2*gw x-neighbours.
+        ypos, yw = _axis_samples(start_h, bin_h, gh, oh, H, idt)
+        xpos, xw = _axis_samples(start_w, bin_w, gw, ow, W, idt)
+        ypos, yw, xpos, xw = ypos.reshape(-1), yw.reshape(-1), xpos.reshape(-1), xw.reshape(-1)
+        gh, gw = gh.to(idt), gw.to(idt)
+        inv_count = 1.0 / (gh * gw).clamp(min=1).to(cdt)
+        # Where each RoI's block starts in the flat y / x tables.
+        y_start = _exclusive_cumsum(2 * oh * gh)
+        x_start = _exclusive_cumsum(2 * ow * gw)
+
+        # Bag level, [B] in (k, ph, pw) order.
+        k_b = torch.arange(K, device=dev, dtype=idt).view(K, 1, 1).expand(K, oh, ow).reshape(-1)
+        ph_b = torch.arange(oh, device=dev, dtype=idt).view(1, oh, 1).expand(K, oh, ow).reshape(-1)
+        pw_b = torch.arange(ow, device=dev, dtype=idt).view(1, 1, ow).expand(K, oh, ow).reshape(-1)
+        gh_b, gw_b = gh.index_select(0, k_b), gw.index_select(0, k_b)
+        y0_b = y_start.index_select(0, k_b) + ph_b * (2 * gh_b)  # first y entry of the bag
+        x0_b = x_start.index_select(0, k_b) + pw_b * (2 * gw_b)  # first x entry of the bag
+        wt_b = inv_count.index_select(0, k_b)
+        base_b = base.index_select(0, k_b)
+
+        # Row level: one per (bag, y neighbour), R = sum_b 2 * gh_b.
+        num_rows = int(2 * oh * ow * gh.sum())
+        bag_r = _segment_ids(2 * gh_b, num_rows)
+        # yi = y0 of the bag + position within the bag, folded into one gather.
+        y_shift = y0_b - _exclusive_cumsum(2 * gh_b)
+        yi = torch.arange(num_rows, device=dev, dtype=idt) + y_shift.index_select(0, bag_r)
+        row_base = base_b.index_select(0, bag_r) + ypos.index_select(0, yi) * W
+        row_wt = yw.index_select(0, yi) * wt_b.index_select(0, bag_r)
+        row_len = 2 * gw_b.index_select(0, bag_r)
+
+        # Entry level: one per (row, x neighbour), E = sum_r row_len.
+        row_e = _segment_ids(row_len, num_entries)
+        # xi = x0 of the bag + position within the row, folded into one gather.
+        x_shift = x0_b.index_select(0, bag_r) - _exclusive_cumsum(row_len)
+        xi = torch.arange(num_entries, device=dev, dtype=idt) + x_shift.index_select(0, row_e)
+        index = row_base.index_select(0, row_e) + xpos.index_select(0, xi)
+        weight = row_wt.index_select(0, row_e) * xw.index_select(0, xi)
+        if torch.is_grad_enabled() and feat.requires_grad:  # only the backward needs it
+            bag_of = bag_r.index_select(0, row_e)
+        offsets = _exclusive_cumsum(4 * gh_b * gw_b)
+
+    out = _BagSum.apply(feat, index, weight, offsets, bag_of, bag_len)  # [B, C]
+    out = out.view(K, oh, ow, C).permute(0, 3, 1, 2)
+    if out.dtype == input.dtype:
+        return out.contiguous()
+    return out.to(input.dtype, memory_format=torch.contiguous_format)
+
+
+class RoIAlign(nn.Module):
+    """Module wrapper of :func:`roi_align`; forward(input [N,C,H,W], boxes) -> [K, C, oh, ow]."""
+
+    def __init__(
+        self,
+        output_size: Union[int, Tuple[int, int], List[int]],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, input: Tensor, rois: BoxesT) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
+        )
