@@ -99,4 +99,5 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise ValueError(f"{path}: weights do not fit the model built from the config ({first})") from None
+    model.class_names = state.get("class_names")  # index 0 is the background
     return model.to(device).eval(), cfg

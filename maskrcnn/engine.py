@@ -93,12 +93,11 @@ class Trainer:
     def checkpoint(self, iteration: int, final: bool = False) -> Path:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "iteration": iteration,
-                 "config": self.cfg, "stage": self.cfg.stage}
+                 "config": self.cfg, "stage": self.cfg.stage, "class_names": self.train_set.class_names}
         save_checkpoint(state, self.run_dir / "last_checkpoint.pth")
         if final:
             path = self.run_dir / "model_final.pth"
-            save_checkpoint({"model": state["model"], "iteration": iteration, "config": self.cfg,
-                             "stage": self.cfg.stage}, path)
+            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, path)
             return path
         return self.run_dir / "last_checkpoint.pth"
 
