@@ -2,6 +2,8 @@
 
     python train.py --stage rpn
     python train.py --stage full --feature-noise --init runs/rpn/model_final.pth
+    python train.py --config configs/torchvision_compat.yaml --stage full --init torchvision \
+        --set data.train_ann=... data.val_ann=...   # transfer learning from torchvision's COCO weights
     python train.py --config configs/coco_r50_fpn_1x.yaml --set data.train_ann=... solver.max_iter=1000
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=["rpn", "full"], help="rpn: backbone+FPN+RPN; full: Mask R-CNN "
                    "(default: the config's stage)")
     p.add_argument("--feature-noise", action="store_true", help="switch on the configured LatentNoise")
-    p.add_argument("--init", help="checkpoint to initialise from (an RPN-stage run, or any compatible one)")
+    p.add_argument("--init", help="checkpoint to initialise from (an RPN-stage run, or any compatible one), "
+                   "or 'torchvision' for torchvision's COCO Mask R-CNN weights (use configs/torchvision_compat.yaml)")
     p.add_argument("--name", help="run name: runs/<name>/ (default: <stage>[-noise]-<time>)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--resume", action="store_true", help="continue the run <name> from its last checkpoint")
@@ -43,7 +46,7 @@ def main(argv=None) -> dict:
             cfg.train.seed = args.seed
         if args.resume and not args.name:
             raise ValueError("--resume needs --name of the run to continue")
-        if args.init and not Path(args.init).is_file():
+        if args.init and args.init != "torchvision" and not Path(args.init).is_file():
             raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
         name = args.name or cfg.train.name or (
             f"{cfg.stage}{'-noise' if cfg.model.noise.enabled else ''}-{time.strftime('%Y%m%d-%H%M%S')}")

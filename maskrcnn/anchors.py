@@ -3,11 +3,15 @@
 Shapes: A = len(ratios) anchors per location; level i has Hi x Wi locations; anchors of a level are
 [Hi * Wi * A, 4] xyxy pixels, ordered location-major (y, then x, then ratio), matching the RPN head's
 [N, A, Hi, Wi] -> [N, Hi, Wi, A] flattening.
+
+Strides come from the config. torchvision instead derives each level's stride from the padded batch,
+Hp // Hi and Wp // Wi: the same on P2..P5, but on P6 (max-pooled, ceil(Hp / 64) rows) an odd Hp / 32
+gives e.g. 800 // 13 = 61 instead of 64. `stride_from_image=True` reproduces that for weight parity.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +31,7 @@ def cell_anchors(size: float, ratios: Sequence[float], round_base: bool = False)
 
 class AnchorGenerator(nn.Module):
     def __init__(self, sizes: Sequence[float], ratios: Sequence[float], strides: Sequence[int],
-                 round_base: bool = False, offset: float = 0.0):
+                 round_base: bool = False, offset: float = 0.0, stride_from_image: bool = False):
         super().__init__()
         if len(sizes) != len(strides):
             raise ValueError(f"one anchor size per level: {len(sizes)} sizes for {len(strides)} strides")
@@ -35,30 +39,41 @@ class AnchorGenerator(nn.Module):
         self.ratios = [float(r) for r in ratios]
         self.strides = [int(s) for s in strides]
         self.offset = offset
+        self.stride_from_image = stride_from_image
         self.num_anchors = len(self.ratios)  # A per location, the same on every level
         for i, size in enumerate(self.sizes):
             self.register_buffer(f"cell_{i}", cell_anchors(size, self.ratios, round_base), persistent=False)
         self._cache: dict[tuple, Tensor] = {}
 
-    def grid_anchors(self, level: int, height: int, width: int) -> Tensor:
-        """[height * width * A, 4] anchors of one level; cached per (level, size, device)."""
+    def grid_anchors(self, level: int, height: int, width: int, stride: Optional[tuple[int, int]] = None
+                     ) -> Tensor:
+        """[height * width * A, 4] anchors of one level; cached per (level, size, stride, device).
+        `stride` (y, x) overrides the configured stride of the level."""
         cell: Tensor = getattr(self, f"cell_{level}")
-        key = (level, height, width, cell.device)
+        stride_y, stride_x = stride if stride is not None else (self.strides[level], self.strides[level])
+        key = (level, height, width, stride_y, stride_x, cell.device)
         if key not in self._cache:
-            stride = self.strides[level]
-            xs = (torch.arange(width, device=cell.device, dtype=torch.float32) + self.offset) * stride
-            ys = (torch.arange(height, device=cell.device, dtype=torch.float32) + self.offset) * stride
+            xs = (torch.arange(width, device=cell.device, dtype=torch.float32) + self.offset) * stride_x
+            ys = (torch.arange(height, device=cell.device, dtype=torch.float32) + self.offset) * stride_y
             sy, sx = torch.meshgrid(ys, xs, indexing="ij")
             shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)  # [Hi*Wi, 1, 4]
             self._cache[key] = (shifts + cell[None]).reshape(-1, 4)  # broadcast: [Hi*Wi, A, 4] -> [Hi*Wi*A, 4]
         return self._cache[key]
 
-    def forward(self, feature_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-        """Feature sizes (Hi, Wi) per level -> list of [Hi * Wi * A, 4] anchors per level."""
-        return [self.grid_anchors(i, h, w) for i, (h, w) in enumerate(feature_sizes)]
+    def forward(self, feature_sizes: Sequence[tuple[int, int]], image_size: Optional[tuple[int, int]] = None
+                ) -> list[Tensor]:
+        """Feature sizes (Hi, Wi) per level -> list of [Hi * Wi * A, 4] anchors per level. `image_size` is
+        the padded batch size (Hp, Wp), needed only when strides come from the image."""
+        if not self.stride_from_image:
+            return [self.grid_anchors(i, h, w) for i, (h, w) in enumerate(feature_sizes)]
+        if image_size is None:
+            raise ValueError("AnchorGenerator(stride_from_image=True) needs the padded image size")
+        hp, wp = image_size
+        return [self.grid_anchors(i, h, w, (hp // h, wp // w)) for i, (h, w) in enumerate(feature_sizes)]
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, ratios={self.ratios}, strides={self.strides}, offset={self.offset}"
+        return (f"sizes={self.sizes}, ratios={self.ratios}, strides={self.strides}, offset={self.offset}, "
+                f"stride_from_image={self.stride_from_image}")
 
 
 def level_of_box_size(size: float, canonical: float = 224.0, k0: int = 4) -> int:

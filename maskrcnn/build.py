@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .anchors import AnchorGenerator
-from .backbone import ResNetBottomUp, load_pretrained
+from .backbone import FrozenBatchNorm2d, ResNetBottomUp, load_pretrained
 from .box_coder import BoxCoder
 from .config import Config
 from .fpn import FPN
@@ -27,6 +27,9 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
                                t.pixel_mean, t.pixel_std, t.size_divisibility)
     b = m.backbone
     bottom_up = ResNetBottomUp(b.depth, b.norm, b.freeze_at)
+    for module in bottom_up.modules():  # eps is not a constructor argument of torchvision's ResNet
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = b.frozen_bn_eps
     if load_weights:
         load_pretrained(bottom_up, b.weights)
     n = m.noise
@@ -38,13 +41,13 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
         raise ValueError(f"anchor levels {missing} are not FPN outputs {fpn.out_features}")
     if len(a.strides) != len(a.levels):
         raise ValueError(f"model.anchors: {len(a.levels)} levels but {len(a.strides)} strides")
-    anchor_gen = AnchorGenerator(a.sizes, a.ratios, a.strides, a.round_base, a.offset)
+    anchor_gen = AnchorGenerator(a.sizes, a.ratios, a.strides, a.round_base, a.offset, a.stride_from_image)
     r = m.rpn
     rpn = RPN(a.levels, m.fpn.out_channels, anchor_gen, BoxCoder(tuple(r.box_weights)),
               Matcher(r.fg_iou, r.bg_iou, r.allow_low_quality), BalancedSampler(r.batch_size_per_image,
                                                                                 r.positive_fraction),
               (r.pre_nms_topk_train, r.pre_nms_topk_test), (r.post_nms_topk_train, r.post_nms_topk_test),
-              r.nms_thresh, r.min_size, r.smooth_l1_beta, r.conv_dims)
+              r.nms_thresh, r.min_size, r.smooth_l1_beta, r.conv_dims, r.score_thresh, r.sigmoid_scores)
     roi_heads = None
     if cfg.stage == "full":
         h = m.roi_heads
@@ -53,16 +56,18 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
         # RoI levels: every anchor level except the extra max-pooled one (P2..P5 by default).
         levels, strides = a.levels[:-1], a.strides[:-1]
         box_pooler = MultiScaleRoIAlign(h.box_pooler_resolution, strides, h.sampling_ratio, h.aligned,
-                                        h.canonical_box_size, h.canonical_level, h.roi_align_impl)
+                                        h.canonical_box_size, h.canonical_level, h.roi_align_impl, h.level_mapper)
         box_head = BoxHead(m.fpn.out_channels, h.box_pooler_resolution, h.fc_dim, m.num_classes)
         mask_pooler = mask_head = None
         if h.mask_on:
             mask_pooler = MultiScaleRoIAlign(h.mask_pooler_resolution, strides, h.sampling_ratio, h.aligned,
-                                             h.canonical_box_size, h.canonical_level, h.roi_align_impl)
+                                             h.canonical_box_size, h.canonical_level, h.roi_align_impl,
+                                             h.level_mapper)
             mask_head = MaskHead(m.fpn.out_channels, h.mask_conv_dim, h.mask_num_convs, m.num_classes)
         roi_heads = RoIHeads(levels, box_pooler, box_head, mask_pooler, mask_head, BoxCoder(tuple(h.box_weights)),
                              Matcher(h.fg_iou, h.bg_iou, False), BalancedSampler(h.batch_size_per_image,
                                                                                  h.positive_fraction),
                              m.num_classes, h.add_gt_as_proposals, h.smooth_l1_beta, h.score_thresh,
-                             h.nms_thresh, h.detections_per_image, h.aligned)
-    return MaskRCNN(transform, bottom_up, noise, fpn, rpn, roi_heads)
+                             h.nms_thresh, h.detections_per_image, h.aligned, h.min_box_size,
+                             h.mask_soft_targets)
+    return MaskRCNN(transform, bottom_up, noise, fpn, rpn, roi_heads, m.roi_heads.mask_paste)

@@ -25,9 +25,9 @@ def load_checkpoint(path: str | Path) -> dict:
         # Our checkpoints hold the config dataclass, so they are not weights-only pickles.
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path}: not a checkpoint dict")
+        raise ValueError(f"{path}: not a checkpoint dict")
     if "model" not in state:  # a bare state dict
         state = {"model": state}
     return state

@@ -30,6 +30,7 @@ class BackboneConfig:
     norm: str = "frozen_bn"  # frozen_bn | bn | gn (gn/bn for training from scratch)
     freeze_at: int = 2  # 0: train all; 1: freeze stem; 2: stem+res2; ... 5: stem..res5
     weights: str = "imagenet"  # imagenet (through torchvision) | none | path to a .pth state dict
+    frozen_bn_eps: float = 1e-5  # eps of FrozenBatchNorm2d (torchvision's COCO Mask R-CNN weights use 0.0)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class AnchorConfig:
     ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
     round_base: bool = False  # round the base anchors to integers (torchvision does)
     offset: float = 0.0  # anchor centre offset in units of stride (detectron2 default 0.0)
+    stride_from_image: bool = False  # torchvision: stride = padded image size // feature size (P6 can be < 64)
 
 
 @dataclass
@@ -74,6 +76,8 @@ class RPNConfig:
     post_nms_topk_test: int = 1000  # per image after NMS (inference)
     nms_thresh: float = 0.7  # NMS IoU threshold, applied per level
     min_size: float = 0.0  # proposals with a side below this (px) are removed
+    score_thresh: float = 0.0  # proposals with sigmoid(objectness) below this are removed (0: keep all)
+    sigmoid_scores: bool = False  # proposal scores are sigmoid probabilities, as torchvision ranks them in NMS
     box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # box coder weights
     smooth_l1_beta: float = 0.0  # 0: L1 loss (detectron2); 1/9: torchvision's smooth L1
 
@@ -92,15 +96,19 @@ class RoIHeadsConfig:
     aligned: bool = True  # RoIAlign half-pixel shift (detectron2 True, torchvision False)
     canonical_box_size: float = 224.0  # FPN level assignment: k = floor(k0 + log2(sqrt(wh) / this))
     canonical_level: int = 4  # k0 above
+    level_mapper: str = "detectron2"  # detectron2: floor(k0 + log2(s/s0 + 1e-8)) | torchvision: + 1e-6 outside log2
     fc_dim: int = 1024  # width of the two box-head FC layers
     mask_conv_dim: int = 256  # channels of the mask-head convs
     mask_num_convs: int = 4  # number of 3x3 convs in the mask head
     smooth_l1_beta: float = 0.0  # 0: L1 (detectron2); 1/9 torchvision
     mask_on: bool = True  # build the mask head
+    mask_soft_targets: bool = False  # keep RoIAligned GT masks soft (torchvision) instead of >= 0.5 (detectron2)
     score_thresh: float = 0.05  # detections below this score are dropped
     nms_thresh: float = 0.5  # per-class NMS
+    min_box_size: float = 0.01  # detections with a side below this (px) are removed (torchvision: 1e-2)
     detections_per_image: int = 100  # top-k after NMS
     mask_threshold: float = 0.5  # used when binarising masks (evaluation, drawing)
+    mask_paste: str = "bilinear"  # bilinear: sample the mask at pixel centres | torchvision: pad, resize, paste
     roi_align_impl: str = "ours"  # ours (hand-written, maskrcnn.ops) | torchvision (its compiled kernel)
 
 
@@ -181,6 +189,8 @@ class TrainConfig:
     seed: int = 0  # seeds data order, augmentation and initialisation
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
+    channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA)
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
     vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)

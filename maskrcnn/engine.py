@@ -63,6 +63,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         seed_everything(cfg.train.seed)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
         self.device = select_device(cfg.train.device)
         self.train_set, self.val_set = build_datasets(cfg)
         if cfg.model.num_classes != self.train_set.num_classes:
@@ -71,10 +73,21 @@ class Trainer:
             cfg.model.num_classes = self.train_set.num_classes
         save_config(cfg, self.run_dir / "config.yaml")
         resume_path = self.run_dir / "last_checkpoint.pth"
-        self.model = build_model(cfg, load_weights=not (resume and resume_path.exists())).to(self.device)
-        if init:
+        resuming = resume and resume_path.exists()
+        from_coco = init == "torchvision" and not resuming
+        self.model = build_model(cfg, load_weights=not resuming and not from_coco)
+        if from_coco:  # torchvision's COCO Mask R-CNN; new class predictors when the classes differ
+            from .convert import load_torchvision_coco
+            report = load_torchvision_coco(self.model, cfg.model.num_classes,
+                                           getattr(self.train_set, "class_names", None), cfg)
+            save_config(cfg, self.run_dir / "config.yaml")  # frozen-BN eps changed with these weights
+            print(report.summary())
+        elif init and not resuming:
             report = partial_load(self.model, init)
             print(report.summary())
+        self.model.to(self.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
         s = cfg.solver
         self.optimizer = torch.optim.SGD(params, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -104,7 +117,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
         loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
-                              seed=t.seed + self.start_iter, drop_last=True, infinite=True)
+                              seed=t.seed + self.start_iter, drop_last=True, infinite=True,
+                              pin_memory=self.device.type == "cuda")
         writer = SummaryWriter(str(self.run_dir))
         self.model.train()
         it = self.start_iter
@@ -149,7 +163,8 @@ class Trainer:
                 writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
             if t.vis_period > 0 and it % t.vis_period == 0:
                 from .visualize import log_training_images  # drawing only when asked for
-                log_training_images(writer, self.model, images, targets, it)
+                log_training_images(writer, self.model, images, targets, it,
+                                    class_names=getattr(self.train_set, "class_names", None))
             if it % t.checkpoint_period == 0 and it < s.max_iter:
                 self.checkpoint(it)
         bar.close()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .backbone import ResNetBottomUp
 from .fpn import FPN
 from .latent_noise import LatentNoise
-from .postprocess import postprocess_detections
+from .postprocess import PASTE_MODES, postprocess_detections
 from .roi_heads import RoIHeads
 from .rpn import RPN
 from .transform import ImageTransform, resize_boxes
@@ -24,7 +24,7 @@ from .transform import ImageTransform, resize_boxes
 
 class MaskRCNN(nn.Module):
     def __init__(self, transform: ImageTransform, bottom_up: ResNetBottomUp, noise: LatentNoise, fpn: FPN,
-                 rpn: RPN, roi_heads: Optional[RoIHeads] = None):
+                 rpn: RPN, roi_heads: Optional[RoIHeads] = None, mask_paste: str = "bilinear"):
         super().__init__()
         self.transform = transform
         self.bottom_up = bottom_up
@@ -32,6 +32,9 @@ class MaskRCNN(nn.Module):
         self.fpn = fpn
         self.rpn = rpn
         self.roi_heads = roi_heads  # None: the RPN stage
+        if mask_paste not in PASTE_MODES:
+            raise ValueError(f"unknown mask paste mode '{mask_paste}' ({' | '.join(PASTE_MODES)})")
+        self.mask_paste = mask_paste  # how masks are pasted into the input image (postprocess.py)
 
     @property
     def stage(self) -> str:
@@ -56,4 +59,4 @@ class MaskRCNN(nn.Module):
                                                  image_list.image_sizes, targets)
         if self.training:
             return {**losses, **head_losses}
-        return postprocess_detections(detections, image_list.image_sizes, original_sizes)
+        return postprocess_detections(detections, image_list.image_sizes, original_sizes, self.mask_paste)

@@ -31,16 +31,27 @@ def rois_from_boxes(boxes: Sequence[Tensor]) -> Tensor:
     return torch.cat((idx, torch.cat(list(boxes))), dim=1)
 
 
-def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_size: float, canonical_level: int) -> Tensor:
-    """[R, 4] boxes -> [R] level index in 0..(k_max - k_min), by k = floor(k0 + log2(sqrt(wh) / s0))."""
+def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_size: float, canonical_level: int,
+                  mapper: str = "detectron2") -> Tensor:
+    """[R, 4] boxes -> [R] level index in 0..(k_max - k_min), by k = floor(k0 + log2(sqrt(wh) / s0)).
+
+    The references differ in where a small eps goes, which moves boxes of side exactly s0 * 2^j:
+    detectron2 log2(s / s0 + 1e-8) (inside, guards log2(0)), torchvision log2(s / s0) + 1e-6 (outside).
+    """
     size = box_area(boxes).sqrt()
-    k = torch.floor(canonical_level + torch.log2(size / canonical_size + 1e-8))
+    if mapper == "detectron2":
+        k = torch.floor(canonical_level + torch.log2(size / canonical_size + 1e-8))
+    elif mapper == "torchvision":
+        k = torch.floor(canonical_level + torch.log2(size / canonical_size) + 1e-6)
+    else:
+        raise ValueError(f"unknown level mapper '{mapper}' (detectron2 | torchvision)")
     return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
 
 
 class MultiScaleRoIAlign(nn.Module):
     def __init__(self, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool,
-                 canonical_box_size: float = 224.0, canonical_level: int = 4, impl: str = "ours"):
+                 canonical_box_size: float = 224.0, canonical_level: int = 4, impl: str = "ours",
+                 level_mapper: str = "detectron2"):
         super().__init__()
         self.output_size = output_size
         self.scales = [1.0 / s for s in strides]
@@ -51,17 +62,30 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level
         self.impl = impl
+        if level_mapper not in ("detectron2", "torchvision"):
+            raise ValueError(f"unknown level mapper '{level_mapper}' (detectron2 | torchvision)")
+        self.level_mapper = level_mapper
         self._roi_align = roi_align_fn(impl)
+
+    def prepare(self, features: list[Tensor]) -> list[Tensor]:
+        """The maps in the layout this implementation reads fastest, to convert once per forward and share
+        between the box and mask poolers: channels-last for ours (it gathers one C-vector per sample point;
+        free if the model already runs channels-last), as they are for torchvision's kernel."""
+        if self.impl != "ours":
+            return features
+        return [f.contiguous(memory_format=torch.channels_last) for f in features]
 
     def forward(self, features: list[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features: one map per level (fine to coarse); boxes: list of [Ri, 4] per image -> [R, C, S, S]."""
         rois = rois_from_boxes(boxes)
         c = features[0].shape[1]
-        out = features[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
+        # Not zero-filled: every RoI has exactly one level, so every row is written below.
+        out = features[0].new_empty((rois.shape[0], c, self.output_size, self.output_size))
         if rois.shape[0] == 0:
             return out
         levels = assign_levels(rois[:, 1:], self.k_min, self.k_max, self.canonical_box_size,
-                               self.canonical_level)
+                               self.canonical_level, self.level_mapper)
+        levels = levels.clamp_(0, len(features) - 1)  # a non-finite box's garbage level still gets a level
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
             if idx.numel() == 0:
@@ -73,4 +97,4 @@ class MultiScaleRoIAlign(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, scales={self.scales}, sampling_ratio={self.sampling_ratio}, "
-                f"aligned={self.aligned}, impl={self.impl}")
+                f"aligned={self.aligned}, impl={self.impl}, level_mapper={self.level_mapper}")

@@ -1,54 +1,147 @@
 """Mapping detections back to the image that was passed in: rescale boxes, paste masks.
 
 Shapes: D detections; masks [D, 1, M, M] probabilities in box coordinates; image (H, W).
+
+Two paste rules (config `model.roi_heads.mask_paste`):
+  bilinear     sample the M x M mask at every pixel centre inside the float box (detectron2's rule);
+  torchvision  torchvision's rule: pad the mask by one zero cell (M + 2), grow the box by (M + 2) / M about
+               its centre, truncate it to integers, resize the padded mask to the integer box size
+               (bilinear, align_corners=False, edge-clamped) and paste it at the box's integer corner.
+Both are separable, so each pasted mask is Wy @ mask @ Wx^T: batched matmuls over chunks of detections, no
+per-mask Python loop, computed only on the image rows around each box and copied into the zero image.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .transform import resize_boxes
 
+# weights(pix [d, n] int64 image pixel indices, detection slice) -> [d, n, M] weights of the M mask cells
+AxisWeights = Callable[[Tensor, slice], Tensor]
 
-def _interp_weights(start: Tensor, end: Tensor, length: int, m: int) -> Tensor:
-    """[D, length, m] bilinear weights taking the m mask cells of each box [start, end) to image pixels.
+
+def _window(lo: Tensor, hi: Tensor, size: int) -> tuple[Tensor, int]:
+    """One window length n for a chunk of detections and each one's start [d], such that the window
+    [start, start + n) lies inside [0, size) and covers the detection's support [lo, hi) clipped to it.
+    Starts are pushed back from the far edge rather than clipped, so no two window rows coincide."""
+    lo, hi = lo.clamp(0, size), hi.clamp(0, size)
+    n = max(1, int((hi - lo).max()))
+    return lo.clamp(max=size - n), n
+
+
+def _paste(masks: Tensor, support_y: tuple[Tensor, Tensor], weights_y: AxisWeights, weights_x: AxisWeights,
+           image_size: tuple[int, int], chunk: int) -> Tensor:
+    """Shared by both rules: masks [D, M', M'] fp32 -> [D, 1, H, W], each mask Wy @ mask @ Wx^T.
+
+    Only the image rows around each detection's support ([lo, hi) per detection) are computed, over the
+    full width: detections are sorted by support height and chunked, each chunk computes [d, n, W] row
+    windows and copies them into the zero image as whole rows (cheap contiguous copies, tiny index).
+    Loops run over chunks, never over detections.
+    """
+    h, w = image_size
+    d = masks.shape[0]
+    out = masks.new_zeros((d, 1, h, w))
+    if d == 0:
+        return out
+    out_rows = out.view(d * h, w)  # image rows of all detections, written by row index
+    all_cols = torch.arange(w, device=out.device)
+    order = (support_y[1] - support_y[0]).argsort()  # similar heights share a chunk: windows stay small
+    for s in range(0, d, chunk):
+        idx = order[s : s + chunk]  # [d] detections of this chunk
+        y0, n = _window(support_y[0][idx], support_y[1][idx], h)
+        rows = y0[:, None] + torch.arange(n, device=out.device)  # [d, n] image rows of each window
+        cols = all_cols.expand(len(idx), w)  # [d, W]
+        crop = weights_y(rows, idx) @ masks[idx] @ weights_x(cols, idx).transpose(1, 2)  # [d, n, W]
+        out_rows.index_copy_(0, (idx[:, None] * h + rows).view(-1), crop.view(-1, w))
+    return out
+
+
+def _interp_weights(start: Tensor, end: Tensor, pix: Tensor, m: int) -> Tensor:
+    """[D, n, m] bilinear weights taking the m mask cells of each box [start, end) to image pixels pix [D, n].
 
     Pixel p has centre p + 0.5; in mask-cell units its position is u = (p + 0.5 - start) / (end - start) * m
     - 0.5 (the align_corners=False convention). Linear interpolation with zero padding is the triangle
     kernel max(0, 1 - |u - j|) for cell j, so the weights are one broadcast expression, no loop.
     """
-    pix = torch.arange(length, device=start.device, dtype=torch.float32) + 0.5
     scale = m / (end - start).clamp(min=1e-6)
-    u = (pix[None, :] - start[:, None]) * scale[:, None] - 0.5  # [D, length]
+    u = (pix.to(torch.float32) + 0.5 - start[:, None]) * scale[:, None] - 0.5  # [D, n]
     cells = torch.arange(m, device=start.device, dtype=torch.float32)
-    return (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [D, length, m]
+    return (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [D, n, m]
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], chunk: int = 64) -> Tensor:
-    """Paste [D, 1, M, M] mask probabilities into [D, 1, H, W] at `boxes` [D, 4] (image pixels).
+    """Paste [D, 1, M, M] mask probabilities into [D, 1, H, W] at `boxes` [D, 4] (image pixels), sampling
+    the mask bilinearly at every pixel centre (zero outside the mask)."""
+    m = masks.shape[-1]
+    b = boxes.float()
+    # A pixel gets weight while u is in (-1, m): up to half a cell (plus a pixel for rounding) outside the box.
+    half_cell_y = (b[:, 3] - b[:, 1]).clamp(min=0) / (2 * m)
+    support_y = ((b[:, 1] - half_cell_y).floor().long() - 1, (b[:, 3] + half_cell_y).ceil().long() + 1)
+    return _paste(masks[:, 0].float(), support_y,
+                  lambda pix, i: _interp_weights(b[i, 1], b[i, 3], pix, m),
+                  lambda pix, i: _interp_weights(b[i, 0], b[i, 2], pix, m), image_size, chunk)
 
-    Bilinear sampling is separable, so each pasted mask is Wy @ mask @ Wx^T: two batched matmuls over all
-    detections (no per-mask Python loop). Chunks bound the memory of the [D, H, W] output's temporaries.
+
+def _resize_weights(start: Tensor, length: Tensor, pix: Tensor, m: int) -> Tensor:
+    """[D, n, m] weights of torchvision's paste along one axis (see paste_masks_torchvision).
+
+    start [D] int64 integer box corner, length [D] int64 integer box size (>= 1), pix [D, n] image pixels.
+    Pixel p is pixel j = p - start of the padded mask resized to `length`; outside 0 <= j < length it gets no
+    weight. The source position is PyTorch's bilinear one, u = m / length * (j + 0.5) - 0.5 in fp32, and the
+    weights the triangle max(0, 1 - |u - c|) over cells c. The kernel also clamps u and the neighbours to
+    the mask, but that only ever moves weight between the zero border cells, so the result is the same.
     """
-    h, w = image_size
-    d, m = masks.shape[0], masks.shape[-1]
-    out = masks.new_zeros((d, 1, h, w), dtype=torch.float32)
-    for s in range(0, d, chunk):  # loop over chunks of detections, not over detections
-        b = boxes[s : s + chunk].float()
-        wy = _interp_weights(b[:, 1], b[:, 3], h, m)  # [d, H, M]
-        wx = _interp_weights(b[:, 0], b[:, 2], w, m)  # [d, W, M]
-        out[s : s + chunk, 0] = wy @ masks[s : s + chunk, 0].float() @ wx.transpose(1, 2)
-    return out
+    j = pix - start[:, None]  # [D, n]
+    inside = ((j >= 0) & (j < length[:, None])).to(torch.float32)
+    scale = m / length.to(torch.float32)  # fp32 division, as the kernel's input_size / output_size
+    u = scale[:, None] * (j.to(torch.float32) + 0.5) - 0.5  # [D, n]
+    cells = torch.arange(m, device=start.device, dtype=torch.float32)
+    return (1 - (u[:, :, None] - cells).abs()).clamp(min=0) * inside[:, :, None]  # [D, n, m]
+
+
+def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], chunk: int = 64) -> Tensor:
+    """torchvision's paste of [D, 1, M, M] masks at `boxes` [D, 4] into [D, 1, H, W] (see the module doc).
+
+    Same arithmetic as torchvision's expand_masks / expand_boxes / paste_mask_in_image, but batched: the
+    resize to each integer box is written as the separable weights of _resize_weights.
+    """
+    m = masks.shape[-1]
+    padded = F.pad(masks[:, 0].float(), (1, 1, 1, 1))  # [D, M+2, M+2], zero border
+    scale = (m + 2) / m
+    b = boxes.float()
+    half_w = (b[:, 2] - b[:, 0]) * 0.5 * scale
+    half_h = (b[:, 3] - b[:, 1]) * 0.5 * scale
+    cx = (b[:, 2] + b[:, 0]) * 0.5
+    cy = (b[:, 3] + b[:, 1]) * 0.5
+    # Truncation toward zero (int64 cast), as torchvision: [D] integer corners and sizes.
+    x0, x1 = (cx - half_w).to(torch.int64), (cx + half_w).to(torch.int64)
+    y0, y1 = (cy - half_h).to(torch.int64), (cy + half_h).to(torch.int64)
+    bw = (x1 - x0 + 1).clamp(min=1)
+    bh = (y1 - y0 + 1).clamp(min=1)
+    return _paste(padded, (y0, y0 + bh),
+                  lambda pix, i: _resize_weights(y0[i], bh[i], pix, m + 2),
+                  lambda pix, i: _resize_weights(x0[i], bw[i], pix, m + 2), image_size, chunk)
+
+
+PASTE_MODES = ("bilinear", "torchvision")
 
 
 def postprocess_detections(results: list[dict[str, Tensor]], resized_sizes: list[tuple[int, int]],
-                           original_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+                           original_sizes: list[tuple[int, int]], mask_paste: str = "bilinear"
+                           ) -> list[dict[str, Tensor]]:
     """Boxes (and masks) from the resized frame to the frame of each input image."""
+    if mask_paste not in PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode '{mask_paste}' ({' | '.join(PASTE_MODES)})")
+    paste = paste_masks if mask_paste == "bilinear" else paste_masks_torchvision
     out = []
     for r, resized, orig in zip(results, resized_sizes, original_sizes):
         r = dict(r)
         r["boxes"] = resize_boxes(r["boxes"], resized, orig)
         if "masks" in r:
-            r["masks"] = paste_masks(r["masks"], r["boxes"], orig)
+            r["masks"] = paste(r["masks"], r["boxes"], orig)
         out.append(r)
     return out

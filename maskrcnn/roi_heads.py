@@ -35,14 +35,19 @@ class BoxHead(nn.Module):
         for fc in (self.fc6, self.fc7):
             nn.init.kaiming_uniform_(fc.weight, a=1)
             nn.init.constant_(fc.bias, 0)
+        self.reset_predictor()
+
+    def reset_predictor(self) -> None:
+        """Fresh class-score and box-delta layers (also used when fine-tuning on other classes)."""
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.constant_(self.cls_score.bias, 0)
         nn.init.constant_(self.bbox_pred.bias, 0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.relu(self.fc6(x.flatten(1)))  # [R, C*S*S] -> [R, fc_dim]
-        x = F.relu(self.fc7(x))
+        # ReLUs in place: a linear layer's or conv's backward does not need its output (saves a copy)
+        x = F.relu(self.fc6(x.flatten(1)), inplace=True)  # [R, C*S*S] -> [R, fc_dim]
+        x = F.relu(self.fc7(x), inplace=True)
         return self.cls_score(x), self.bbox_pred(x)
 
 
@@ -61,13 +66,17 @@ class MaskHead(nn.Module):
         for layer in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.constant_(layer.bias, 0)
+        self.reset_predictor()
+
+    def reset_predictor(self) -> None:
+        """A fresh per-class 1x1 mask predictor (also used when fine-tuning on other classes)."""
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.constant_(self.predictor.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.predictor(F.relu(self.deconv(x)))
+            x = F.relu(conv(x), inplace=True)  # in place: a conv's backward does not need its output
+        return self.predictor(F.relu(self.deconv(x), inplace=True))
 
 
 class RoIHeads(nn.Module):
@@ -88,6 +97,8 @@ class RoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_image: int = 100,
         mask_aligned: bool = True,
+        min_box_size: float = 1e-2,  # detections with a side below this (px) are dropped
+        mask_soft_targets: bool = False,  # torchvision: RoIAligned GT masks are not thresholded
     ):
         super().__init__()
         self.in_features = in_features
@@ -105,6 +116,8 @@ class RoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
         self.mask_aligned = mask_aligned
+        self.min_box_size = min_box_size
+        self.mask_soft_targets = mask_soft_targets
 
     @property
     def mask_on(self) -> bool:
@@ -137,7 +150,7 @@ class RoIHeads(nn.Module):
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                 targets: Optional[list[dict]] = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """proposals: list of [Pi, 4] (constants). Training: ([], losses); eval: (detections per image, {})."""
-        feats = [features[name] for name in self.in_features]
+        feats = self.box_pooler.prepare([features[name] for name in self.in_features])
         if self.training:
             if targets is None:
                 raise ValueError("RoI heads in training mode need targets")
@@ -149,13 +162,19 @@ class RoIHeads(nn.Module):
         boxes = [s["boxes"] for s in samples]
         labels = torch.cat([s["labels"] for s in samples])  # [R]
         scores, deltas = self.box_head(self.box_pooler(feats, boxes))
+        if labels.numel() == 0:  # no RoI sampled at all (no proposals, no GT): zero losses, graph kept
+            zero = scores.sum() * 0 + deltas.sum() * 0
+            losses = {"loss_cls": zero, "loss_box": zero.clone()}
+            if self.mask_on:
+                losses["loss_mask"] = self.mask_loss(feats, samples, targets)
+            return losses
         loss_cls = F.cross_entropy(scores.float(), labels)
         # Box regression on foreground RoIs, on the deltas of their GT class; normalised by all sampled RoIs.
         fg = torch.nonzero(labels > 0).squeeze(1)
         matched_gt = torch.cat([t["boxes"][s["matched_idx"]] if t["boxes"].numel() else s["boxes"]
                                 for s, t in zip(samples, targets)])
         reg_targets = self.box_coder.encode(torch.cat(boxes)[fg], matched_gt[fg])
-        fg_deltas = deltas.view(deltas.shape[0], -1, 4)[fg, labels[fg]]  # [F, 4]
+        fg_deltas = deltas.view(deltas.shape[0], self.num_classes + 1, 4)[fg, labels[fg]]  # [F, 4]
         loss_box = smooth_l1_sum(fg_deltas, reg_targets, self.smooth_l1_beta) / max(1, labels.numel())
         losses = {"loss_cls": loss_cls, "loss_box": loss_box}
         if self.mask_on:
@@ -172,13 +191,14 @@ class RoIHeads(nn.Module):
             if fg.numel() == 0:
                 fg_targets.append(boxes.new_zeros((0, self.mask_output_size(), self.mask_output_size())))
                 continue
-            # Mask targets: RoIAlign of the matched GT mask over the proposal box (Mask R-CNN's target).
-            gt = t["masks"][s["matched_idx"][fg]][:, None].to(boxes.dtype)  # [Fi, 1, H, W]
-            rois = torch.cat((torch.arange(len(fg), device=boxes.device, dtype=boxes.dtype)[:, None], boxes), 1)
+            # Mask targets: RoIAlign of the matched GT mask over the proposal box (Mask R-CNN's target). The
+            # RoI's batch index is its matched GT, so the M masks are converted once, not copied per RoI.
+            gt = t["masks"][:, None].to(boxes.dtype)  # [M, 1, H, W]
+            rois = torch.cat((s["matched_idx"][fg].to(boxes.dtype)[:, None], boxes), 1)  # [Fi, 5]
             size = self.mask_output_size()
             m = self.mask_pooler._roi_align(gt, rois, (size, size), spatial_scale=1.0, sampling_ratio=0,
                                              aligned=self.mask_aligned)
-            fg_targets.append((m[:, 0] >= 0.5).to(boxes.dtype))
+            fg_targets.append(m[:, 0] if self.mask_soft_targets else (m[:, 0] >= 0.5).to(boxes.dtype))
         logits = self.mask_head(self.mask_pooler(feats, fg_boxes))  # [F, K+1, M, M]
         labels = torch.cat(fg_labels)
         if labels.numel() == 0:
@@ -204,7 +224,7 @@ class RoIHeads(nn.Module):
             b = clip_boxes(boxes_i, image_sizes[i]).reshape(-1, 4)  # [Ri*K, 4], class-major inside each RoI
             s = probs_i.reshape(-1)
             labels = torch.arange(1, k + 1, device=b.device).repeat(len(p))
-            keep = (s > self.score_thresh) & nonempty(b, 1e-2)
+            keep = (s > self.score_thresh) & nonempty(b, self.min_box_size)
             b, s, labels = b[keep], s[keep], labels[keep]
             keep = batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_image]
             results.append({"boxes": b[keep], "scores": s[keep], "labels": labels[keep]})

@@ -4,7 +4,8 @@ Shapes: N images; L FPN levels; A anchors per location; level i has Hi x Wi cell
 anchors; M ground-truth boxes in an image; P proposals per image after NMS.
   head:     p_i [N, C, Hi, Wi] -> objectness [N, A, Hi, Wi], deltas [N, 4A, Hi, Wi]
   flattened objectness [N, Ai], deltas [N, Ai, 4], anchors [Ai, 4] (same for every image of the batch)
-  proposals: per image dict(boxes [P, 4] xyxy in the resized-image frame, scores [P] logits, levels [P])
+  proposals: per image dict(boxes [P, 4] xyxy in the resized-image frame, scores [P] logits (or sigmoid
+  probabilities with sigmoid_scores=True, as torchvision), levels [P])
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class RPNHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = F.relu(self.conv(x), inplace=True)  # in place: a conv's backward does not need its output
             logits.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return logits, deltas
@@ -61,6 +62,8 @@ class RPN(nn.Module):
         min_size: float = 0.0,
         smooth_l1_beta: float = 0.0,
         conv_dims: int = -1,
+        score_thresh: float = 0.0,  # on sigmoid(objectness); 0 keeps every proposal
+        sigmoid_scores: bool = False,  # rank (NMS) and return proposals by probability, not logit
     ):
         super().__init__()
         self.in_features = list(in_features)
@@ -74,13 +77,15 @@ class RPN(nn.Module):
         self.nms_thresh = nms_thresh
         self.min_size = min_size
         self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.sigmoid_scores = sigmoid_scores
 
     def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None
                 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}."""
         feats = [features[name] for name in self.in_features]
         logits, deltas = self.head(feats)
-        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats])
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], tuple(images.tensor.shape[-2:]))
         n = feats[0].shape[0]
         # [N, A, Hi, Wi] -> [N, Hi, Wi, A] -> [N, Hi*Wi*A]: the anchor order of AnchorGenerator
         logits = [x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits]
@@ -111,13 +116,16 @@ class RPN(nn.Module):
             scores, idx = lg.topk(k, dim=1)  # [N, k]
             boxes = self.box_coder.decode(dl[batch_idx, idx].reshape(-1, 4), anc[idx].reshape(-1, 4))
             all_boxes.append(boxes.view(n, k, 4))
-            all_scores.append(scores.float())
+            all_scores.append(scores.float().sigmoid() if self.sigmoid_scores else scores.float())
             all_levels.append(torch.full((n, k), level, dtype=torch.int64, device=lg.device))
         boxes, scores, levels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_levels, 1)
         results = []
         for i, size in enumerate(image_sizes):  # the per-image loop only around NMS
             b, s, lv = clip_boxes(boxes[i], size), scores[i], levels[i]
             keep = nonempty(b, self.min_size) & torch.isfinite(b).all(dim=1) & torch.isfinite(s)
+            if self.score_thresh > 0:
+                prob = s if self.sigmoid_scores else s.sigmoid()
+                keep &= prob >= self.score_thresh
             b, s, lv = b[keep], s[keep], lv[keep]
             keep = batched_nms(b, s, lv, self.nms_thresh)[:post_k]  # sorted by score
             results.append({"boxes": b[keep], "scores": s[keep], "levels": lv[keep]})

@@ -31,8 +31,11 @@ def resized_size(h: int, w: int, min_size: float, max_size: float) -> tuple[int,
 
 
 def resize_boxes(boxes: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
-    ry, rx = new[0] / old[0], new[1] / old[1]
-    return boxes * torch.tensor([rx, ry, rx, ry], dtype=boxes.dtype, device=boxes.device)
+    """Scale [B, 4] xyxy boxes from an image of size `old` (h, w) to `new`."""
+    # The ratios are divided in the boxes' dtype (as torchvision does), so the two agree to the last bit.
+    ratio = (torch.tensor(new, dtype=boxes.dtype, device=boxes.device)
+             / torch.tensor(old, dtype=boxes.dtype, device=boxes.device))  # (ry, rx)
+    return boxes * ratio.flip(0).repeat(2)  # (rx, ry, rx, ry)
 
 
 class ImageTransform(nn.Module):
@@ -61,9 +64,12 @@ class ImageTransform(nn.Module):
             return image, None
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (h, w), new)
-        if "masks" in target and new != (h, w) and target["masks"].shape[0] > 0:
-            masks = target["masks"][:, None].float()
-            target["masks"] = F.interpolate(masks, size=new, mode="nearest")[:, 0].to(torch.uint8)
+        if "masks" in target and new != (h, w):
+            if target["masks"].shape[0] == 0:
+                target["masks"] = target["masks"].new_zeros((0, *new))
+            else:
+                masks = target["masks"][:, None].float()
+                target["masks"] = F.interpolate(masks, size=new, mode="nearest")[:, 0].to(torch.uint8)
         return image, target
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None

@@ -147,3 +147,45 @@ def test_overfit_full_model_detects_every_object():
             gt_mask = target["masks"][g].bool()
             mask_iou = (masks[j] & gt_mask).sum() / (masks[j] | gt_mask).sum()
             assert mask_iou > 0.7, (g, float(mask_iou))
+
+
+# ------------------------------------------------------------------------------ --init torchvision
+TV_ON_TINY = ["--config", "configs/torchvision_compat.yaml", "--stage", "full", "--init", "torchvision",
+              "--no-progress", "--set", "data.dataset=shapes", "data.root=datasets/shapes-tiny", "data.num_workers=0",
+              "data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=[128,160]",
+              "data.shapes.seed=0", "model.transform.min_size_train=[128]", "model.transform.max_size_train=192",
+              "model.transform.min_size_test=128", "model.transform.max_size_test=192", "solver.ims_per_batch=2",
+              "solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[1]", "train.eval_at_end=false",
+              "model.roi_heads.batch_size_per_image=64", "model.backbone.weights=none"]
+
+
+def test_init_torchvision_loads_coco_weights_and_new_predictors(tmp_path, monkeypatch, capsys):
+    import torchvision
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    tv_state = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: tv_state)
+    summary = train.main(["--name", "tv"] + TV_ON_TINY + [f"train.output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "COCO_V1" in out and "re-initialised" in out and "cls_score" in out
+    state = load_checkpoint(summary["checkpoint"])
+    # Frozen parts keep torchvision's values after a training step; the predictors are sized for 4 classes.
+    assert torch.equal(state["model"]["bottom_up.conv1.weight"], tv_state["backbone.body.conv1.weight"])
+    assert state["model"]["roi_heads.box_head.cls_score.weight"].shape[0] == 5
+    assert state["config"].model.backbone.frozen_bn_eps == 0.0
+    assert "frozen_bn_eps: 0.0" in (tmp_path / "tv" / "config.yaml").read_text()
+
+
+def test_init_torchvision_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--name", "tv-offline"] + TV_ON_TINY + [f"train.output_dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "maskrcnn_resnet50_fpn_coco" in err

@@ -100,6 +100,7 @@ class SeededLoader:
         seed: int,
         drop_last: bool = False,
         infinite: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -118,6 +119,7 @@ class SeededLoader:
             generator=torch.Generator().manual_seed(int(seed)),
             worker_init_fn=_worker_init_fn,
             persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,  # page-locked batches, so .to(cuda, non_blocking=True) overlaps
         )
         if infinite and len(self.loader) == 0:
             raise ValueError(
@@ -162,6 +164,7 @@ def build_loader(
     seed: int,
     drop_last: bool = False,
     infinite: bool = False,
+    pin_memory: bool = False,
 ) -> SeededLoader:
     """A reproducible loader yielding ``(list[image], list[target])`` batches.
 
@@ -174,5 +177,6 @@ def build_loader(
         drop_last: drop the last incomplete batch of each epoch.
         infinite: yield batches forever, epoch after epoch (for
             iteration-based training); otherwise one epoch per ``iter()``.
+        pin_memory: page-locked batches for fast host-to-GPU copies (CUDA only).
     """
-    return SeededLoader(dataset, batch_size, shuffle, num_workers, seed, drop_last, infinite)
+    return SeededLoader(dataset, batch_size, shuffle, num_workers, seed, drop_last, infinite, pin_memory)

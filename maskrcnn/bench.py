@@ -1,0 +1,476 @@
+"""Benchmark: this project's Mask R-CNN against torchvision's, on the same settings and the same weights.
+
+    python -m maskrcnn.bench                     # CPU (or GPU when present): 512x512, batch 2, 5 repeats
+    python -m maskrcnn.bench --full-size         # 800x1333 images
+    python -m maskrcnn.bench --quick             # smoke run: ResNet-18, 256 px, 2 repeats (tests/test_bench.py)
+    python -m maskrcnn.bench --out bench.json
+
+Both models come from one seeded state dict: ours is built from configs/torchvision_compat.yaml and
+torchvision's is maskrcnn_resnet50_fpn as it is built for training from ImageNet weights (FrozenBatchNorm2d,
+stem and res2 frozen), loaded with maskrcnn.convert.to_torchvision. Same image sizes, batch, sample counts
+(256 anchors, 512 RoIs per image) and proposals (2000 per level before NMS, 2000 after in training, 1000 in
+inference). The class scores are biased towards a few classes so that inference keeps 100 detections per
+image (the mask head and the paste run at full load) instead of none.
+
+Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
+reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training
+memory is measured in a fresh subprocess per model (peak RSS on CPU, max allocated on CUDA). On CUDA the
+training and inference benchmarks run in mixed precision (autocast fp16 + GradScaler) and report images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from .build import build_model
+from .config import load_config
+from .convert import from_torchvision, to_torchvision
+from .poolers import MultiScaleRoIAlign
+from .postprocess import paste_masks, paste_masks_torchvision
+
+COMPAT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "torchvision_compat.yaml"
+
+
+@dataclass
+class Settings:
+    height: int = 512
+    width: int = 512
+    batch: int = 2
+    depth: int = 50  # ResNet depth of both models (--quick: 18)
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "cpu"
+    amp: bool = False  # CUDA only
+    channels_last: bool = False
+    objects: int = 4  # ground-truth objects per training image
+    post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
+    post_nms_test: int = 1000  # ... inference
+    rois_per_image: int = 512  # RoIs sampled per image for the box head
+    detections: int = 100  # detections per image (inference)
+    align_rois: int = 512  # RoIs per image of the RoIAlign benchmark (the box head's training load)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------- models
+def build_ours(s: Settings) -> nn.Module:
+    size = min(s.height, s.width)
+    cfg = load_config(COMPAT_CONFIG, [
+        "model.backbone.weights=none", f"model.backbone.depth={s.depth}",
+        f"model.transform.min_size_train=[{size}]", f"model.transform.max_size_train={max(s.height, s.width)}",
+        f"model.transform.min_size_test={size}", f"model.transform.max_size_test={max(s.height, s.width)}",
+        f"model.rpn.post_nms_topk_train={s.post_nms_train}", f"model.rpn.post_nms_topk_test={s.post_nms_test}",
+        f"model.roi_heads.batch_size_per_image={s.rois_per_image}",
+        f"model.roi_heads.detections_per_image={s.detections}"])
+    return build_model(cfg)
+
+
+def build_torchvision(s: Settings) -> nn.Module:
+    """maskrcnn_resnet50_fpn as torchvision builds it for training from ImageNet weights (FrozenBatchNorm2d,
+    3 trainable stages), without downloading anything."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import FrozenBatchNorm2d
+
+    size = min(s.height, s.width)
+    backbone = resnet_fpn_backbone(backbone_name=f"resnet{s.depth}", weights=None, norm_layer=FrozenBatchNorm2d,
+                                   trainable_layers=3)
+    return MaskRCNN(backbone, num_classes=91, min_size=size, max_size=max(s.height, s.width),
+                    rpn_post_nms_top_n_train=s.post_nms_train, rpn_post_nms_top_n_test=s.post_nms_test,
+                    box_batch_size_per_image=s.rois_per_image, box_detections_per_img=s.detections)
+
+
+def seeded_state(s: Settings) -> dict[str, Tensor]:
+    """Our seeded initialisation, with class scores biased to 5 classes so inference keeps 100 detections."""
+    torch.manual_seed(s.seed)
+    model = build_ours(s)
+    state = model.state_dict()
+    bias = state["roi_heads.box_head.cls_score.bias"]
+    bias[1:6] = 4.0  # ~0.2 probability each for classes 1..5 on every RoI: 5 candidates per RoI
+    return state
+
+
+def load_pair(s: Settings, state: dict[str, Tensor]) -> tuple[nn.Module, nn.Module]:
+    ours, tv = build_ours(s), build_torchvision(s)
+    ours.load_state_dict(state)
+    tv.load_state_dict(to_torchvision(state))
+    device = torch.device(s.device)
+    ours, tv = ours.to(device), tv.to(device)
+    if s.channels_last:
+        ours, tv = ours.to(memory_format=torch.channels_last), tv.to(memory_format=torch.channels_last)
+    return ours, tv
+
+
+def make_batch(s: Settings, seed: int = 1) -> tuple[list[Tensor], list[dict]]:
+    """Images [3, H, W] in 0..1 and targets with `objects` random boxes (and their box-shaped masks) each."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(s.batch):
+        images.append(torch.rand(3, s.height, s.width, generator=g))
+        wh = torch.rand(s.objects, 2, generator=g) * 0.4 + 0.1  # 10..50% of the image side
+        xy = torch.rand(s.objects, 2, generator=g) * (1 - wh)
+        scale = torch.tensor([s.width, s.height], dtype=torch.float32)
+        boxes = torch.cat((xy * scale, (xy + wh) * scale), 1).round()
+        masks = torch.zeros(s.objects, s.height, s.width, dtype=torch.uint8)
+        for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):  # setup only, not timed
+            masks[j, y0:y1, x0:x1] = 1
+        labels = torch.randint(1, 91, (s.objects,), generator=g)
+        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+    device = torch.device(s.device)
+    return ([i.to(device) for i in images],
+            [{k: v.to(device) for k, v in t.items()} for t in targets])
+
+
+def training_step_fn(model: nn.Module, s: Settings, images, targets) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device_type=torch.device(s.device).type, dtype=torch.float16, enabled=s.amp):
+            losses = model(images, targets)
+        loss = sum(v.float() for v in losses.values())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def inference_fn(model: nn.Module, s: Settings, images) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device_type=torch.device(s.device).type, dtype=torch.float16,
+                                             enabled=s.amp):
+            model(images)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------ timing
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings, repeats: Optional[int] = None
+            ) -> tuple[float, float]:
+    """Median seconds of ours and torchvision's, warmed up, repeats interleaved (alternating who goes first)."""
+    for _ in range(s.warmup):
+        fn_ours()
+        fn_tv()
+    times: dict[str, list[float]] = {"ours": [], "tv": []}
+    for r in range(repeats or s.repeats):
+        order = [("ours", fn_ours), ("tv", fn_tv)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            _sync(s.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(s.device)
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["ours"]), statistics.median(times["tv"])
+
+
+# ------------------------------------------------------------------------------------ micro benches
+def roi_align_fns(s: Settings, sampling_ratio: int, aligned: bool) -> tuple[Callable, Callable, str]:
+    """Box-head load: `align_rois` (512) RoIs per image over P2..P5 (4 levels, 256 channels), 7x7, forward and
+    backward, through MultiScaleRoIAlign with either implementation."""
+    g = torch.Generator().manual_seed(2)
+    device = torch.device(s.device)
+    feats = [torch.randn(s.batch, 256, s.height // st, s.width // st, generator=g).to(device).requires_grad_()
+             for st in (4, 8, 16, 32)]
+    rois_per_image = s.align_rois
+    # sides log-uniform in 16..512 px so every level gets RoIs, as proposals do
+    side = torch.exp(torch.empty(s.batch * rois_per_image, 2).uniform_(2.77, 6.24, generator=g))
+    xy = torch.rand(s.batch * rois_per_image, 2, generator=g) * torch.tensor([s.width, s.height])
+    boxes = torch.cat((xy, xy + side), 1).clamp(max=float(max(s.height, s.width)))
+    boxes = [b.to(device) for b in boxes.split(rois_per_image)]
+    grad = torch.randn(s.batch * rois_per_image, 256, 7, 7, generator=g).to(device)
+
+    def make(impl: str) -> Callable[[], None]:
+        pooler = MultiScaleRoIAlign(7, (4, 8, 16, 32), sampling_ratio, aligned, impl=impl, level_mapper="torchvision")
+
+        def run() -> None:
+            out = pooler(feats, boxes)
+            torch.autograd.backward(out, grad)
+            for f in feats:
+                f.grad = None
+
+        return run
+
+    label = (f"RoIAlign fwd+bwd ({s.batch}x{rois_per_image} RoIs, 4 lvls, 256 ch, sr={sampling_ratio}, "
+             f"aligned={aligned})")
+    return make("ours"), make("torchvision"), label
+
+
+def proposal_fns(ours: nn.Module, tv: nn.Module, s: Settings) -> tuple[Callable, Callable]:
+    """Anchor generation + proposal selection (top-k per level, decode, clip, NMS per level, top-k) on the
+    same objectness and deltas, with the training settings (2000 per level before NMS)."""
+    from torchvision.models.detection.image_list import ImageList as TVImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    g = torch.Generator().manual_seed(3)
+    device = torch.device(s.device)
+    hp, wp = -(-s.height // 32) * 32, -(-s.width // 32) * 32
+    sizes = [(-(-hp // st), -(-wp // st)) for st in (4, 8, 16, 32, 64)]
+    logits = [torch.randn(s.batch, 3, h, w, generator=g).to(device) for h, w in sizes]
+    deltas = [(torch.randn(s.batch, 12, h, w, generator=g) * 0.1).to(device) for h, w in sizes]
+    feats = [torch.empty(s.batch, 1, h, w, device=device) for h, w in sizes]  # only their shapes are used
+    image_sizes = [(s.height, s.width)] * s.batch
+    batch = torch.empty(s.batch, 3, hp, wp, device=device)
+    ours_rpn, tv_rpn = ours.rpn, tv.rpn
+
+    def run_ours() -> None:
+        ours_rpn.train()
+        anchors = ours_rpn.anchor_generator(sizes, (hp, wp))
+        n = s.batch
+        lg = [x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits]
+        dl = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for x in deltas]
+        ours_rpn.select_proposals(anchors, lg, dl, image_sizes)
+
+    def run_tv() -> None:
+        tv_rpn.train()
+        with torch.no_grad():
+            anchors = tv_rpn.anchor_generator(TVImageList(batch, image_sizes), feats)
+            objectness, box_deltas = concat_box_prediction_layers(logits, deltas)
+            proposals = tv_rpn.box_coder.decode(box_deltas, anchors).view(s.batch, -1, 4)
+            num_per_level = [3 * h * w for h, w in sizes]
+            tv_rpn.filter_proposals(proposals, objectness, image_sizes, num_per_level)
+
+    return run_ours, run_tv
+
+
+def paste_fns(s: Settings) -> dict[str, Callable]:
+    """Pasting 100 detections' 28x28 mask probabilities into an image of the benchmark size."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(4)
+    device = torch.device(s.device)
+    masks = torch.rand(100, 1, 28, 28, generator=g).to(device)
+    wh = torch.rand(100, 2, generator=g) * 0.5 * torch.tensor([s.width, s.height]) + 8
+    xy = torch.rand(100, 2, generator=g) * torch.tensor([s.width, s.height])
+    boxes = torch.cat((xy, xy + wh), 1).to(device)
+    size = (s.height, s.width)
+    return {"bilinear": lambda: paste_masks(masks, boxes, size),
+            "torchvision": lambda: paste_masks_torchvision(masks, boxes, size),
+            "reference": lambda: paste_masks_in_image(masks, boxes, size)}
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def memory_child(which: str, s: Settings, state_path: str, steps: int) -> dict:
+    """Run in a fresh process: build one model, load the weights, train `steps` steps; report the peak."""
+    import resource
+
+    torch.manual_seed(s.seed)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if which == "ours":
+        model = build_ours(s)
+        model.load_state_dict(state)
+    else:
+        model = build_torchvision(s)
+        model.load_state_dict(to_torchvision(state))
+    del state
+    model = model.to(torch.device(s.device))
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images, targets = make_batch(s)
+    step = training_step_fn(model, s, images, targets)
+    result = {"which": which}
+    cuda = s.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kb("VmRSS")
+        try:  # reset the high-water mark so that the peak below is the training's, not the setup's
+            Path("/proc/self/clear_refs").write_text("5")
+            result["hwm_reset"] = True
+        except OSError:
+            result["hwm_reset"] = False
+    for _ in range(steps):
+        step()
+    if cuda:
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["setup_mb"] = base / 2**20
+    else:
+        peak_kb = _rss_kb("VmHWM") if result["hwm_reset"] else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["peak_mb"] = peak_kb / 1024
+        result["setup_mb"] = base / 1024
+    return result
+
+
+def measure_memory(s: Settings, state: dict[str, Tensor], steps: int, runs: int) -> dict[str, dict]:
+    """Peak training memory of each model: the median over `runs` fresh processes, interleaved (on CPU the
+    peak RSS of one process varies by +-5% with the malloc arenas' fragmentation)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pth")
+        torch.save(state, path)
+        children: dict[str, list[dict]] = {"ours": [], "torchvision": []}
+        for _ in range(runs):
+            for which in children:
+                cmd = [sys.executable, "-m", "maskrcnn.bench", "--child-memory", which, "--child-state", path,
+                       "--child-steps", str(steps), "--child-settings", json.dumps(asdict(s)),
+                       "--threads", str(torch.get_num_threads())]
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      cwd=Path(__file__).resolve().parent.parent)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"memory child ({which}) failed:\n{proc.stderr[-2000:]}")
+                children[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {which: {"peak_mb": statistics.median([c["peak_mb"] for c in runs_]),
+                    "setup_mb": statistics.median([c["setup_mb"] for c in runs_]), "runs": runs_}
+            for which, runs_ in children.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print) -> dict:
+    torch.set_grad_enabled(True)
+    rows: list[dict] = []
+    cuda = s.device.startswith("cuda")
+
+    def add(name: str, ours_s: float, tv_s: float, target: Optional[float] = None, per_image: bool = False):
+        row = {"name": name, "ours_ms": ours_s * 1e3, "torchvision_ms": tv_s * 1e3, "ratio": ours_s / tv_s,
+               "target": target}
+        if per_image:
+            row["ours_img_s"], row["torchvision_img_s"] = s.batch / ours_s, s.batch / tv_s
+        rows.append(row)
+        log(f"  {name}: ours {ours_s * 1e3:.1f} ms, torchvision {tv_s * 1e3:.1f} ms, ratio {ours_s / tv_s:.2f}")
+
+    state = seeded_state(s)
+    ours, tv = load_pair(s, state)
+    images, targets = make_batch(s)
+    tag = f"batch {s.batch}, {s.height}x{s.width}" + (", AMP" if s.amp else "")
+
+    log("training step ...")
+    add(f"training step ({tag})", *compare(training_step_fn(ours, s, images, targets),
+                                           training_step_fn(tv, s, images, targets), s), 1.0, per_image=True)
+    ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
+    tv.load_state_dict(to_torchvision(state))
+    log("inference ...")
+    add(f"inference ({tag})", *compare(inference_fn(ours, s, images), inference_fn(tv, s, images), s), 1.0,
+        per_image=True)
+
+    log("RoIAlign ...")
+    for sr, aligned in ((2, False), (0, True)):
+        f_ours, f_tv, label = roi_align_fns(s, sr, aligned)
+        add(label, *compare(f_ours, f_tv, s), 2.0)
+    log("anchors + proposals ...")
+    add(f"anchors + proposal selection (2000/level, NMS, {s.post_nms_train}/image)",
+        *compare(*proposal_fns(ours, tv, s), s))
+    log("mask paste ...")
+    fns = paste_fns(s)
+    for mode in ("torchvision", "bilinear"):
+        add(f"paste 100 masks, {mode} rule ({s.height}x{s.width})", *compare(fns[mode], fns["reference"], s))
+    del ours, tv
+
+    log(f"peak training memory (median of {memory_runs} fresh processes per model) ...")
+    mem = measure_memory(s, state, memory_steps, memory_runs)
+    kind = "max allocated" if cuda else "peak RSS"
+    rows.append({"name": f"training memory, {kind} (MB)", "ours_mb": mem["ours"]["peak_mb"],
+                 "torchvision_mb": mem["torchvision"]["peak_mb"],
+                 "ratio": mem["ours"]["peak_mb"] / mem["torchvision"]["peak_mb"], "target": 1.1, "detail": mem})
+    log(f"  memory: ours {mem['ours']['peak_mb']:.0f} MB, torchvision {mem['torchvision']['peak_mb']:.0f} MB")
+    return {"settings": asdict(s), "rows": rows, "environment": environment(s)}
+
+
+def environment(s: Settings) -> dict:
+    env = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": s.device,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if hasattr(os, "getloadavg"):
+        env["load_average"] = os.getloadavg()  # > cpu_count: the CPU was shared with other jobs
+    if s.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'benchmark':<78} {'ours':>10} {'torchvision':>12} {'ratio':>6} {'target':>7}"]
+    for r in result["rows"]:
+        if "ours_mb" in r:
+            ours, theirs = f"{r['ours_mb']:.0f} MB", f"{r['torchvision_mb']:.0f} MB"
+        else:
+            ours, theirs = f"{r['ours_ms']:.1f} ms", f"{r['torchvision_ms']:.1f} ms"
+        target = f"<= {r['target']}" if r.get("target") else ""
+        lines.append(f"{r['name']:<78} {ours:>10} {theirs:>12} {r['ratio']:>6.2f} {target:>7}")
+        if "ours_img_s" in r:
+            lines.append(f"{'   images / s':<78} {r['ours_img_s']:>10.2f} {r['torchvision_img_s']:>12.2f}")
+    env = result["environment"]
+    lines.append(f"torch {env['torch']}, torchvision {env['torchvision']}, device {env['device']}, "
+                 f"{env['threads']} threads" + (f", load average {env['load_average'][0]:.1f} on "
+                                                 f"{env['cpu_count']} CPUs" if "load_average" in env else ""))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run on CPU, not a measurement: ResNet-18, "
+                   "128x128, light heads (50 proposals, 16 RoIs, 5 detections per image), no warm-up, 1 repeat")
+    p.add_argument("--full-size", action="store_true", help="800x1333 images instead of 512x512")
+    p.add_argument("--repeats", type=int, help="timed repeats per benchmark (default 5; --quick 2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
+    p.add_argument("--channels-last", action="store_true", help="both models in channels-last memory format")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
+                   "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
+    p.add_argument("--out", help="write the results as JSON here")
+    # internal: the fresh process of the memory benchmark
+    p.add_argument("--child-memory", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
+    p.add_argument("--child-state", help=argparse.SUPPRESS)
+    p.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--child-settings", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child_memory:
+        s = Settings(**json.loads(args.child_settings))
+        print(json.dumps(memory_child(args.child_memory, s, args.child_state, args.child_steps)))
+        return {}
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last)
+    if args.full_size:
+        s.height, s.width = 800, 1333
+    if args.quick:
+        s.height = s.width = 128
+        s.depth, s.repeats, s.warmup, s.objects = 18, 1, 0, 2
+        s.post_nms_train, s.post_nms_test, s.rois_per_image, s.detections, s.align_rois = 50, 50, 16, 5, 64
+    if args.repeats:
+        s.repeats = args.repeats
+    print(f"benchmark: {asdict(s)}")
+    result = run(s, memory_steps=1 if args.quick else 2, memory_runs=1 if args.quick else 3)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"written: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

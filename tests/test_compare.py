@@ -1,0 +1,173 @@
+"""Tests for compare.py: the loss-curve PNG and the Markdown AP table over four tiny runs (groups 'base' and
+'noise', two seeds each, trained once per module), smooth(), grouping by seed suffix, and one-line errors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import compare  # noqa: E402
+
+CONFIG = str(ROOT / "configs" / "tiny.yaml")
+DATA_ROOT = str(ROOT / "datasets" / "shapes-tiny")
+# Very small images and a short schedule: four runs must train in a few seconds on 2 CPU cores.
+SMALL = ["model.transform.min_size_train=[48]", "model.transform.max_size_train=64",
+         "model.transform.min_size_test=48", "model.transform.max_size_test=64",
+         "model.rpn.pre_nms_topk_train=50", "model.rpn.post_nms_topk_train=50",
+         "model.rpn.pre_nms_topk_test=50", "model.rpn.post_nms_topk_test=50"]
+ITERS = 2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    import train
+
+    out = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for group in ("base", "noise"):
+        for seed in (0, 1):
+            name = f"{group}-s{seed}"
+            argv = ["--config", CONFIG, "--stage", "full", "--name", name, "--no-progress", "--seed", str(seed),
+                    "--set", f"train.output_dir={out}", f"data.root={DATA_ROOT}", f"solver.max_iter={ITERS}",
+                    "train.log_period=1", "train.checkpoint_period=1000", "test.max_images=2", *SMALL]
+            if group == "noise":
+                argv.insert(0, "--feature-noise")
+            with contextlib.redirect_stdout(io.StringIO()):
+                train.main(argv)
+            dirs[name] = out / name
+    return dirs
+
+
+def run_compare(argv) -> tuple[str, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        table = compare.main(argv)
+    return table, buf.getvalue()
+
+
+def parse_cell(cell: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in re.findall(r"[-+]?\d+\.\d+", cell))
+
+
+def test_runs_are_what_the_test_assumes(runs):
+    for name, d in runs.items():
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert cfg["model"]["noise"]["enabled"] == name.startswith("noise")
+        assert cfg["train"]["seed"] == int(name[-1])
+        val = json.loads((d / "metrics.json").read_text())["val"]
+        assert {"bbox", "segm"} <= set(val)
+        scalars = compare.read_scalars(d)
+        steps, values = scalars["loss/loss_cls"]
+        assert steps.tolist() == list(range(1, ITERS + 1))
+        assert np.isfinite(values).all()
+    # The noise switch changes training: same seed, different losses from the first iteration on.
+    base = compare.read_scalars(runs["base-s0"])["loss/total_loss"][1]
+    noise = compare.read_scalars(runs["noise-s0"])["loss/total_loss"][1]
+    assert not np.allclose(base, noise)
+
+
+def test_compare_writes_png_and_table(runs, tmp_path):
+    import matplotlib.image as mpimg
+
+    png, md = tmp_path / "charts" / "cmp.png", tmp_path / "table.md"
+    dirs = [str(runs[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
+    table, stdout = run_compare([*dirs, "--out", str(png), "--table", str(md)])
+    assert png.is_file() and png.stat().st_size > 1000
+    img = mpimg.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img.std() > 0  # not a blank canvas
+    assert md.read_text().strip() == table.strip()
+    assert table in stdout
+
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:4] == ["run", "seeds", "box AP", "mask AP"]
+    assert set(lines[1].replace("|", "").strip()) <= {"-"}
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = cells
+    assert set(rows) == {"base", "noise"}
+    for group, cells in rows.items():
+        assert cells[1] == "2"
+        for col, iou_type in ((2, "bbox"), (3, "segm")):
+            aps = [json.loads((runs[f"{group}-s{s}"] / "metrics.json").read_text())["val"][iou_type]["stats"]["AP"]
+                   for s in (0, 1)]
+            nums = parse_cell(cells[col])
+            assert nums[0] == pytest.approx(np.mean(aps), abs=6e-4)
+            assert nums[1] == pytest.approx(np.std(aps, ddof=1), abs=6e-4)
+            if group == "noise":  # difference from the first group, base
+                base_aps = [json.loads((runs[f"base-s{s}"] / "metrics.json").read_text())["val"][iou_type]
+                            ["stats"]["AP"] for s in (0, 1)]
+                assert nums[2] == pytest.approx(np.mean(aps) - np.mean(base_aps), abs=1e-3)
+            else:
+                assert len(nums) == 2
+
+
+def test_compare_prefers_evaluate_results(runs, tmp_path):
+    """eval_val_clean.json (written by evaluate.py) takes precedence over the run's own metrics.json."""
+    import shutil
+
+    copies = []
+    for i, name in enumerate(("base-s0", "base-s1")):
+        dst = tmp_path / name
+        shutil.copytree(runs[name], dst)
+        report = {"results": {"clean": {"bbox": {"stats": {"AP": 0.25 + 0.5 * i}},
+                                        "segm": {"stats": {"AP": 0.125}}}}}
+        (dst / "eval_val_clean.json").write_text(json.dumps(report))
+        copies.append(str(dst))
+    table, _ = run_compare([*copies, "--out", str(tmp_path / "c.png")])
+    row = next(ln for ln in table.splitlines() if ln.startswith("| base |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert parse_cell(cells[2]) == pytest.approx((0.5, np.std([0.25, 0.75], ddof=1)), abs=6e-4)
+    assert parse_cell(cells[3]) == pytest.approx((0.125, 0.0), abs=6e-4)
+
+
+def test_smooth():
+    const = np.full(17, 3.25)
+    for w in (0.0, 0.5, 0.8, 0.99):
+        np.testing.assert_allclose(compare.smooth(const, w), const, rtol=1e-12)
+    x = np.array([1.0, 5.0, -2.0, 4.0])
+    np.testing.assert_allclose(compare.smooth(x, 0.0), x)  # no smoothing
+    s = compare.smooth(x, 0.5)
+    assert s[0] == pytest.approx(1.0)  # bias-corrected: the first value is kept
+    # EMA with bias correction, by hand: (0.5*1*0.5 + 0.5*5) / (1 - 0.25) = 3.666...
+    assert s[1] == pytest.approx((0.25 * 1.0 + 0.5 * 5.0) / 0.75)
+
+
+def test_group_runs_by_seed_suffix():
+    paths = [Path("r/base-s0"), Path("r/base-s12"), Path("r/noise-s0"), Path("r/solo"), Path("r/a-s1-x")]
+    groups = compare.group_runs(paths)
+    assert {k: [p.name for p in v] for k, v in groups.items()} == {
+        "base": ["base-s0", "base-s12"], "noise": ["noise-s0"], "solo": ["solo"], "a-s1-x": ["a-s1-x"]}
+    assert list(groups)[0] == "base"  # the first group (the baseline of the table) is the first run's
+
+
+def test_non_run_directory_is_a_one_line_error(tmp_path, capsys):
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        compare.main([str(empty), "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not-a-run" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_directory_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing" in err
