@@ -2,7 +2,8 @@
 
   1. the RPN stage;
   2. the full model without noise and with --feature-noise, both initialised from the RPN stage, for each seed;
-  3. evaluation of every full run, clean and under corruption (COCO-C, one severity);
+  3. evaluation of every full run, clean (every val image) and under corruption (COCO-C, one severity, the
+     first 50 val images by default);
   4. the loss-comparison chart and the AP table.
 
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0 and 1
@@ -26,11 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(p, "configs/shapes.yaml")
     p.add_argument("--name", default="demo", help="experiment directory: runs/<name>/")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the full-stage runs")
-    p.add_argument("--rpn-iters", type=int, default=300, help="iterations of the RPN stage")
+    p.add_argument("--rpn-iters", type=int, default=400, help="iterations of the RPN stage")
     p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's)")
     p.add_argument("--corruptions", nargs="*", default=DEMO_CORRUPTIONS, help="corruptions to evaluate under")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1..5")
-    p.add_argument("--eval-images", type=int, default=0, help="evaluate on at most N val images (0: all)")
+    p.add_argument("--eval-images", type=int, default=0, help="clean evaluation on at most N val images (0: all)")
+    p.add_argument("--corruption-images", type=int, default=50,
+                   help="evaluation under each corruption on the first N val images (0: all)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -65,10 +68,11 @@ def main(argv=None) -> dict:
         evaluated = {}
         for run in runs:
             ckpt = str(run / "model_final.pth")
-            extra = ["--max-images", str(args.eval_images)] + (["--no-progress"] if args.no_progress else [])
-            clean = evaluate.main(["--checkpoint", ckpt, *extra])
+            quiet = ["--no-progress"] if args.no_progress else []
+            clean = evaluate.main(["--checkpoint", ckpt, "--max-images", str(args.eval_images), *quiet])
             corrupted = evaluate.main(["--checkpoint", ckpt, "--corruption", "all", "--severity",
-                                       str(args.severity), "--corruptions", *args.corruptions, *extra])
+                                       str(args.severity), "--corruptions", *args.corruptions,
+                                       "--max-images", str(args.corruption_images), *quiet])
             evaluated[run.name] = {"clean": clean["results"]["clean"],
                                    "corrupted": {k: v for k, v in corrupted.items() if k.startswith("mean")}}
         print("[4/4] comparison")

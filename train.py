@@ -32,20 +32,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _resumed_config(cfg, args):
+    """A resumed run continues with the config saved in its run directory (plus this command's --set), so
+    forgetting --stage or --feature-noise cannot silently change the experiment half-way."""
+    from maskrcnn.config import load_config
+    if not args.name:
+        raise ValueError("--resume needs --name of the run to continue")
+    run_dir = Path(cfg.train.output_dir) / args.name
+    if not (run_dir / "last_checkpoint.pth").is_file():
+        raise FileNotFoundError(f"--resume: no {run_dir / 'last_checkpoint.pth'} to continue from")
+    saved = load_config(run_dir / "config.yaml", args.set)
+    if args.stage and args.stage != saved.stage:
+        raise ValueError(f"--resume: run {run_dir} is a {saved.stage}-stage run, not --stage {args.stage}")
+    if args.feature_noise and not saved.model.noise.enabled:
+        raise ValueError(f"--resume: run {run_dir} was trained without --feature-noise")
+    saved.train.output_dir = cfg.train.output_dir
+    return saved
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.config import load_config
         from maskrcnn.engine import Trainer
         cfg = load_config(args.config, args.set)
+        if args.resume:
+            cfg = _resumed_config(cfg, args)
         if args.stage:
             cfg.stage = args.stage
         if args.feature_noise:
             cfg.model.noise.enabled = True
         if args.seed is not None:
             cfg.train.seed = args.seed
-        if args.resume and not args.name:
-            raise ValueError("--resume needs --name of the run to continue")
         if args.init and args.init != "torchvision" and not Path(args.init).is_file():
             raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
         name = args.name or cfg.train.name or (

@@ -2,7 +2,7 @@
 
     python -m maskrcnn.bench                     # CPU (or GPU when present): 512x512, batch 2, 5 repeats
     python -m maskrcnn.bench --full-size         # 800x1333 images
-    python -m maskrcnn.bench --quick             # smoke run: ResNet-18, 256 px, 2 repeats (tests/test_bench.py)
+    python -m maskrcnn.bench --quick             # smoke run, not a measurement: ResNet-18, 128 px (tests/test_bench.py)
     python -m maskrcnn.bench --out bench.json
 
 Both models come from one seeded state dict: ours is built from configs/torchvision_compat.yaml and
@@ -428,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run on CPU, not a measurement: ResNet-18, "
                    "128x128, light heads (50 proposals, 16 RoIs, 5 detections per image), no warm-up, 1 repeat")
     p.add_argument("--full-size", action="store_true", help="800x1333 images instead of 512x512")
-    p.add_argument("--repeats", type=int, help="timed repeats per benchmark (default 5; --quick 2)")
+    p.add_argument("--repeats", type=int, help="timed repeats per benchmark (default 5; --quick 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     p.add_argument("--channels-last", action="store_true", help="both models in channels-last memory format")

@@ -171,8 +171,9 @@ class DataConfig:
 @dataclass
 class SolverConfig:
     ims_per_batch: int = 16  # images per iteration
-    base_lr: float = 0.02  # learning rate at ims_per_batch (SGD)
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd (momentum) | adamw (converges in fewer iterations when training from scratch)
+    base_lr: float = 0.02  # learning rate at ims_per_batch
+    momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-4
     max_iter: int = 90000
     warmup_iters: int = 1000  # linear warmup length
@@ -190,10 +191,12 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
-    channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA)
+    channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA,
+    # and ~10% faster training on CPU with oneDNN)
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
     vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)
+    precise_bn_iters: int = 0  # after training, recompute BatchNorm statistics over N batches (0: off; norm bn)
     eval_at_end: bool = True  # AR (rpn stage) or AP (full stage) on the val split at the end
 
 

@@ -50,6 +50,15 @@ def lr_lambda(solver) -> callable:
     return f
 
 
+def build_optimizer(params, solver) -> torch.optim.Optimizer:
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=solver.base_lr, momentum=solver.momentum,
+                               weight_decay=solver.weight_decay)
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=solver.base_lr, weight_decay=solver.weight_decay)
+    raise ValueError(f"solver.optimizer: expected sgd or adamw, got {solver.optimizer!r}")
+
+
 def total_loss(losses: dict[str, torch.Tensor], weights) -> torch.Tensor:
     """The one place loss weights are applied."""
     return sum(getattr(weights, name) * value for name, value in losses.items())
@@ -90,7 +99,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
         s = cfg.solver
-        self.optimizer = torch.optim.SGD(params, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        self.optimizer = build_optimizer(params, s)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s))
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -137,9 +146,11 @@ class Trainer:
             loss = total_loss({k: v.float() for k, v in losses.items()}, cfg.loss_weights)
             if not math.isfinite(loss.item()):
                 bar.close()
+                last = self.run_dir / "last_checkpoint.pth"
+                where = (f"the last good checkpoint is {last}" if last.exists()
+                         else "no checkpoint was written yet (train.checkpoint_period)")
                 raise FloatingPointError(
-                    f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); "
-                    f"the last good checkpoint is {self.run_dir / 'last_checkpoint.pth'}")
+                    f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); {where}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if s.clip_grad_norm > 0:
@@ -168,6 +179,12 @@ class Trainer:
             if it % t.checkpoint_period == 0 and it < s.max_iter:
                 self.checkpoint(it)
         bar.close()
+        if t.precise_bn_iters > 0 and it > self.start_iter:
+            n = update_bn_stats(self.model, build_loader(self.train_set, s.ims_per_batch, shuffle=True,
+                                                         num_workers=0, seed=t.seed + 7919, drop_last=True),
+                                t.precise_bn_iters, self.device)
+            if n:
+                print(f"BatchNorm statistics of {n} layers recomputed over {t.precise_bn_iters} batches")
         final = self.checkpoint(it, final=True)
         summary = {"stage": cfg.stage, "iterations": it, "checkpoint": str(final),
                    "first_losses": history[0] if history else {}, "last_losses": history[-1] if history else {}}
@@ -186,6 +203,32 @@ class Trainer:
         writer.close()
         (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+@torch.no_grad()
+def update_bn_stats(model: torch.nn.Module, loader, num_batches: int, device: torch.device) -> int:
+    """Precise BatchNorm statistics (detectron2's PreciseBN): the running mean and variance of every trained
+    BatchNorm layer are replaced by their plain average over `num_batches` training batches, computed with
+    the final weights (the running averages mix in statistics of weights from earlier iterations).
+    Returns the number of layers updated (0 when the model has no trained BatchNorm)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    for i, (images, targets) in enumerate(loader):
+        if i == num_batches:
+            break
+        model.features([img.to(device) for img in images])
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.train(was_training)
+    return len(bns)
 
 
 def _strip_summaries(metrics: dict) -> dict:

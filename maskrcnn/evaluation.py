@@ -56,6 +56,18 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
                   desc: str = "inference") -> tuple[list[dict], list[int]]:
     """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model)."""
     model.eval()
+    if model.stage == "rpn":  # AR@1000 needs 1000 proposals even where the full model's config keeps fewer
+        kept = model.rpn.post_nms_topk
+        model.rpn.post_nms_topk = (kept[0], max(kept[1], 1000))
+        try:
+            return _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress,
+                                  desc)
+        finally:
+            model.rpn.post_nms_topk = kept
+    return _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress, desc)
+
+
+def _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress, desc):
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     results: list[dict] = []
     image_ids: list[int] = []

@@ -350,3 +350,18 @@ def test_evaluate_missing_checkpoint_exits_2(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert "nope.pth" in err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_rpn_inference_keeps_1000_proposals_for_ar(val):
+    """AR@1000 of an RPN-stage model counts up to 1000 proposals even when its config keeps fewer."""
+    from maskrcnn.build import build_model
+    from maskrcnn.evaluation import run_inference
+
+    val_set, _ = val
+    torch.manual_seed(0)
+    model = build_model(load_config(CONFIG, [f"data.root={DATA_ROOT}", "stage=rpn"] + SMALL), load_weights=False)
+    model.rpn.post_nms_topk = (100, 5)
+    results, image_ids = run_inference(model, val_set, torch.device("cpu"), max_images=2, progress=False)
+    per_image = [sum(r["image_id"] == i for r in results) for i in image_ids]
+    assert max(per_image) > 5
+    assert model.rpn.post_nms_topk == (100, 5)

@@ -62,10 +62,10 @@ def test_full_stage_init_from_rpn_reports_modules(rpn_run, capsys):
 
 def test_resume_continues_and_nan_keeps_last_checkpoint(tmp_path, capsys):
     _train(tmp_path, "solver.max_iter=2", "train.eval_at_end=false", name="r")
-    summary = train.main(["--config", "configs/tiny.yaml", "--stage", "rpn", "--name", "r", "--resume",
-                          "--no-progress", "--set", f"train.output_dir={tmp_path}", "solver.max_iter=3",
-                          "train.eval_at_end=false"])
-    assert summary["iterations"] == 3
+    # No --config, no --stage: a resumed run takes its own saved config (tiny, rpn stage), plus --set.
+    summary = train.main(["--name", "r", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                          "solver.max_iter=3"])
+    assert summary["iterations"] == 3 and summary["stage"] == "rpn"
     assert "resumed from" in capsys.readouterr().out
     before = load_checkpoint(tmp_path / "r" / "last_checkpoint.pth")["iteration"]
     with pytest.raises(SystemExit) as e:
@@ -75,6 +75,17 @@ def test_resume_continues_and_nan_keeps_last_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "loss is nan" in err and "last_checkpoint.pth" in err
     assert load_checkpoint(tmp_path / "r" / "last_checkpoint.pth")["iteration"] == before == 3
+
+
+def test_resume_errors_are_one_line(tmp_path, capsys):
+    _train(tmp_path, "solver.max_iter=1", "train.eval_at_end=false", name="r1")
+    for extra, expected in [(["--name", "nothing-here"], "no "), (["--name", "r1", "--stage", "full"], "rpn-stage"),
+                            (["--name", "r1", "--feature-noise"], "without --feature-noise")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(extra + ["--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
 
 
 def test_bad_config_key_is_one_line(capsys):
@@ -189,3 +200,43 @@ def test_init_torchvision_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "maskrcnn_resnet50_fpn_coco" in err
+
+
+def test_optimizer_choice():
+    from maskrcnn.config import SolverConfig
+    from maskrcnn.engine import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(build_optimizer(params, SolverConfig(optimizer="sgd")), torch.optim.SGD)
+    adamw = build_optimizer(params, SolverConfig(optimizer="adamw", base_lr=1e-3, weight_decay=0.05))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="solver.optimizer"):
+        build_optimizer(params, SolverConfig(optimizer="adam"))
+
+
+def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
+    from maskrcnn.data.loader import build_loader
+    from maskrcnn.engine import update_bn_stats
+
+    cfg = load_config("configs/tiny.yaml")
+    train_set, _ = build_datasets(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, load_weights=False).eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.running_mean.fill_(100.0)
+        bn.running_var.fill_(1e4)
+    params = [p.clone() for p in model.parameters()]
+    loader = build_loader(train_set, 2, shuffle=False, num_workers=0, seed=0)
+    assert update_bn_stats(model, loader, 2, torch.device("cpu")) == len(bns) > 0
+    assert all(bn.running_mean.abs().max() < 50 and bn.running_var.max() < 1e3 for bn in bns)
+    assert all(bn.momentum == 0.1 for bn in bns) and not model.training
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))  # only statistics change
+
+
+def test_precise_bn_skips_frozen_batchnorm():
+    from maskrcnn.engine import update_bn_stats
+
+    cfg = load_config("configs/tiny.yaml", ["model.backbone.norm=frozen_bn"])
+    model = build_model(cfg, load_weights=False)
+    assert update_bn_stats(model, [], 5, torch.device("cpu")) == 0
