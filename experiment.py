@@ -3,7 +3,7 @@
   1. the RPN stage;
   2. the full model without noise and with --feature-noise, both initialised from the RPN stage, for each seed;
   3. evaluation of every full run, clean (every val image) and under corruption (COCO-C, one severity, the
-     first 50 val images by default);
+     first 30 val images by default);
   4. the loss-comparison chart and the AP table.
 
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0 and 1
@@ -27,12 +27,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(p, "configs/shapes.yaml")
     p.add_argument("--name", default="demo", help="experiment directory: runs/<name>/")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the full-stage runs")
-    p.add_argument("--rpn-iters", type=int, default=400, help="iterations of the RPN stage")
-    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's)")
+    p.add_argument("--rpn-iters", type=int, default=350,
+                   help="iterations of the RPN stage (learning rate x0.1 after 8/9 of them)")
+    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's; "
+                   "learning rate x0.1 after 8/9 of them)")
     p.add_argument("--corruptions", nargs="*", default=DEMO_CORRUPTIONS, help="corruptions to evaluate under")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1..5")
     p.add_argument("--eval-images", type=int, default=0, help="clean evaluation on at most N val images (0: all)")
-    p.add_argument("--corruption-images", type=int, default=50,
+    p.add_argument("--corruption-images", type=int, default=30,
                    help="evaluation under each corruption on the first N val images (0: all)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -49,11 +51,11 @@ def main(argv=None) -> dict:
         root = Path("runs") / args.name
         common = ["--config", args.config] + (["--no-progress"] if args.no_progress else [])
         sets = ["train.output_dir=" + str(root)] + list(args.set)
-        full_sets = sets + ([f"solver.max_iter={args.full_iters}"] if args.full_iters else [])
+        full_sets = sets + ([f"solver.max_iter={args.full_iters}", f"solver.steps=[{int(args.full_iters * 8 / 9)}]"]
+                            if args.full_iters else [])
 
         print(f"[1/4] RPN stage ({args.rpn_iters} iterations)")
-        rpn_iters = [f"solver.max_iter={args.rpn_iters}",
-                     f"solver.steps=[{int(args.rpn_iters * 2 / 3)},{int(args.rpn_iters * 8 / 9)}]"]
+        rpn_iters = [f"solver.max_iter={args.rpn_iters}", f"solver.steps=[{int(args.rpn_iters * 8 / 9)}]"]
         rpn = train.main(common + ["--stage", "rpn", "--name", "rpn", "--set", *sets, *rpn_iters])
         print(f"[2/4] full model, {len(args.seeds)} seeds x (baseline, --feature-noise)")
         runs = []
