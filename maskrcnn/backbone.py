@@ -107,6 +107,18 @@ class ResNetBottomUp(nn.Module):
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
+def fetch_torchvision_weights(enum, what: str, alternative: str = "") -> tuple[dict, str]:
+    """(state dict, file name) of a torchvision weights enum, through torchvision's own download and cache.
+    Offline without a cached file: WeightsUnavailable, one line naming the file and where to place it."""
+    filename = enum.url.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        return enum.get_state_dict(progress=False, check_hash=False), filename
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
+        raise WeightsUnavailable(f"{what} could not be downloaded ({type(e).__name__}); "
+                                 f"place {filename} ({enum.url}) at {cached}{alternative}") from None
+
+
 def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
     """Load ImageNet weights ("imagenet", through torchvision) or a local state dict (path). Returns a
     description of what was loaded. Offline without a cached file it raises WeightsUnavailable with one
@@ -115,15 +127,9 @@ def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
         return "random initialisation"
     if weights == "imagenet":
         enum = getattr(torchvision.models, _WEIGHTS[bottom_up.depth]).IMAGENET1K_V1
-        filename = enum.url.rsplit("/", 1)[-1]
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-        try:
-            state = enum.get_state_dict(progress=False, check_hash=False)
-        except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
-            raise WeightsUnavailable(
-                f"ImageNet weights for ResNet-{bottom_up.depth} could not be downloaded ({type(e).__name__}); "
-                f"place {filename} at {cached}, or set model.backbone.weights=none (or a path to a .pth file)"
-            ) from None
+        state, filename = fetch_torchvision_weights(
+            enum, f"ImageNet weights for ResNet-{bottom_up.depth}",
+            ", or set model.backbone.weights=none (or a path to a .pth file)")
         source = f"ImageNet ({filename})"
     else:
         path = Path(weights)

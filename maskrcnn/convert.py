@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .backbone import FrozenBatchNorm2d, WeightsUnavailable
+from .backbone import FrozenBatchNorm2d, fetch_torchvision_weights
 from .checkpoint import LoadReport, partial_load
 
 # (torchvision pattern, our name); the first pattern that matches a key wins.
@@ -163,14 +162,7 @@ def load_torchvision_coco(model: nn.Module, num_classes: int, class_names: Optio
     import torchvision  # local: only this function downloads anything
 
     weights = torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1
-    filename = weights.url.rsplit("/", 1)[-1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    try:
-        tv_state = weights.get_state_dict(progress=False, check_hash=False)
-    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
-        raise WeightsUnavailable(
-            f"torchvision's COCO Mask R-CNN weights could not be downloaded ({type(e).__name__}); "
-            f"place {filename} ({weights.url}) at {cached}") from None
+    tv_state, filename = fetch_torchvision_weights(weights, "torchvision's COCO Mask R-CNN weights")
     return load_torchvision_state(model, tv_state, num_classes, class_names, cfg,
                                   source=f"torchvision COCO_V1 ({filename})",
                                   categories=weights.meta["categories"])

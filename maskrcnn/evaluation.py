@@ -56,35 +56,40 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
                   desc: str = "inference") -> tuple[list[dict], list[int]]:
     """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model)."""
     model.eval()
-    if model.stage == "rpn":  # AR@1000 needs 1000 proposals even where the full model's config keeps fewer
-        kept = model.rpn.post_nms_topk
-        model.rpn.post_nms_topk = (kept[0], max(kept[1], 1000))
-        try:
-            return _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress,
-                                  desc)
-        finally:
-            model.rpn.post_nms_topk = kept
-    return _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress, desc)
+    with _proposals_for_ar(model):
+        n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+        results: list[dict] = []
+        image_ids: list[int] = []
+        mapping = getattr(dataset, "contiguous_to_cat_id", None)
+        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+            batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
+            images = [img.to(device, non_blocking=True) for img, _ in batch]
+            with torch.autocast(device_type=device.type, dtype=torch.float16,
+                                enabled=amp and device.type == "cuda"):
+                outputs = model(images)
+            for (_, target), out in zip(batch, outputs):
+                image_id = int(target["image_id"])
+                image_ids.append(image_id)
+                if model.stage == "rpn":
+                    results.extend(proposals_to_coco(out, image_id, max_dets=1000))
+                else:
+                    results.extend(detections_to_coco(out, image_id, mapping, mask_threshold))
+        return results, image_ids
 
 
-def _run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress, desc):
-    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-    results: list[dict] = []
-    image_ids: list[int] = []
-    mapping = getattr(dataset, "contiguous_to_cat_id", None)
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        images = [img.to(device, non_blocking=True) for img, _ in batch]
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
-            outputs = model(images)
-        for (_, target), out in zip(batch, outputs):
-            image_id = int(target["image_id"])
-            image_ids.append(image_id)
-            if model.stage == "rpn":
-                results.extend(proposals_to_coco(out, image_id, max_dets=1000))
-            else:
-                results.extend(detections_to_coco(out, image_id, mapping, mask_threshold))
-    return results, image_ids
+@contextlib.contextmanager
+def _proposals_for_ar(model):
+    """An RPN-stage model keeps at least 1000 proposals per image inside the block: AR@1000 counts 1000
+    even where the config keeps fewer for the full model."""
+    if model.stage != "rpn":
+        yield
+        return
+    kept = model.rpn.post_nms_topk
+    model.rpn.post_nms_topk = (kept[0], max(kept[1], 1000))
+    try:
+        yield
+    finally:
+        model.rpn.post_nms_topk = kept
 
 
 def _quiet(fn, *args):

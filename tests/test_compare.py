@@ -6,19 +6,15 @@ import contextlib
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+import compare
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import compare  # noqa: E402
-
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 DATA_ROOT = str(ROOT / "datasets" / "shapes-tiny")
 # Very small images and a short schedule: four runs must train in a few seconds on 2 CPU cores.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,6 @@ from maskrcnn.evaluation import (STAT_NAMES, coco_evaluate, detections_to_coco, 
                                  proposals_to_coco)
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 DATA_ROOT = str(ROOT / "datasets" / "shapes-tiny")
 SMALL = ["model.transform.min_size_train=[64]", "model.transform.max_size_train=96",

@@ -15,17 +15,8 @@ STRIDES = [4, 8, 16, 32]  # P2..P5
 K_MIN, K_MAX = 2, 5
 
 
-def _ours_available() -> bool:
-    try:
-        from maskrcnn.ops import roi_align  # noqa: F401
-    except Exception:  # the hand-written op may still be in progress
-        return False
-    return True
 
-
-IMPLS = ["torchvision",
-         pytest.param("ours", marks=pytest.mark.skipif(not _ours_available(),
-                                                       reason="maskrcnn.ops.roi_align not importable"))]
+IMPLS = ["torchvision", "ours"]
 MAPPERS = ["detectron2", "torchvision"]
 
 

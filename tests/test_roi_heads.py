@@ -24,18 +24,9 @@ LEVELS = ["p2", "p3", "p4", "p5"]
 PAD = (128, 160)  # padded batch size (h, w)
 
 
-def _ours_available() -> bool:
-    try:
-        from maskrcnn.ops import roi_align  # noqa: F401
-    except Exception:  # the hand-written op may still be in progress
-        return False
-    return True
-
 
 # RoIAlign implementations (the mask targets are RoIAligned with the pooler's implementation too).
-IMPLS = ["torchvision",
-         pytest.param("ours", marks=pytest.mark.skipif(not _ours_available(),
-                                                       reason="maskrcnn.ops.roi_align not importable"))]
+IMPLS = ["torchvision", "ours"]
 
 
 def make_heads(batch_size_per_image: int = 32, positive_fraction: float = 0.25, add_gt: bool = True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 from pathlib import Path
 
 import cv2
@@ -15,15 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import visualize as vis_cli  # the top-level CLI
+from maskrcnn import visualize as vis
+from maskrcnn.build import build_model
+from maskrcnn.config import load_config
+from maskrcnn.data_setup import build_datasets
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import visualize as vis_cli  # noqa: E402  (the top-level CLI)
-from maskrcnn import visualize as vis  # noqa: E402
-from maskrcnn.build import build_model  # noqa: E402
-from maskrcnn.config import load_config  # noqa: E402
-from maskrcnn.data_setup import build_datasets  # noqa: E402
-
 CONFIG = "configs/tiny.yaml"
 
 
