@@ -454,6 +454,9 @@ def main(argv=None) -> dict:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {device} but no CUDA device is available (use auto or cpu)", file=sys.stderr)
+        sys.exit(2)
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last)
     if args.full_size:
         s.height, s.width = 800, 1333

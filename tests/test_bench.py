@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from maskrcnn import bench
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,3 +33,12 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     memory = next(r for r in result["rows"] if r["name"].startswith("training memory"))
     assert memory["ours_mb"] > 100 and memory["torchvision_mb"] > 100  # a real process with a real model
     assert result["settings"]["depth"] == 18 and result["environment"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
+def test_cuda_without_gpu_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--quick"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device" in err
