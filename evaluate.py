@@ -50,11 +50,11 @@ def print_report(tag: str, metrics: dict) -> None:
 def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
-    from maskrcnn.checkpoint import model_from_checkpoint
-    from maskrcnn.corruptions import CORRUPTIONS, Corrupt
-    from maskrcnn.data_setup import build_eval_dataset
-    from maskrcnn.engine import select_device
-    from maskrcnn.evaluation import evaluate_model
+    from maskrcnn.engine.checkpoint import model_from_checkpoint
+    from maskrcnn.evaluation.corruptions import CORRUPTIONS, Corrupt
+    from maskrcnn.data.build import build_eval_dataset
+    from maskrcnn.engine.device import select_device
+    from maskrcnn.evaluation.coco_eval import evaluate_model
 
     device = select_device(args.device)
     model, cfg = model_from_checkpoint(args.checkpoint, args.config, args.set, device=str(device))

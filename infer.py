@@ -42,10 +42,10 @@ def main(argv=None) -> list[dict]:
         import torch
         from tqdm import tqdm
 
-        from maskrcnn.checkpoint import model_from_checkpoint
+        from maskrcnn.engine.checkpoint import model_from_checkpoint
         from maskrcnn.data.coco import read_image
-        from maskrcnn.engine import select_device
-        from maskrcnn.visualize import draw_detections, save_png
+        from maskrcnn.engine.device import select_device
+        from maskrcnn.vis.drawing import draw_detections, save_png
 
         images = list_images(Path(args.input))
         if not Path(args.checkpoint).is_file():

@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.config import load_config
-        from maskrcnn.engine import Trainer
+        from maskrcnn.engine.trainer import Trainer
         cfg = load_config(args.config, args.set)
         if args.resume:
             cfg = _resumed_config(cfg, args)

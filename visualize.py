@@ -74,7 +74,7 @@ class Item:
 
 def resolve_config(args):
     """(config, checkpoint state or None): the checkpoint's config unless --config is given, then --set."""
-    from maskrcnn.checkpoint import load_checkpoint
+    from maskrcnn.engine.checkpoint import load_checkpoint
     from maskrcnn.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 
     state = None
@@ -97,10 +97,10 @@ def resolve_config(args):
 def load_item(args, need_target: bool = False) -> Item:
     import torch
 
-    from maskrcnn.build import build_model
+    from maskrcnn.model.build import build_model
     from maskrcnn.config import ConfigError
     from maskrcnn.data.coco import DatasetError, read_image
-    from maskrcnn.data_setup import build_datasets
+    from maskrcnn.data.build import build_datasets
 
     cfg, state = resolve_config(args)
     if args.image:
@@ -154,7 +154,7 @@ def load_item(args, need_target: bool = False) -> Item:
 
 
 def write(args, image, what: Optional[str] = None) -> Path:
-    from maskrcnn.visualize import save_png
+    from maskrcnn.vis.drawing import save_png
 
     path = Path(args.out) / f"{(what or args.what).replace('-', '_')}_{args.stem}.png"
     save_png(image, path, args.palette)
@@ -167,7 +167,7 @@ def cmd_dataset(args) -> list[Path]:
     import torch
 
     from maskrcnn.data.transforms import hflip
-    from maskrcnn.visualize import caption, class_name, draw_ground_truth, to_uint8_image
+    from maskrcnn.vis.drawing import caption, class_name, draw_ground_truth, to_uint8_image
 
     item = load_item(args, need_target=True)
     image, target = item.image, item.target
@@ -199,7 +199,7 @@ def cmd_dataset(args) -> list[Path]:
 def cmd_anchors(args) -> list[Path]:
     import torch
 
-    from maskrcnn.visualize import (GT_COLOUR, anchor_grid_size, anchors_at, draw_anchor_grid, draw_anchors_at,
+    from maskrcnn.vis.drawing import (GT_COLOUR, anchor_grid_size, anchors_at, draw_anchor_grid, draw_anchors_at,
                                     draw_boxes, model_input_image, side_by_side)
 
     item = load_item(args)
@@ -239,7 +239,7 @@ def cmd_anchors(args) -> list[Path]:
 def cmd_anchor_labels(args) -> list[Path]:
     import torch
 
-    from maskrcnn.visualize import (anchor_grid_size, draw_anchor_labels, label_and_sample_anchors, label_counts,
+    from maskrcnn.vis.drawing import (anchor_grid_size, draw_anchor_labels, label_and_sample_anchors, label_counts,
                                     model_input_image, side_by_side)
 
     item = load_item(args, need_target=True)
@@ -276,7 +276,7 @@ def cmd_anchor_labels(args) -> list[Path]:
 def cmd_proposals(args) -> list[Path]:
     import torch
 
-    from maskrcnn.visualize import (GT_COLOUR, caption, draw_boxes, draw_proposals, model_input_image, objectness,
+    from maskrcnn.vis.drawing import (GT_COLOUR, caption, draw_boxes, draw_proposals, model_input_image, objectness,
                                     rpn_scores_are_logits)
 
     if args.top < 1:
@@ -315,7 +315,7 @@ def cmd_proposals(args) -> list[Path]:
 def cmd_rois(args) -> list[Path]:
     import torch
 
-    from maskrcnn.visualize import caption, draw_sampled_rois, model_input_image, rpn_outputs
+    from maskrcnn.vis.drawing import caption, draw_sampled_rois, model_input_image, rpn_outputs
 
     item = load_item(args, need_target=True)
     model = item.model
@@ -345,7 +345,7 @@ def cmd_rois(args) -> list[Path]:
 def cmd_detections(args) -> list[Path]:
     import torch
 
-    from maskrcnn.visualize import caption, draw_detections, to_uint8_image
+    from maskrcnn.vis.drawing import caption, draw_detections, to_uint8_image
 
     item = load_item(args)
     model = item.model
@@ -369,8 +369,8 @@ def cmd_detections(args) -> list[Path]:
 def cmd_features(args) -> list[Path]:
     import torch
 
-    from maskrcnn.latent_noise import LatentNoise
-    from maskrcnn.visualize import feature_grid, model_input_image, relative_change
+    from maskrcnn.model.latent_noise import LatentNoise
+    from maskrcnn.vis.drawing import feature_grid, model_input_image, relative_change
 
     item = load_item(args)
     model = item.model

@@ -7,7 +7,7 @@
 
 Both models come from one seeded state dict: ours is built from configs/torchvision_compat.yaml and
 torchvision's is maskrcnn_resnet50_fpn as it is built for training from ImageNet weights (FrozenBatchNorm2d,
-stem and res2 frozen), loaded with maskrcnn.convert.to_torchvision. Same image sizes, batch, sample counts
+stem and res2 frozen), loaded with maskrcnn.torchvision_weights.to_torchvision. Same image sizes, batch, sample counts
 (256 anchors, 512 RoIs per image) and proposals (2000 per level before NMS, 2000 after in training, 1000 in
 inference). The class scores are biased towards a few classes so that inference keeps 100 detections per
 image (the mask head and the paste run at full load) instead of none.
@@ -36,11 +36,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from .build import build_model
+from .model.build import build_model
 from .config import load_config
-from .convert import from_torchvision, to_torchvision
-from .poolers import MultiScaleRoIAlign
-from .postprocess import paste_masks, paste_masks_torchvision
+from .torchvision_weights import from_torchvision, to_torchvision
+from .model.poolers import MultiScaleRoIAlign
+from .model.postprocess import paste_masks, paste_masks_torchvision
 
 COMPAT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "torchvision_compat.yaml"
 

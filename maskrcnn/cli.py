@@ -18,7 +18,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None)
 @contextmanager
 def one_line_errors():
     """Known user errors (bad config, bad data, missing files or weights) print one line and exit 2."""
-    from .backbone import WeightsUnavailable
+    from .model.backbone import WeightsUnavailable
     from .data.coco import DatasetError
     try:
         yield

@@ -109,7 +109,7 @@ class RoIHeadsConfig:
     detections_per_image: int = 100  # top-k after NMS
     mask_threshold: float = 0.5  # used when binarising masks (evaluation, drawing)
     mask_paste: str = "bilinear"  # bilinear: sample the mask at pixel centres | torchvision: pad, resize, paste
-    roi_align_impl: str = "ours"  # ours (hand-written, maskrcnn.ops) | torchvision (its compiled kernel)
+    roi_align_impl: str = "ours"  # ours (hand-written, maskrcnn.model.roi_align) | torchvision (its compiled kernel)
 
 
 @dataclass

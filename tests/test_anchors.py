@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.anchors: explicit expected tables of cell and grid anchors."""
+"""Tests for maskrcnn.model.anchors: explicit expected tables of cell and grid anchors."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from maskrcnn.anchors import AnchorGenerator, cell_anchors, level_of_box_size
+from maskrcnn.model.anchors import AnchorGenerator, cell_anchors, level_of_box_size
 
 # Size 32, ratios (0.5, 1, 2), worked out by hand: w * h = 32^2 and h / w = r give
 #   r = 0.5: w = 32 * sqrt(2) = 45.2548, h = 32 / sqrt(2) = 22.6274

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.backbone: outputs, freezing, FrozenBatchNorm2d, and loading weights offline."""
+"""Tests for maskrcnn.model.backbone: outputs, freezing, FrozenBatchNorm2d, and loading weights offline."""
 from __future__ import annotations
 
 import urllib.error
@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from maskrcnn.backbone import FrozenBatchNorm2d, ResNetBottomUp, WeightsUnavailable, load_pretrained
+from maskrcnn.model.backbone import FrozenBatchNorm2d, ResNetBottomUp, WeightsUnavailable, load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.box_coder: round trips, zero deltas, the dw/dh clamp, class-specific deltas."""
+"""Tests for maskrcnn.model.box_coder: round trips, zero deltas, the dw/dh clamp, class-specific deltas."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from maskrcnn.box_coder import DEFAULT_SCALE_CLAMP, BoxCoder
+from maskrcnn.model.box_coder import DEFAULT_SCALE_CLAMP, BoxCoder
 
 
 def random_boxes(n: int, seed: int, max_xy: float = 500.0, min_wh: float = 10.0, max_wh: float = 300.0):

@@ -1,10 +1,10 @@
-"""Tests for maskrcnn.box_ops: area, IoU (by hand and against torchvision), clipping, nonempty."""
+"""Tests for maskrcnn.model.box_ops: area, IoU (by hand and against torchvision), clipping, nonempty."""
 from __future__ import annotations
 
 import torch
 import torchvision
 
-from maskrcnn.box_ops import box_area, box_iou, clip_boxes, nonempty
+from maskrcnn.model.box_ops import box_area, box_iou, clip_boxes, nonempty
 
 
 def test_box_area():

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.convert: torchvision <-> maskrcnn state-dict names, and the COCO transfer initialisation."""
+"""Tests for maskrcnn.torchvision_weights: torchvision <-> maskrcnn state-dict names, and the COCO transfer initialisation."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-from maskrcnn.backbone import FrozenBatchNorm2d, WeightsUnavailable
-from maskrcnn.build import build_model
+from maskrcnn.model.backbone import FrozenBatchNorm2d, WeightsUnavailable
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
-from maskrcnn.convert import (UnmappedKeysError, from_torchvision, load_torchvision_coco, load_torchvision_state,
+from maskrcnn.torchvision_weights import (UnmappedKeysError, from_torchvision, load_torchvision_coco, load_torchvision_state,
                               to_torchvision)
 
 CATEGORIES = torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.corruptions (ImageNet-C / COCO-C style corruptions)."""
+"""Tests for maskrcnn.evaluation.corruptions (ImageNet-C / COCO-C style corruptions)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.corruptions import (
+from maskrcnn.evaluation.corruptions import (
     CORRUPTIONS,
     RANDOM_CORRUPTIONS,
     Corrupt,

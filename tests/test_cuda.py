@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from maskrcnn.build import build_model
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

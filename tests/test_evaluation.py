@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.evaluation and evaluate.py on the tiny shapes val set (4 images, datasets/shapes-tiny):
+"""Tests for maskrcnn.evaluation.coco_eval and evaluate.py on the tiny shapes val set (4 images, datasets/shapes-tiny):
 perfect detections give AP 1.0, coco_evaluate agrees with pycocotools run by hand, proposal_recall agrees
 with COCOeval(useCats=0) and with recall counted by hand, and evaluate.py writes its files."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.config import load_config
-from maskrcnn.data_setup import build_datasets
-from maskrcnn.evaluation import (STAT_NAMES, coco_evaluate, detections_to_coco, proposal_recall,
+from maskrcnn.data.build import build_datasets
+from maskrcnn.evaluation.coco_eval import (STAT_NAMES, coco_evaluate, detections_to_coco, proposal_recall,
                                  proposals_to_coco)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,8 +351,8 @@ def test_evaluate_missing_checkpoint_exits_2(tmp_path, capsys):
 
 def test_rpn_inference_keeps_1000_proposals_for_ar(val):
     """AR@1000 of an RPN-stage model counts up to 1000 proposals even when its config keeps fewer."""
-    from maskrcnn.build import build_model
-    from maskrcnn.evaluation import run_inference
+    from maskrcnn.model.build import build_model
+    from maskrcnn.evaluation.coco_eval import run_inference
 
     val_set, _ = val
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""Tests for maskrcnn.fpn.FPN: output names, channels, strides, P6, and the top-down sum."""
+"""Tests for maskrcnn.model.fpn.FPN: output names, channels, strides, P6, and the top-down sum."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.fpn import FPN
+from maskrcnn.model.fpn import FPN
 
 IN_CHANNELS = [8, 16, 24, 32]
 IN_FEATURES = ["c2", "c3", "c4", "c5"]

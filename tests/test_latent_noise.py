@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.latent_noise.LatentNoise: identity, train-only, seed000 statistics, shapes, seeding."""
+"""Tests for maskrcnn.model.latent_noise.LatentNoise: identity, train-only, seed000 statistics, shapes, seeding."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from maskrcnn.latent_noise import LatentNoise
+from maskrcnn.model.latent_noise import LatentNoise
 
 
 def features(n: int = 2, seed: int = 0, positive: bool = True, hw=(8, 10)) -> dict[str, torch.Tensor]:

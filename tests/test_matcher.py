@@ -1,10 +1,10 @@
-"""Tests for maskrcnn.matcher: thresholds, low-quality matches, empty ground truth."""
+"""Tests for maskrcnn.model.matcher: thresholds, low-quality matches, empty ground truth."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from maskrcnn.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
+from maskrcnn.model.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
 
 
 def test_constants():

@@ -1,4 +1,4 @@
-"""Tests for the whole model (maskrcnn.mask_rcnn with configs/tiny.yaml): the eval output format in the
+"""Tests for the whole model (maskrcnn.model.mask_rcnn with configs/tiny.yaml): the eval output format in the
 coordinates of the input images, the named training losses of each stage, RPN-stage proposals in input
 coordinates, the transform / postprocess round trip, batch padding, pixel mean/std buffers, no `.cuda()`,
 and detached proposals."""
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn.build import build_model
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
-from maskrcnn.postprocess import postprocess_detections
-from maskrcnn.transform import ImageTransform
+from maskrcnn.model.postprocess import postprocess_detections
+from maskrcnn.model.transform import ImageTransform
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny.yaml")

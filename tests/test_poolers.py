@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.poolers: FPN level assignment (k = floor(4 + log2(sqrt(wh) / 224)) clamped to 2..5),
+"""Tests for maskrcnn.model.poolers: FPN level assignment (k = floor(4 + log2(sqrt(wh) / 224)) clamped to 2..5),
 MultiScaleRoIAlign against torchvision.ops.roi_align called RoI by RoI on the assigned level, RoI order,
 empty inputs and rois_from_boxes."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align as tv_roi_align
 
-from maskrcnn.poolers import MultiScaleRoIAlign, assign_levels, rois_from_boxes
+from maskrcnn.model.poolers import MultiScaleRoIAlign, assign_levels, rois_from_boxes
 
 STRIDES = [4, 8, 16, 32]  # P2..P5
 K_MIN, K_MAX = 2, 5

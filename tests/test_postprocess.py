@@ -1,11 +1,11 @@
-"""Tests for maskrcnn.postprocess.paste_masks against a grid_sample reference (detectron2's paste rule)."""
+"""Tests for maskrcnn.model.postprocess.paste_masks against a grid_sample reference (detectron2's paste rule)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from maskrcnn.postprocess import paste_masks, postprocess_detections
+from maskrcnn.model.postprocess import paste_masks, postprocess_detections
 
 
 def reference_paste(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

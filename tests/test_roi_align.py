@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.ops.roi_align against torchvision and a from-the-definition reference."""
+"""Tests for maskrcnn.model.roi_align against torchvision and a from-the-definition reference."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from maskrcnn.ops import RoIAlign, roi_align
+from maskrcnn.model.roi_align import RoIAlign, roi_align
 
 ATOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.roi_heads: proposal labelling and sampling (GT boxes added, IoU 0.5, 25% positives),
+"""Tests for maskrcnn.model.roi_heads: proposal labelling and sampling (GT boxes added, IoU 0.5, 25% positives),
 losses on empty and half-empty batches, class-specific box regression, mask targets, and the inference
 output format."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou as tv_box_iou
 
-import maskrcnn.roi_heads as roi_heads_module
-from maskrcnn.box_coder import BoxCoder
-from maskrcnn.matcher import Matcher
-from maskrcnn.poolers import MultiScaleRoIAlign
-from maskrcnn.roi_heads import BoxHead, MaskHead, RoIHeads
-from maskrcnn.sampler import BalancedSampler
+import maskrcnn.model.roi_heads as roi_heads_module
+from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.model.matcher import Matcher
+from maskrcnn.model.poolers import MultiScaleRoIAlign
+from maskrcnn.model.roi_heads import BoxHead, MaskHead, RoIHeads
+from maskrcnn.model.sampler import BalancedSampler
 
 K = 4  # object classes
 C = 8  # feature channels

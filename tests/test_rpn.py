@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.rpn: losses on empty / half-empty batches, proposal limits, anchor labelling, sampling,
+"""Tests for maskrcnn.model.rpn: losses on empty / half-empty batches, proposal limits, anchor labelling, sampling,
 and the agreement of the head's [N, A(4), Hi, Wi] layout with the anchor order."""
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskrcnn.anchors import AnchorGenerator
-from maskrcnn.box_coder import BoxCoder
-from maskrcnn.build import build_model
+from maskrcnn.model.anchors import AnchorGenerator
+from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
-from maskrcnn.matcher import Matcher
-from maskrcnn.rpn import RPN
-from maskrcnn.sampler import BalancedSampler
-from maskrcnn.transform import ImageList
+from maskrcnn.model.matcher import Matcher
+from maskrcnn.model.rpn import RPN
+from maskrcnn.model.sampler import BalancedSampler
+from maskrcnn.model.transform import ImageList
 
 CONFIG = "configs/tiny.yaml"
 # Smaller images than tiny.yaml's 128 px keep these tests fast on 2 CPU cores.

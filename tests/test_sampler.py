@@ -1,10 +1,10 @@
-"""Tests for maskrcnn.sampler: balanced positive/negative sampling."""
+"""Tests for maskrcnn.model.sampler: balanced positive/negative sampling."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from maskrcnn.sampler import BalancedSampler
+from maskrcnn.model.sampler import BalancedSampler
 
 
 def make_labels(num_pos: int, num_neg: int, num_ignore: int, seed: int = 0, pos_value: int = 1) -> torch.Tensor:

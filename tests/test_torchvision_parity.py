@@ -1,4 +1,4 @@
-"""Parity with torchvision: its Mask R-CNN's weights, converted by maskrcnn.convert and loaded into our model
+"""Parity with torchvision: its Mask R-CNN's weights, converted by maskrcnn.torchvision_weights and loaded into our model
 built from configs/torchvision_compat.yaml, give the same features, proposals, detections and masks.
 
 torchvision's random initialisation makes every score degenerate (RPN logits ~0, one background-dominated
@@ -13,9 +13,9 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops import FrozenBatchNorm2d as TVFrozenBN
 
-from maskrcnn.build import build_model
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
-from maskrcnn.convert import load_torchvision_state
+from maskrcnn.torchvision_weights import load_torchvision_state
 
 MIN_SIZE, MAX_SIZE = 256, 384
 POST_NMS, DETECTIONS = 100, 8  # fewer than the defaults: the heads would dominate the run time on CPU
@@ -173,7 +173,7 @@ def test_proposals_match(tv, ours):
 @pytest.mark.parametrize("impl", ["torchvision", "ours"])
 def test_detections_and_masks_match(tv, ours, impl):
     if impl == "ours":
-        pytest.importorskip("maskrcnn.ops.roi_align")
+        pytest.importorskip("maskrcnn.model.roi_align")
     labels_seen = set()
     for i, (d, t) in enumerate(zip(ours(impl)["detections"], tv["detections"])):
         assert len(t["boxes"]) > 0, "the perturbed torchvision model should detect something"
@@ -192,7 +192,7 @@ def test_training_losses_match(tv, ours):
     (torchvision's names on the left: smooth-L1 beta 1/9 in both heads, soft mask targets)."""
     from collections import OrderedDict
 
-    from maskrcnn.transform import ImageList
+    from maskrcnn.model.transform import ImageList
 
     tv_model, our_model = tv["model"], ours("torchvision")["model"]
     image_list = tv["image_list"]
@@ -241,7 +241,7 @@ def test_training_losses_match(tv, ours):
 def test_paste_torchvision_rule_matches_torchvision(seed):
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from maskrcnn.postprocess import paste_masks_torchvision
+    from maskrcnn.model.postprocess import paste_masks_torchvision
 
     g = torch.Generator().manual_seed(seed)
     h, w = 70, 90
@@ -259,7 +259,7 @@ def test_paste_torchvision_rule_matches_torchvision(seed):
 
 
 def test_paste_torchvision_rule_no_detections():
-    from maskrcnn.postprocess import paste_masks_torchvision
+    from maskrcnn.model.postprocess import paste_masks_torchvision
 
     assert paste_masks_torchvision(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (30, 40)).shape == (0, 1, 30, 40)
 
@@ -270,7 +270,7 @@ def test_anchors_with_strides_from_image_match_torchvision(padded):
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchors
     from torchvision.models.detection.image_list import ImageList
 
-    from maskrcnn.anchors import AnchorGenerator
+    from maskrcnn.model.anchors import AnchorGenerator
 
     sizes, ratios = (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
     hp, wp = padded
@@ -286,7 +286,7 @@ def test_anchors_with_strides_from_image_match_torchvision(padded):
 def test_level_mapper_matches_torchvision():
     from torchvision.ops.poolers import LevelMapper
 
-    from maskrcnn.poolers import assign_levels
+    from maskrcnn.model.poolers import assign_levels
 
     sides = torch.tensor([1.0, 55.9, 56.0, 111.99, 112.0, 223.999, 224.0, 447.0, 448.0, 449.0, 2000.0])
     boxes = torch.stack((torch.zeros_like(sides), torch.zeros_like(sides), sides, sides), 1)

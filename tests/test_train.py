@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import train
-from maskrcnn.box_ops import box_iou
-from maskrcnn.build import build_model
-from maskrcnn.checkpoint import load_checkpoint
+from maskrcnn.model.box_ops import box_iou
+from maskrcnn.model.build import build_model
+from maskrcnn.engine.checkpoint import load_checkpoint
 from maskrcnn.config import Config, load_config
-from maskrcnn.data_setup import build_datasets
+from maskrcnn.data.build import build_datasets
 
 
 def _train(tmp_path, *extra, name="run", stage="rpn"):
@@ -204,7 +204,7 @@ def test_init_torchvision_offline_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_optimizer_choice():
     from maskrcnn.config import SolverConfig
-    from maskrcnn.engine import build_optimizer
+    from maskrcnn.engine.trainer import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(build_optimizer(params, SolverConfig(optimizer="sgd")), torch.optim.SGD)
@@ -216,7 +216,7 @@ def test_optimizer_choice():
 
 def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
     from maskrcnn.data.loader import build_loader
-    from maskrcnn.engine import update_bn_stats
+    from maskrcnn.engine.trainer import update_bn_stats
 
     cfg = load_config("configs/tiny.yaml")
     train_set, _ = build_datasets(cfg)
@@ -235,7 +235,7 @@ def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
 
 
 def test_precise_bn_skips_frozen_batchnorm():
-    from maskrcnn.engine import update_bn_stats
+    from maskrcnn.engine.trainer import update_bn_stats
 
     cfg = load_config("configs/tiny.yaml", ["model.backbone.norm=frozen_bn"])
     model = build_model(cfg, load_weights=False)

@@ -1,4 +1,4 @@
-"""Tests for maskrcnn.visualize and visualize.py: every command writes a PNG of the expected size with
+"""Tests for maskrcnn.vis.drawing and visualize.py: every command writes a PNG of the expected size with
 something drawn on it; printed anchor and label counts agree with the model's own anchor generator and
 matcher; errors are one line; log_training_images leaves the model and RNG streams as they were, and its
 images appear in a short training run's TensorBoard events (both stages)."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import visualize as vis_cli  # the top-level CLI
-from maskrcnn import visualize as vis
-from maskrcnn.build import build_model
+from maskrcnn.vis import drawing as vis
+from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
-from maskrcnn.data_setup import build_datasets
+from maskrcnn.data.build import build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny.yaml"

@@ -1,10 +1,10 @@
 """Datasets from the config: the generated shapes set (made on first use) or any COCO-format dataset."""
 from __future__ import annotations
 
-from .config import Config
-from .data.coco import CocoInstances
-from .data.shapes import ensure_shapes
-from .data.transforms import Compose, RandomHorizontalFlip
+from ..config import Config
+from .coco import CocoInstances
+from .shapes import ensure_shapes
+from .transforms import Compose, RandomHorizontalFlip
 
 
 def dataset_paths(cfg: Config) -> dict[str, str]:

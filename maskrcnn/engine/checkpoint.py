@@ -82,8 +82,8 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
                           device: str = "cpu"):
     """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
     `config` names a YAML file; `overrides` apply on top of either."""
-    from .build import build_model
-    from .config import Config, apply_overrides, load_config
+    from ..model.build import build_model
+    from ..config import Config, apply_overrides, load_config
 
     state = load_checkpoint(path)
     if config is not None:

@@ -15,9 +15,9 @@ from .box_ops import box_area
 
 
 def roi_align_fn(impl: str):
-    """RoIAlign implementation: "ours" (hand-written, maskrcnn.ops) or "torchvision" (compiled kernel)."""
+    """RoIAlign implementation: "ours" (hand-written, maskrcnn.model.roi_align) or "torchvision" (compiled kernel)."""
     if impl == "ours":
-        from .ops import roi_align
+        from .roi_align import roi_align
         return roi_align
     if impl == "torchvision":
         from torchvision.ops import roi_align

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .backbone import FrozenBatchNorm2d, fetch_torchvision_weights
-from .checkpoint import LoadReport, partial_load
+from .model.backbone import FrozenBatchNorm2d, fetch_torchvision_weights
+from .engine.checkpoint import LoadReport, partial_load
 
 # (torchvision pattern, our name); the first pattern that matches a key wins.
 _FROM_TV: list[tuple[str, str]] = [

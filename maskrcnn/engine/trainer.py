@@ -17,20 +17,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .build import build_model
+from ..model.build import build_model
 from .checkpoint import load_checkpoint, partial_load, save_checkpoint
-from .config import Config, save_config
-from .data_setup import build_datasets
-from .data.loader import build_loader
-from .evaluation import evaluate_model, format_metrics
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+from ..config import Config, save_config
+from ..data.build import build_datasets
+from ..data.loader import build_loader
+from ..evaluation.coco_eval import evaluate_model, format_metrics
+from .device import select_device
 
 
 def seed_everything(seed: int) -> None:
@@ -86,7 +79,7 @@ class Trainer:
         from_coco = init == "torchvision" and not resuming
         self.model = build_model(cfg, load_weights=not resuming and not from_coco)
         if from_coco:  # torchvision's COCO Mask R-CNN; new class predictors when the classes differ
-            from .convert import load_torchvision_coco
+            from ..torchvision_weights import load_torchvision_coco
             report = load_torchvision_coco(self.model, cfg.model.num_classes,
                                            getattr(self.train_set, "class_names", None), cfg)
             save_config(cfg, self.run_dir / "config.yaml")  # frozen-BN eps changed with these weights
@@ -173,7 +166,7 @@ class Trainer:
                 writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
                 writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
             if t.vis_period > 0 and it % t.vis_period == 0:
-                from .visualize import log_training_images  # drawing only when asked for
+                from ..vis.drawing import log_training_images  # drawing only when asked for
                 log_training_images(writer, self.model, images, targets, it,
                                     class_names=getattr(self.train_set, "class_names", None))
             if it % t.checkpoint_period == 0 and it < s.max_iter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .anchors import AnchorGenerator
 from .backbone import FrozenBatchNorm2d, ResNetBottomUp, load_pretrained
 from .box_coder import BoxCoder
-from .config import Config
+from ..config import Config
 from .fpn import FPN
 from .latent_noise import LatentNoise
 from .mask_rcnn import MaskRCNN

@@ -1,1 +1,0 @@
-from .roi_align import roi_align, RoIAlign
