@@ -19,7 +19,6 @@ import numpy as np
 
 from maskrcnn.cli import one_line_errors
 
-LOSSES = ["loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "total_loss"]
 SEED_SUFFIX = re.compile(r"-s\d+$")
 
 
@@ -116,13 +115,20 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
     return "\n".join(lines)
 
 
+def loss_tags(scalars: list[dict]) -> list[str]:
+    """Every loss logged as `loss/<name>` in any run, sorted, with the total last: a new loss is charted
+    without being listed anywhere."""
+    found = {tag[len("loss/"):] for s in scalars for tag in s if tag.startswith("loss/")}
+    return sorted(found - {"total_loss"}) + (["total_loss"] if "total_loss" in found else [])
+
+
 def plot(groups: dict[str, list[Path]], out: Path, smoothing: float = 0.8) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scalars = {name: [read_scalars(r) for r in runs] for name, runs in groups.items()}
-    tags = [t for t in LOSSES if any(f"loss/{t}" in s for runs in scalars.values() for s in runs)]
+    tags = loss_tags([s for runs in scalars.values() for s in runs])
     if not tags:
         raise ValueError("no loss scalars found in the runs' events")
     cols = min(3, len(tags))

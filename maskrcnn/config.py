@@ -137,15 +137,6 @@ class ModelConfig:
 
 # ------------------------------------------------------------------------------------------ training
 @dataclass
-class LossWeights:
-    loss_rpn_cls: float = 1.0
-    loss_rpn_box: float = 1.0
-    loss_cls: float = 1.0
-    loss_box: float = 1.0
-    loss_mask: float = 1.0
-
-
-@dataclass
 class ShapesConfig:
     num_train: int = 400  # images in the generated train split
     num_val: int = 100  # images in the generated val split
@@ -210,7 +201,7 @@ class TestConfig:
 class Config:
     stage: str = "full"  # rpn: backbone + FPN + RPN | full: the whole Mask R-CNN
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss_weights: LossWeights = field(default_factory=LossWeights)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # loss name -> weight; unnamed losses weigh 1.0
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -236,6 +227,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, path): _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
@@ -273,6 +269,8 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{path}.")
+        elif isinstance(current, dict):  # a mapping is merged key by key (--set loss_weights.loss_mask=2)
+            setattr(obj, key, {**current, **_coerce(value, hints[key], path)})
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
 

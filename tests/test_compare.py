@@ -167,3 +167,9 @@ def test_missing_directory_is_a_one_line_error(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing" in err
+
+
+def test_loss_tags_are_every_logged_loss_total_last():
+    runs = [{"loss/loss_cls": 0, "loss/total_loss": 0, "lr": 0}, {"loss/loss_new_term": 0, "time/x": 0}]
+    assert compare.loss_tags(runs) == ["loss_cls", "loss_new_term", "total_loss"]
+    assert compare.loss_tags([{"lr": 0}]) == []

@@ -269,3 +269,25 @@ def test_defaults_are_independent_instances():
     a, b = Config(), Config()
     a.model.anchors.sizes.append(1024.0)
     assert b.model.anchors.sizes == [32, 64, 128, 256, 512]
+
+
+def test_loss_weights_merge_key_by_key(tmp_path):
+    cfg = C.load_config(None, ["loss_weights.loss_mask=2", "loss_weights.loss_cls=0.5"])
+    assert cfg.loss_weights == {"loss_mask": 2.0, "loss_cls": 0.5}
+    path = tmp_path / "c.yaml"
+    C.save_config(cfg, path)
+    assert C.load_config(path).loss_weights == {"loss_mask": 2.0, "loss_cls": 0.5}
+    with pytest.raises(C.ConfigError, match="loss_weights.loss_mask"):
+        C.load_config(None, ["loss_weights.loss_mask=heavy"])
+
+
+def test_total_loss_weighs_unnamed_losses_one_and_rejects_unknown_names():
+    import torch
+
+    from maskrcnn.engine.trainer import total_loss
+
+    losses = {"loss_a": torch.tensor(2.0), "loss_b": torch.tensor(3.0)}
+    assert float(total_loss(losses, {})) == 5.0
+    assert float(total_loss(losses, {"loss_b": 0.5})) == 3.5
+    with pytest.raises(ValueError, match="loss_weights names 'loss_c'"):
+        total_loss(losses, {"loss_c": 1.0})

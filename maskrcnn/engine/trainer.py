@@ -52,9 +52,13 @@ def build_optimizer(params, solver) -> torch.optim.Optimizer:
     raise ValueError(f"solver.optimizer: expected sgd or adamw, got {solver.optimizer!r}")
 
 
-def total_loss(losses: dict[str, torch.Tensor], weights) -> torch.Tensor:
-    """The one place loss weights are applied."""
-    return sum(getattr(weights, name) * value for name, value in losses.items())
+def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The one place loss weights are applied: a loss not named in `weights` weighs 1.0."""
+    unknown = sorted(set(weights) - set(losses))
+    if unknown:
+        raise ValueError(f"loss_weights names {unknown[0]!r}, which the model does not return "
+                         f"(its losses: {', '.join(losses)})")
+    return sum(weights.get(name, 1.0) * value for name, value in losses.items())
 
 
 class Trainer:
