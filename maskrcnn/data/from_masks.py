@@ -24,6 +24,7 @@ Segmentations are written as compressed RLE (exact, any topology).
 CLI::
 
     python -m maskrcnn.data.from_masks --images DIR --masks DIR --category NAME --out ann.json
+    python -m maskrcnn.data.convert masks --images DIR --masks DIR --category NAME --out ann.json  # the same
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ def masks_to_coco(
     return dataset
 
 
-def _main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert per-instance binary masks to a COCO instances JSON.")
+def _main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    p = argparse.ArgumentParser(prog=prog, description="Convert per-instance binary masks to a COCO instances JSON.")
     p.add_argument("--images", required=True, help="folder with <stem>.<ext> images")
     p.add_argument("--masks", required=True, help="folder with <stem>_<k>.png or <stem>/<k>.png masks")
     p.add_argument("--category", default="object", help="class name for masks without one in the file name")
