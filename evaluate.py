@@ -4,6 +4,12 @@ under image corruptions (COCO-C).
     python evaluate.py --checkpoint runs/full/model_final.pth
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption gaussian_noise --severity 3
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption all --severity 3
+    python evaluate.py --checkpoint runs/full/model_final.pth --corruption benchmark   # P, mPC, rPC
+
+--corruption benchmark evaluates clean and under the 15 COCO-C corruptions at severities 1..5 and reports
+P (clean AP), mPC (mean AP under corruption) and rPC = mPC / P for boxes and masks (Michaelis et al. 2019),
+with a table per corruption and severity. Corrupted images are 8-bit, as COCO-C's files, and cached on disk
+(--cache-dir) so that the next checkpoint is evaluated on the same pixels, faster.
 
 Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out).
 """
@@ -11,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
 from maskrcnn.cli import one_line_errors
@@ -22,15 +30,72 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (default: the config saved in the checkpoint)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--corruption", help="a corruption name, or 'all' (see maskrcnn/corruptions.py)")
+    p.add_argument("--corruption", help="a corruption name, 'all' (every corruption at --severity) or 'benchmark' "
+                                        "(COCO-C: clean + 15 corruptions x severities 1..5, P / mPC / rPC); "
+                                        "see maskrcnn/evaluation/corruptions.py")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1..5 (default 3)")
-    p.add_argument("--corruptions", nargs="*", help="with --corruption all: only these corruptions")
+    p.add_argument("--severities", nargs="*", metavar="S",
+                   help="several severities, e.g. 1,3 (default: 1..5 for benchmark, else --severity)")
+    p.add_argument("--corruptions", nargs="*", metavar="NAME",
+                   help="with --corruption all / benchmark: only these (space or comma separated)")
+    p.add_argument("--frost", default="auto", choices=["auto", "photos", "procedural"],
+                   help="frost textures: the imagecorruptions package's photographs (auto: when installed) or "
+                        "generated here")
+    p.add_argument("--cache-dir", help="where corrupted images are cached (default: <dataset>/corrupted, or "
+                                       "<out>/corrupted when the dataset folder is not writable)")
+    p.add_argument("--no-cache", action="store_true", help="corrupt every image afresh, keep nothing on disk")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
     p.add_argument("--batch-size", type=int, help="inference batch (default: test.ims_per_batch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--out", help="output directory (default: the checkpoint's directory)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _split_list(values) -> list[str]:
+    """['a,b', 'c'] -> ['a', 'b', 'c']"""
+    return [v for item in values or [] for v in str(item).split(",") if v]
+
+
+def plan_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int]], bool]:
+    """The (corruption, severity) pairs to evaluate, and whether the clean images are evaluated too."""
+    from maskrcnn.evaluation.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS
+    from maskrcnn.evaluation.robustness import BENCHMARK_SEVERITIES
+
+    if args.corruption is None:
+        if args.corruptions or args.severities:
+            raise ValueError("--corruptions / --severities need --corruption all or benchmark")
+        return [], True
+    group = args.corruption in ("all", "benchmark")
+    if args.corruptions and not group:
+        raise ValueError("--corruptions needs --corruption all or benchmark")
+    names = _split_list(args.corruptions) or (list(BENCHMARK_CORRUPTIONS) if args.corruption == "benchmark"
+                                              else list(CORRUPTIONS) if args.corruption == "all"
+                                              else [args.corruption])
+    for name in names:
+        if name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption '{name}' (one of: {', '.join(CORRUPTIONS)}, all, benchmark)")
+    if args.severities:
+        try:
+            severities = [int(s) for s in _split_list(args.severities)]
+        except ValueError:
+            raise ValueError(f"--severities must be integers 1..5, got {' '.join(args.severities)}") from None
+    else:
+        severities = list(BENCHMARK_SEVERITIES) if args.corruption == "benchmark" else [args.severity]
+    for s in severities:
+        if not 1 <= s <= 5:
+            raise ValueError(f"severities must be 1..5, got {s}")
+    runs = [(name, s) for name in dict.fromkeys(names) for s in dict.fromkeys(severities)]
+    return runs, args.corruption == "benchmark"
+
+
+def default_cache_dir(images_dir: str, out_dir: Path) -> Path:
+    """<dataset>/corrupted next to the images folder (shared by every run), or <out>/corrupted if that folder
+    cannot be written (a read-only dataset)."""
+    root = Path(images_dir).resolve().parent
+    if os.access(root, os.W_OK):
+        return root / "corrupted"
+    return out_dir / "corrupted"
 
 
 def print_report(tag: str, metrics: dict) -> None:
@@ -47,53 +112,97 @@ def print_report(tag: str, metrics: dict) -> None:
         print("  per-category AP: " + ", ".join(f"{k} {v:.3f}" for k, v in m["per_category"].items()))
 
 
+def _one_line(tag: str, metrics: dict) -> str:
+    from maskrcnn.evaluation.robustness import headline
+
+    return f"{tag}: " + "  ".join(f"{k} {v:.4f}" for k, v in headline(metrics).items())
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     import torch
+    from tqdm import tqdm
 
+    from maskrcnn.data.build import build_eval_dataset, dataset_paths
     from maskrcnn.engine.checkpoint import model_from_checkpoint
-    from maskrcnn.evaluation.corruptions import CORRUPTIONS, Corrupt
-    from maskrcnn.data.build import build_eval_dataset
     from maskrcnn.engine.device import select_device
     from maskrcnn.evaluation.coco_eval import evaluate_model
+    from maskrcnn.evaluation.corruptions import Corrupt, frost_source
+    from maskrcnn.evaluation.robustness import headline, markdown, summarize
 
+    corrupted_runs, with_clean = plan_runs(args)
+    frost = frost_source(args.frost)  # checked before the model loads
     device = select_device(args.device)
     model, cfg = model_from_checkpoint(args.checkpoint, args.config, args.set, device=str(device))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.corruption is None:
-        runs = [("clean", None)]
-    else:
-        if not 1 <= args.severity <= 5:
-            raise ValueError(f"--severity must be 1..5, got {args.severity}")
-        names = (list(args.corruptions) if args.corruptions else list(CORRUPTIONS)) \
-            if args.corruption == "all" else [args.corruption]
-        for name in names:
-            if name not in CORRUPTIONS:
-                raise ValueError(f"unknown corruption '{name}' (one of: {', '.join(CORRUPTIONS)}, all)")
-        runs = [(f"{name}-{args.severity}", Corrupt(name, args.severity, seed=cfg.train.seed)) for name in names]
+    dataset = build_eval_dataset(cfg, args.split)
+    cache_dir = None
+    if corrupted_runs and not args.no_cache:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else \
+            default_cache_dir(dataset_paths(cfg)[f"{args.split}_images"], out_dir)
+    runs = ([("clean", None)] if with_clean else []) + [
+        (f"{name}-{sev}", Corrupt(name, sev, seed=cfg.train.seed, frost=frost, cache_dir=cache_dir, uint8=True))
+        for name, sev in corrupted_runs]
     batch = args.batch_size or cfg.test.ims_per_batch
     amp = cfg.train.amp and device.type == "cuda"
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": model.stage, "results": {}}
+    if corrupted_runs:
+        report["corruption_settings"] = {
+            "seed": cfg.train.seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,
+            "frost": frost if any(n == "frost" for n, _ in corrupted_runs) else None}
+        if report["corruption_settings"]["frost"]:
+            print(f"frost textures: {'the imagecorruptions package photographs' if frost == 'photos' else 'procedural (generated here; the reference photographs need `pip install imagecorruptions`)'}")
+    benchmark = args.corruption == "benchmark"
+    progress = not args.no_progress
+    outer = tqdm(total=len(runs), desc=args.corruption or "evaluate", disable=not (progress and len(runs) > 1))
+    start = time.perf_counter()
     for tag, transform in runs:
-        dataset = build_eval_dataset(cfg, args.split, transforms=transform)
+        dataset.transforms = transform
         with torch.no_grad():
             metrics, results = evaluate_model(model, dataset, device, batch, args.max_images, amp,
-                                              cfg.model.roi_heads.mask_threshold, not args.no_progress,
+                                              cfg.model.roi_heads.mask_threshold, progress,
                                               desc=f"evaluate {tag}")
-        print_report(tag, metrics)
+        if benchmark:
+            tqdm.write(_one_line(tag, metrics)) if progress else print(_one_line(tag, metrics))
+        else:
+            print_report(tag, metrics)
         (out_dir / f"detections_{args.split}_{tag}.json").write_text(json.dumps(results))
         report["results"][tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
+        outer.update(1)
+    outer.close()
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    transforms = [t for _, t in runs if t is not None]
+    if cache_dir is not None:
+        hits, misses = sum(t.hits for t in transforms), sum(t.misses for t in transforms)
+        report["corruption_settings"]["cache"] = {"read": hits, "written": misses}
+        print(f"corrupted-image cache {cache_dir}: {hits} read, {misses} written")
     if args.corruption == "all" and model.stage == "full":
         for iou_type in ("bbox", "segm"):
             aps = [r[iou_type]["stats"]["AP"] for r in report["results"].values() if iou_type in r]
             if aps:
                 report[f"mean_corrupted_{iou_type}_AP"] = sum(aps) / len(aps)
-                print(f"mean {iou_type} AP under corruption (severity {args.severity}): {sum(aps) / len(aps):.4f}")
-    tag = "clean" if args.corruption is None else f"{args.corruption}-{args.severity}"
+                print(f"mean {iou_type} AP under corruption (severity "
+                      f"{','.join(str(s) for s in sorted({s for _, s in corrupted_runs}))}): {sum(aps) / len(aps):.4f}")
+    if benchmark:
+        clean = headline(report["results"]["clean"])
+        summary = summarize(clean, {(n, s): headline(report["results"][f"{n}-{s}"]) for n, s in corrupted_runs})
+        report["benchmark"] = summary
+        table = markdown(summary)
+        print(table, end="")
+        (out_dir / f"benchmark_{args.split}.md").write_text(table)
+        for key, m in summary["metrics"].items():
+            if key in ("bbox", "segm"):
+                report[f"mean_corrupted_{key}_AP"] = m["mPC"]
+    if args.corruption is None:
+        tag = "clean"
+    elif benchmark:
+        tag = "benchmark"
+    else:
+        tag = f"{args.corruption}-{','.join(str(s) for s in dict.fromkeys(s for _, s in corrupted_runs))}"
     path = out_dir / f"eval_{args.split}_{tag}.json"
     path.write_text(json.dumps(report, indent=2))
-    print(f"metrics: {path}")
+    print(f"metrics: {path}  ({report['seconds']} s)")
     return report
 
 

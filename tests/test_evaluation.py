@@ -362,3 +362,54 @@ def test_rpn_inference_keeps_1000_proposals_for_ar(val):
     per_image = [sum(r["image_id"] == i for r in results) for i in image_ids]
     assert max(per_image) > 5
     assert model.rpn.post_nms_topk == (100, 5)
+
+
+def test_evaluate_benchmark_subset_with_cache(checkpoints, tmp_path):
+    """--corruption benchmark on 2 images, 2 corruptions x 2 severities: P / mPC / rPC from the runs' APs,
+    the Markdown table, and a second evaluation that reads every corrupted image from the cache."""
+    cache = tmp_path / "cache"
+    argv = ["--checkpoint", str(checkpoints["full"]), "--no-progress", "--max-images", "2",
+            "--corruption", "benchmark", "--corruptions", "snow,glass_blur", "--severities", "1,3",
+            "--cache-dir", str(cache), "--frost", "procedural"]
+    report, stdout = run_evaluate([*argv, "--out", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "eval_val_benchmark.json").read_text())
+    tags = ["clean", "snow-1", "snow-3", "glass_blur-1", "glass_blur-3"]
+    assert list(saved["results"]) == tags
+    bench = saved["benchmark"]
+    assert bench["corruptions"] == ["snow", "glass_blur"] and bench["severities"] == [1, 3]
+    assert not bench["complete"]
+    for key in ("bbox", "segm"):
+        ap = {t: saved["results"][t][key]["stats"]["AP"] for t in tags}
+        m = bench["metrics"][key]
+        assert m["P"] == ap["clean"]
+        assert m["mPC"] == pytest.approx(sum(ap[t] for t in tags[1:]) / 4, abs=1e-12)
+        assert m["rPC"] == (pytest.approx(m["mPC"] / m["P"]) if m["P"] > 0 else None)
+        assert m["per_corruption"]["snow"]["3"] == ap["snow-3"]
+        assert saved[f"mean_corrupted_{key}_AP"] == m["mPC"]
+    table = (tmp_path / "a" / "benchmark_val.md").read_text()
+    assert "| snow |" in table and "| glass_blur |" in table and "not comparable" in table
+    assert "| corruption | s1 | s3 | mean |" in stdout
+    assert saved["corruption_settings"]["cache"] == {"read": 0, "written": 8}
+    assert len(list(cache.rglob("*.png"))) == 8
+    # the next checkpoint (here: the same one) reads the same pixels from the cache
+    again, _ = run_evaluate([*argv, "--out", str(tmp_path / "b")])
+    assert again["corruption_settings"]["cache"] == {"read": 8, "written": 0}
+    for tag in tags:
+        a = json.loads((tmp_path / "a" / f"detections_val_{tag}.json").read_text())
+        b = json.loads((tmp_path / "b" / f"detections_val_{tag}.json").read_text())
+        assert a == b
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--corruption", "benchmark", "--severities", "0,3"], "1..5"),
+    (["--corruption", "all", "--corruptions", "snow,hail"], "hail"),
+    (["--corruptions", "snow"], "--corruption all or benchmark"),
+])
+def test_evaluate_corruption_options_are_one_line_errors(checkpoints, tmp_path, capsys, extra, needle):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(checkpoints["full"]), "--no-progress", "--out", str(tmp_path), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err

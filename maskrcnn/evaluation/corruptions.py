@@ -30,17 +30,22 @@ torch, python) is never touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import math
 import operator
-from typing import Any, Callable, Dict, Tuple
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "corrupt", "Corrupt", "motion_blur_kernel", "disk_kernel"]
+__all__ = ["CORRUPTIONS", "BENCHMARK_CORRUPTIONS", "HELD_OUT_CORRUPTIONS", "RANDOM_CORRUPTIONS", "corrupt", "Corrupt",
+           "frost_source", "motion_blur_kernel", "disk_kernel"]
 
 
 # --------------------------------------------------------------------------
@@ -77,6 +82,22 @@ _PARAMS: Dict[str, tuple] = {
     "pixelate": (0.6, 0.5, 0.4, 0.3, 0.25),
     # JPEG quality
     "jpeg_compression": (25, 18, 15, 10, 7),
+    # (gaussian sigma, max pixel displacement, shuffle iterations)
+    "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
+    # (flake noise mean, std, zoom, threshold, motion radius, motion sigma, image weight)
+    "snow": (
+        (0.1, 0.3, 3, 0.5, 10, 4, 0.8),
+        (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+        (0.55, 0.3, 4, 0.9, 12, 8, 0.7),
+        (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+        (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+    ),
+    # (image weight, frost weight)
+    "frost": ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
+    # (plasma-fractal amount, wibble decay)
+    "fog": ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
+    # alpha: gain of the smoothed random displacement field (imagecorruptions' elastic transform)
+    "elastic_transform": (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12),
 }
 
 
@@ -173,9 +194,9 @@ def _defocus_blur(x: np.ndarray, c: Tuple[float, float], rng: np.random.Generato
     return cv2.filter2D(x, -1, kernel)  # default border (reflect 101), as reference
 
 
-def _motion_blur(x: np.ndarray, c: Tuple[int, float], rng: np.random.Generator) -> np.ndarray:
-    angle = float(rng.uniform(-45.0, 45.0))
-    kernel = motion_blur_kernel(c[0], c[1], angle)
+def _motion_filter(x: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
+    """Motion blur of an H x W (x C) float image along ``angle`` (degrees), edges replicated."""
+    kernel = motion_blur_kernel(radius, sigma, angle)
     h, w = x.shape[:2]
     half = kernel.shape[0] // 2
     if half >= min(h, w):
@@ -188,20 +209,29 @@ def _motion_blur(x: np.ndarray, c: Tuple[int, float], rng: np.random.Generator) 
     return cv2.filter2D(x, -1, kernel, borderType=cv2.BORDER_REPLICATE)
 
 
+def _motion_blur(x: np.ndarray, c: Tuple[int, float], rng: np.random.Generator) -> np.ndarray:
+    angle = float(rng.uniform(-45.0, 45.0))
+    return _motion_filter(x, c[0], c[1], angle)
+
+
 def _center_zoom(x: np.ndarray, factor: float) -> np.ndarray:
-    """Zoom into the centre by ``factor`` keeping the size (bilinear)."""
+    """Zoom into the centre by ``factor`` keeping the size (bilinear), sampled as the reference's
+    ``scipy.ndimage.zoom(crop, factor, order=1)`` followed by a top-left crop: the zoomed crop has
+    ``round(c * factor)`` pixels whose first and last ones sit on the crop's first and last ones."""
     h, w = x.shape[:2]
     ch = max(1, int(math.ceil(h / factor)))
     cw = max(1, int(math.ceil(w / factor)))
     top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[top:top + ch, left:left + cw]
-    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+    sy = (ch - 1) / max(1, int(round(ch * factor)) - 1)
+    sx = (cw - 1) / max(1, int(round(cw * factor)) - 1)
+    m = np.array([[sx, 0.0, left], [0.0, sy, top]], dtype=np.float64)  # output pixel -> input pixel
+    return cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def _zoom_blur(x: np.ndarray, c: Tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
     # ImageNet-C: mean of the image and its centre zooms by np.arange(*c).
-    # Zoom factors are relative, so this is size independent; the centre crop
-    # is resized straight to H x W (the reference zooms with scipy and crops).
+    # Zoom factors are relative, so this is size independent.
     factors = np.arange(*c)
     out = x.astype(np.float32).copy()
     for f in factors:
@@ -226,12 +256,40 @@ def _contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
     return (x - means) * c + means
 
 
+def _box_taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray]:
+    """PIL's BOX resampling along one axis as (indices, weights), both [n_out, K].
+
+    As Pillow's ``precompute_coeffs``: output pixel ``o`` covers the input
+    window ``center +- scale / 2`` with ``center = (o + 0.5) * scale``; an input
+    pixel counts (weight 1, then normalised) when its centre falls inside
+    ``(-0.5, 0.5]`` of the window in filter units.  Unlike OpenCV's
+    INTER_AREA, pixels are not weighted by the fraction they overlap."""
+    scale = n_in / n_out
+    support = 0.5 * max(scale, 1.0)
+    centre = (np.arange(n_out) + 0.5) * scale
+    xmin = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    k = int((xmax - xmin).max())
+    idx = xmin[:, None] + np.arange(k)[None]
+    u = (idx - centre[:, None] + 0.5) / max(scale, 1.0)
+    wts = ((u > -0.5) & (u <= 0.5) & (idx < xmax[:, None])).astype(np.float64)
+    wts /= np.maximum(wts.sum(1, keepdims=True), 1e-12)
+    return np.minimum(idx, n_in - 1), wts
+
+
 def _pixelate(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
-    # PIL BOX down-sampling then NEAREST up-sampling; INTER_AREA is the box
-    # filter in OpenCV, INTER_NEAREST_EXACT is the pixel-centre aligned nearest
-    # neighbour of PIL (plain INTER_NEAREST is shifted by half a pixel).
+    # PIL: BOX down-sampling (horizontal pass, then vertical, each rounded to
+    # 8 bits as PIL keeps uint8 between passes) then NEAREST up-sampling;
+    # INTER_NEAREST_EXACT is the pixel-centre aligned nearest neighbour of PIL
+    # (plain INTER_NEAREST is shifted by half a pixel).
     h, w = x.shape[:2]
-    small = cv2.resize(x, (max(1, int(w * c)), max(1, int(h * c))), interpolation=cv2.INTER_AREA)
+    sw, sh = max(1, int(w * c)), max(1, int(h * c))
+    idx, wts = _box_taps(w, sw)
+    small = np.einsum("hokc,ok->hoc", x[:, idx], wts)  # [H, sw, 3]
+    small = np.round(small * 255.0) / 255.0
+    idx, wts = _box_taps(h, sh)
+    small = np.einsum("okwc,ok->owc", small[idx], wts)  # [sh, sw, 3]
+    small = (np.round(small * 255.0) / 255.0).astype(np.float32)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
@@ -244,6 +302,209 @@ def _jpeg_compression(x: np.ndarray, quality: int, rng: np.random.Generator) -> 
         raise RuntimeError("cv2.imencode failed to encode JPEG")
     dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     return cv2.cvtColor(dec, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+def _glass_blur(x: np.ndarray, c: Tuple[float, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Blur, locally scramble pixels, blur again (ImageNet-C / COCO-C glass blur).
+
+    The reference visits every interior pixel ``p = (h, w)`` in descending
+    row-major order and "swaps" it with ``q = (h + dy, w + dx)``, ``dx, dy``
+    drawn from ``[-d, d)``.  Its swap ``x[p], x[q] = x[q], x[p]`` works on
+    numpy views, so it is in fact a copy ``x[p] = x[q]`` (kept on purpose, for
+    comparable numbers).  When ``q`` was visited before ``p`` (it comes later in
+    row-major order), it already holds a copied value, so ``p`` ends up with the
+    value at the end of a chain ``p -> q -> ...`` of increasing positions.  We
+    resolve all chains at once by pointer jumping (``log2`` of the longest
+    chain rounds) instead of the reference's per-pixel Python loop: same
+    result for the same offsets, ~100x faster.
+    """
+    sigma, d, iterations = c
+    # the reference keeps the first blur as uint8 (truncated)
+    x = np.floor(_gaussian_blur(x, sigma, rng) * 255.0) / 255.0
+    h, w = x.shape[:2]
+    hs = np.arange(h - d, d, -1)
+    ws = np.arange(w - d, d, -1)
+    if hs.size and ws.size:
+        n = h * w
+        hh, ww = (a.ravel() for a in np.meshgrid(hs, ws, indexing="ij"))  # the reference's visiting order
+        p = hh * w + ww
+        visited = np.zeros(n, dtype=bool)
+        visited[p] = True
+        for _ in range(iterations):
+            dxy = rng.integers(-d, d, size=(p.size, 2))  # (dx, dy) per visited pixel, as the reference draws
+            q = (hh + dxy[:, 1]) * w + (ww + dxy[:, 0])
+            chained = visited[q] & (q > p)  # q was overwritten before p copied it
+            source = np.arange(n)  # at the end of a chain: the pixel whose current value is copied
+            source[p] = q
+            nxt = np.arange(n)
+            nxt[p[chained]] = q[chained]
+            while True:  # pointer jumping: nxt -> the end of each chain
+                jumped = nxt[nxt]
+                if np.array_equal(jumped, nxt):
+                    break
+                nxt = jumped
+            x = x.reshape(n, -1)[source[nxt]].reshape(x.shape)
+    return _gaussian_blur(x, sigma, rng)
+
+
+def _plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndarray:
+    """``size x size`` (a power of two) diamond-square height map in [0, 1], as ImageNet-C's fog."""
+    m = np.zeros((size, size), dtype=np.float64)
+    step, wibble = size, 100.0
+    while step >= 2:
+        half = step // 2
+        corners = m[0:size:step, 0:size:step]
+        # square step: the centre of each square is the mean of its 4 corners (wrapping) + noise
+        acc = corners + np.roll(corners, -1, axis=0)
+        acc = acc + np.roll(acc, -1, axis=1)
+        m[half:size:step, half:size:step] = acc / 4 + wibble * rng.uniform(-wibble, wibble, acc.shape)
+        # diamond step: the edge midpoints, from the 2 corners and 2 centres next to each
+        centres = m[half:size:step, half:size:step]
+        corners = m[0:size:step, 0:size:step]
+        acc = centres + np.roll(centres, 1, axis=0) + corners + np.roll(corners, -1, axis=1)
+        m[0:size:step, half:size:step] = acc / 4 + wibble * rng.uniform(-wibble, wibble, acc.shape)
+        acc = centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=0)
+        m[half:size:step, 0:size:step] = acc / 4 + wibble * rng.uniform(-wibble, wibble, acc.shape)
+        step //= 2
+        wibble /= decay
+    m -= m.min()
+    return m / max(m.max(), 1e-12)
+
+
+def _fog(x: np.ndarray, c: Tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    amount, decay = c
+    h, w = x.shape[:2]
+    size = 1 << (max(h, w, 3) - 1).bit_length()  # next power of two (the reference counts channels too)
+    max_val = float(x.max())
+    fog = _plasma_fractal(size, decay, rng)[:h, :w, None].astype(np.float32)
+    return (x + amount * fog) * (max_val / (max_val + amount))
+
+
+def _snow(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+    loc, scale, zoom, threshold, radius, sigma, keep = c
+    h, w = x.shape[:2]
+    flakes = rng.normal(loc, scale, size=(h, w)).astype(np.float32)
+    flakes = _center_zoom(flakes, float(zoom))
+    flakes[flakes < threshold] = 0.0
+    flakes = np.clip(flakes, 0.0, 1.0)
+    flakes = _motion_filter(flakes, radius, sigma, float(rng.uniform(-135.0, -45.0)))
+    flakes = (np.round(flakes * 255.0) / 255.0)[..., None]  # the reference stores the layer as uint8
+    grey = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)[..., None]
+    x = keep * x + (1.0 - keep) * np.maximum(x, grey * 1.5 + 0.5)
+    return x + flakes + flakes[::-1, ::-1]
+
+
+# Per-channel (RGB) mean and standard deviation of the reference's frost photographs frost1..frost5 (the ones it
+# draws from), measured once; the procedural stand-in reproduces these first two moments.
+_FROST_STATS = (
+    ((0.305, 0.585, 0.650), (0.106, 0.065, 0.060)),
+    ((0.787, 0.805, 0.841), (0.084, 0.087, 0.089)),
+    ((0.787, 0.805, 0.841), (0.084, 0.087, 0.089)),
+    ((0.540, 0.599, 0.648), (0.112, 0.112, 0.117)),
+    ((0.441, 0.484, 0.528), (0.174, 0.170, 0.163)),
+)
+_FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+FROST_SOURCES = ("auto", "photos", "procedural")
+
+
+def frost_photo_dir() -> Optional[Path]:
+    """The frost photographs of the installed ``imagecorruptions`` package, or None.
+
+    Found without importing the package (its import fails on current setuptools / numpy)."""
+    try:
+        spec = importlib.util.find_spec("imagecorruptions")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        folder = Path(loc) / "frost"
+        if all((folder / f).is_file() for f in _FROST_FILES):
+            return folder
+    return None
+
+
+def frost_source(frost: str = "auto") -> str:
+    """'photos' or 'procedural': what ``frost`` ('auto' | 'photos' | 'procedural') resolves to here."""
+    if frost not in FROST_SOURCES:
+        raise ValueError(f"frost must be one of {', '.join(FROST_SOURCES)}, got {frost!r}")
+    if frost == "procedural":
+        return "procedural"
+    if frost_photo_dir() is None:
+        if frost == "photos":
+            raise ValueError("frost=photos needs the imagecorruptions package (pip install imagecorruptions)")
+        return "procedural"
+    return "photos"
+
+
+@functools.lru_cache(maxsize=16)
+def _frost_photo(index: int, h: int, w: int) -> np.ndarray:
+    """Frost photograph ``index`` (RGB float32) scaled as the reference does to cover an h x w image."""
+    folder = frost_photo_dir()
+    img = cv2.imread(str(folder / _FROST_FILES[index]), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"cannot read frost photograph {folder / _FROST_FILES[index]}")
+    fh, fw = img.shape[:2]
+    scale = max(1.0, h / fh, w / fw) * 1.1
+    img = cv2.resize(img, (int(math.ceil(fw * scale)), int(math.ceil(fh * scale))), interpolation=cv2.INTER_CUBIC)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+def _procedural_frost(index: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Stand-in for frost photograph ``index``: cloudy plasma plus short bright ice needles, scaled to
+    that photograph's per-channel mean and standard deviation (see :data:`_FROST_STATS`)."""
+    size = 1 << (max(h, w, 2) - 1).bit_length()
+    cloud = _plasma_fractal(size, 2.0, rng)[:h, :w].astype(np.float32)
+    needles = np.zeros((h, w), dtype=np.float32)
+    n = max(1, h * w // 120)
+    centre = rng.random((n, 2)) * (w, h)
+    angle = rng.uniform(0.0, np.pi, n)
+    length = rng.uniform(2.0, 15.0, n)  # half-length in pixels: crystals keep their size, as in the photos
+    ends = np.stack((np.cos(angle), np.sin(angle)), 1) * length[:, None]
+    p0 = np.rint(centre - ends).astype(np.int32)
+    p1 = np.rint(centre + ends).astype(np.int32)
+    level = rng.uniform(0.3, 1.0, n)
+    for a, b, v in zip(p0.tolist(), p1.tolist(), level.tolist()):
+        cv2.line(needles, tuple(a), tuple(b), v, 1, cv2.LINE_AA)
+    needles = cv2.GaussianBlur(needles, (3, 3), 0.6)
+    pattern = (cloud - cloud.mean()) / (cloud.std() + 1e-6) * 0.6 + (needles - needles.mean()) / (needles.std() + 1e-6)
+    pattern = (pattern - pattern.mean()) / (pattern.std() + 1e-6)
+    mean, std = (np.asarray(v, dtype=np.float32) for v in _FROST_STATS[index])
+    return np.clip(mean + std * pattern[..., None], 0.0, 1.0)
+
+
+def _frost(x: np.ndarray, c: Tuple[float, float], rng: np.random.Generator, source: str = "auto") -> np.ndarray:
+    keep, amount = c
+    h, w = x.shape[:2]
+    index = int(rng.integers(5))
+    if frost_source(source) == "photos":
+        photo = _frost_photo(index, h, w)
+        top = int(rng.integers(max(1, photo.shape[0] - h)))
+        left = int(rng.integers(max(1, photo.shape[1] - w)))
+        layer = photo[top:top + h, left:left + w]
+    else:
+        layer = _procedural_frost(index, h, w, rng)
+    return keep * x + amount * layer
+
+
+def _gaussian_filter_2d(x: np.ndarray, sigma_y: float, sigma_x: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter with per-axis sigma, mode 'reflect' (half-sample symmetric)."""
+    ry, rx = int(truncate * sigma_y + 0.5), int(truncate * sigma_x + 0.5)
+    ky = cv2.getGaussianKernel(2 * ry + 1, sigma_y) if ry > 0 else np.ones((1, 1))
+    kx = cv2.getGaussianKernel(2 * rx + 1, sigma_x) if rx > 0 else np.ones((1, 1))
+    return cv2.sepFilter2D(x, -1, kx, ky, borderType=cv2.BORDER_REFLECT)
+
+
+def _elastic_transform(x: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    # imagecorruptions' version (no affine part, unlike ImageNet-C): a uniform random displacement field,
+    # smoothed with sigma = 1 % of the image size per axis, times alpha; bilinear resampling, reflected border.
+    h, w = x.shape[:2]
+    max_d = h * 0.005  # the reference uses the height for both directions
+    dx = _gaussian_filter_2d(rng.uniform(-max_d, max_d, (h, w)), 0.01 * h, 0.01 * w, 3.0) * alpha
+    dy = _gaussian_filter_2d(rng.uniform(-max_d, max_d, (h, w)), 0.01 * h, 0.01 * w, 3.0) * alpha
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return cv2.remap(x, xx + dx.astype(np.float32), yy + dy.astype(np.float32), cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REFLECT)
 
 
 _FUNCS: Dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] = {
@@ -259,15 +520,36 @@ _FUNCS: Dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] 
     "contrast": _contrast,
     "pixelate": _pixelate,
     "jpeg_compression": _jpeg_compression,
+    "glass_blur": _glass_blur,
+    "snow": _snow,
+    "frost": _frost,
+    "fog": _fog,
+    "elastic_transform": _elastic_transform,
 }
 
-#: Names accepted by :func:`corrupt`, in a stable order.
-CORRUPTIONS: Tuple[str, ...] = tuple(_FUNCS)
+#: The 15 corruptions of COCO-C (Michaelis et al. 2019) / ImageNet-C, in the reference order: noise, blur,
+#: weather, digital.
+BENCHMARK_CORRUPTIONS: Tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+#: ImageNet-C's held-out corruptions that we also have (not part of the benchmark's mPC).
+HELD_OUT_CORRUPTIONS: Tuple[str, ...] = ("speckle_noise", "gaussian_blur")
+
+#: Names accepted by :func:`corrupt`, in a stable order: the benchmark's, then the held-out ones.
+CORRUPTIONS: Tuple[str, ...] = BENCHMARK_CORRUPTIONS + HELD_OUT_CORRUPTIONS
+assert set(CORRUPTIONS) == set(_FUNCS)
 
 #: Corruptions whose output depends on ``seed``.
 RANDOM_CORRUPTIONS: Tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur",
+    "glass_blur", "snow", "frost", "fog", "elastic_transform",
 )
+
+#: Bump when a corruption's output changes: part of every cache key.
+IMPLEMENTATION_VERSION = 1
 
 
 def _check(name: str, severity: int) -> int:
@@ -285,7 +567,7 @@ def _check(name: str, severity: int) -> int:
     return sev
 
 
-def corrupt(image: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
+def corrupt(image: Tensor, name: str, severity: int, seed: int = 0, frost: str = "auto") -> Tensor:
     """Apply corruption ``name`` at ``severity`` (1..5) to an RGB image.
 
     Args:
@@ -294,6 +576,9 @@ def corrupt(image: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
         severity: integer in 1..5.
         seed: seed of the local random generator; same inputs and seed give
             the same output.
+        frost: texture of the ``frost`` corruption: 'photos' (the reference
+            package's photographs, needs ``imagecorruptions`` installed),
+            'procedural' (generated here) or 'auto' (photos when installed).
 
     Returns:
         ``Tensor[3, H, W]`` float32 in ``[0, 1]`` on the input's device.
@@ -308,7 +593,10 @@ def corrupt(image: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
     x = image.detach().to("cpu", torch.float32).clamp(0.0, 1.0)
     x = np.ascontiguousarray(x.permute(1, 2, 0).numpy())  # H, W, 3
     rng = np.random.default_rng(seed)
-    out = _FUNCS[name](x, _PARAMS[name][sev - 1], rng)
+    if name == "frost":
+        out = _frost(x, _PARAMS[name][sev - 1], rng, frost)
+    else:
+        out = _FUNCS[name](x, _PARAMS[name][sev - 1], rng)
     out = np.clip(out.astype(np.float32, copy=False), 0.0, 1.0)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).to(device)
 
@@ -327,6 +615,11 @@ def _image_seed(base_seed: int, image_id: Any) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0])
 
 
+def to_uint8_grid(image: Tensor) -> Tensor:
+    """Round a [0, 1] image to the 8-bit grid (what an image file holds, as COCO-C's stored images)."""
+    return torch.round(image * 255.0) / 255.0
+
+
 class Corrupt:
     """Dataset transform: ``(image, target) -> (corrupt(image), target)``.
 
@@ -336,20 +629,61 @@ class Corrupt:
     different noise.  Without an ``image_id`` the base ``seed`` is used.  The
     target is returned unchanged (corruptions are photometric or
     geometry-preserving).
+
+    ``uint8=True`` rounds the output to the 8-bit grid, as the image files of
+    COCO-C.  With ``cache_dir`` (implies ``uint8``) each corrupted image is
+    kept there as a PNG, keyed by the clean pixels, corruption, severity,
+    seed, frost source and :data:`IMPLEMENTATION_VERSION`: a second
+    evaluation (another checkpoint) reads the same pixels instead of
+    recomputing them.  ``hits`` / ``misses`` count cache reads and writes.
     """
 
-    def __init__(self, name: str, severity: int, seed: int = 0) -> None:
+    def __init__(self, name: str, severity: int, seed: int = 0, frost: str = "auto",
+                 cache_dir: Optional[str | Path] = None, uint8: bool = False) -> None:
         self.severity = _check(name, severity)
         self.name = name
         self.seed = int(seed)
+        self.frost = frost_source(frost) if name == "frost" else frost
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.uint8 = bool(uint8) or self.cache_dir is not None
+        self.hits = 0
+        self.misses = 0
 
     def seed_for(self, target: Any) -> int:
         if isinstance(target, dict) and target.get("image_id") is not None:
             return _image_seed(self.seed, target["image_id"])
         return self.seed
 
+    def cache_path(self, image: Tensor, seed: int, target: Any = None) -> Path:
+        clean = np.ascontiguousarray(to_uint8_grid(image.detach().to("cpu", torch.float32).clamp(0, 1)).numpy()
+                                     * 255.0).astype(np.uint8)
+        key = hashlib.sha1(clean.tobytes())
+        key.update(repr((clean.shape, self.name, self.severity, seed, self.frost if self.name == "frost" else "",
+                         IMPLEMENTATION_VERSION)).encode())
+        image_id = target.get("image_id") if isinstance(target, dict) else None
+        stem = f"{int(image_id)}-" if isinstance(image_id, (int, np.integer)) else ""
+        return self.cache_dir / f"{self.name}-{self.severity}" / f"{stem}{key.hexdigest()[:20]}.png"
+
     def __call__(self, image: Tensor, target: Any = None):
-        return corrupt(image, self.name, self.severity, self.seed_for(target)), target
+        seed = self.seed_for(target)
+        path = self.cache_path(image, seed, target) if self.cache_dir is not None else None
+        if path is not None and path.is_file():
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is not None and bgr.shape[:2] == tuple(image.shape[1:]):
+                self.hits += 1
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+                return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).to(image.device), target
+        out = corrupt(image, self.name, self.severity, seed, self.frost)
+        if self.uint8:
+            out = to_uint8_grid(out)
+        if path is not None:
+            self.misses += 1
+            u8 = np.rint(out.cpu().numpy().transpose(1, 2, 0) * 255.0).astype(np.uint8)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")  # atomic: a reader never sees half a file
+            cv2.imwrite(str(tmp), cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_PNG_COMPRESSION), 1])
+            os.replace(tmp, path)
+        return out, target
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, severity={self.severity}, seed={self.seed})"
