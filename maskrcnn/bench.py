@@ -4,6 +4,7 @@
     python -m maskrcnn.bench --full-size         # 800x1333 images
     python -m maskrcnn.bench --quick             # smoke run, not a measurement: ResNet-18, 128 px (tests/test_bench.py)
     python -m maskrcnn.bench --out bench.json
+    python -m maskrcnn.bench --coco-size-ann     # also: load + validate a generated COCO-sized annotation file
 
 Both models come from one seeded state dict: ours is built from configs/torchvision_compat.yaml and
 torchvision's is maskrcnn_resnet50_fpn as it is built for training from ImageNet weights (FrozenBatchNorm2d,
@@ -16,6 +17,13 @@ Each benchmark warms up, then interleaves ours and torchvision's repeats (altern
 reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training
 memory is measured in a fresh subprocess per model (peak RSS on CPU, max allocated on CUDA). On CUDA the
 training and inference benchmarks run in mixed precision (autocast fp16 + GradScaler) and report images/s.
+
+Mask targets: 512 sampled RoIs per image (128 foreground) on a batch of two 800x1333 images with 15 objects
+each, our maskrcnn.model.mask_targets against torchvision's project_masks_on_boxes (RoIAlign of the
+full-resolution masks with its compiled kernel); time and extra peak memory (max allocated on CUDA, peak RSS
+growth on CPU). `--coco-size-ann` writes a synthetic annotation file of COCO train2017's size (118k images,
+860k polygon instances, ~450 MB) and times loading + validating it with maskrcnn.data.coco (CocoInstances)
+against pycocotools' own COCO(), each in a fresh process (peak RSS of that process).
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .config import load_config
-from .torchvision_weights import from_torchvision, to_torchvision
+from .torchvision_weights import to_torchvision
 from .model.poolers import MultiScaleRoIAlign
 from .model.postprocess import paste_masks, paste_masks_torchvision
 
@@ -62,6 +70,9 @@ class Settings:
     rois_per_image: int = 512  # RoIs sampled per image for the box head
     detections: int = 100  # detections per image (inference)
     align_rois: int = 512  # RoIs per image of the RoIAlign benchmark (the box head's training load)
+    mask_target_size: tuple[int, int] = (800, 1333)  # image size of the mask-target benchmark (--quick: small)
+    mask_objects: int = 15  # ground-truth masks per image of the mask-target benchmark
+    mask_fg_rois: int = 128  # foreground RoIs per image (25% of 512 sampled) whose targets are built
     seed: int = 0
 
 
@@ -271,6 +282,161 @@ def paste_fns(s: Settings) -> dict[str, Callable]:
             "reference": lambda: paste_masks_in_image(masks, boxes, size)}
 
 
+def mask_target_inputs(s: Settings) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per image: `mask_objects` GT masks [M, H, W] uint8, and `mask_fg_rois` foreground RoIs (jittered GT boxes,
+    IoU >~ 0.5 as sampled foreground) as matched index [F] and boxes [F, 4]."""
+    g = torch.Generator().manual_seed(5)
+    device = torch.device(s.device)
+    h, w = s.mask_target_size
+    per_image = []
+    yy, xx = torch.meshgrid(torch.arange(h).float() + 0.5, torch.arange(w).float() + 0.5, indexing="ij")
+    for _ in range(s.batch):
+        # ellipses of side 2..60% of the image (COCO objects: many small, a few large)
+        r = torch.exp(torch.empty(s.mask_objects, 2).uniform_(0.0, 5.9, generator=g)).clamp(max=0.3 * h)
+        c = torch.rand(s.mask_objects, 2, generator=g) * torch.tensor([w, h])
+        masks = torch.zeros(s.mask_objects, h, w, dtype=torch.uint8)
+        for k in range(s.mask_objects):  # setup only, not timed
+            inside = ((xx - c[k, 0]) / r[k, 0]) ** 2 + ((yy - c[k, 1]) / r[k, 1]) ** 2 <= 1
+            masks[k] = inside
+        gt_boxes = torch.cat((c - r, c + r), 1).clamp(min=0).clamp(max=float(max(h, w)))
+        idx = torch.randint(0, s.mask_objects, (s.mask_fg_rois,), generator=g)
+        wh = (gt_boxes[idx, 2:] - gt_boxes[idx, :2]).repeat(1, 2)
+        boxes = gt_boxes[idx] + torch.randn(s.mask_fg_rois, 4, generator=g) * 0.08 * wh
+        per_image.append((masks.to(device), idx.to(device), boxes.to(device)))
+    return per_image
+
+
+def mask_target_fns(s: Settings) -> tuple[Callable, Callable, str]:
+    """28x28 mask targets of the foreground RoIs of mask_target_inputs, ours (cropped separable RoIAlign) and
+    torchvision's project_masks_on_boxes (RoIAlign of the full masks, its compiled kernel)."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+    from .model.mask_targets import mask_targets
+
+    per_image = mask_target_inputs(s)
+    h, w = s.mask_target_size
+    size = 28
+
+    def ours() -> None:
+        for masks, idx, boxes in per_image:
+            mask_targets(masks, idx, boxes, size, aligned=False, soft=True)
+
+    def tv() -> None:
+        for masks, idx, boxes in per_image:
+            project_masks_on_boxes(masks, boxes, idx, size)
+
+    label = (f"mask targets ({s.batch}x{s.mask_fg_rois} fg RoIs of 512, {s.mask_objects} masks "
+             f"{h}x{w}, 28x28)")
+    return ours, tv, label
+
+
+def peak_extra_mb(fn: Callable[[], None], device: str) -> float:
+    """Extra memory at the peak of one call: max allocated on CUDA, peak RSS growth on CPU (the high-water
+    mark is reset first; large tensors are mmapped by malloc and returned on free, so RSS follows them)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return float("nan")  # no way to reset the high-water mark here
+    base = _rss_kb("VmRSS")
+    fn()
+    return (_rss_kb("VmHWM") - base) / 1024
+
+
+# -------------------------------------------------------------------------------- COCO-sized annotations
+COCO_TRAIN_IMAGES = 118_287
+COCO_TRAIN_INSTANCES = 860_001
+
+
+def write_coco_size_ann(path: str, images: int = COCO_TRAIN_IMAGES, instances: int = COCO_TRAIN_INSTANCES,
+                        points: int = 24, seed: int = 0) -> int:
+    """A synthetic COCO instances file of train2017's size: `images` images (640x480 or 480x640), `instances`
+    polygon annotations of `points` points (~450 MB, like instances_train2017.json). Returns its size in bytes.
+    Written as text directly (json.dumps of 860k dicts would need several GB)."""
+    import math as _math
+    import random as _random
+
+    rng = _random.Random(seed)
+    with open(path, "w") as f:
+        f.write('{"info": {"description": "synthetic COCO-sized file"}, "licenses": [], "images": [')
+        sizes = []
+        for i in range(images):
+            h, w = (480, 640) if rng.random() < 0.72 else (640, 480)
+            sizes.append((h, w))
+            f.write(("," if i else "") + f'{{"id": {i + 1}, "file_name": "{i + 1:012d}.jpg", "height": {h}, '
+                    f'"width": {w}, "license": 1}}')
+        f.write('], "annotations": [')
+        angles = [2 * _math.pi * k / points for k in range(points)]
+        for a in range(instances):
+            img = a % images
+            h, w = sizes[img]
+            rx, ry = rng.uniform(4, w / 4), rng.uniform(4, h / 4)
+            cx, cy = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
+            poly = ", ".join(f"{cx + rx * _math.cos(t):.2f}, {cy + ry * _math.sin(t):.2f}" for t in angles)
+            f.write(("," if a else "") + f'{{"id": {a + 1}, "image_id": {img + 1}, "category_id": {1 + a % 80}, '
+                    f'"iscrowd": 0, "area": {_math.pi * rx * ry:.2f}, "bbox": [{cx - rx:.2f}, {cy - ry:.2f}, '
+                    f'{2 * rx:.2f}, {2 * ry:.2f}], "segmentation": [[{poly}]]}}')
+        f.write('], "categories": [')
+        f.write(", ".join(f'{{"id": {k}, "name": "class{k}", "supercategory": "thing"}}' for k in range(1, 81)))
+        f.write("]}")
+    return os.path.getsize(path)
+
+
+def ann_child(which: str, path: str) -> dict:
+    """Run in a fresh process: load (and for ours, validate and index) the annotation file; time and peak RSS."""
+    import contextlib
+    import io
+    import resource
+
+    t0 = time.perf_counter()
+    if which == "ours":
+        from .data.coco import CocoInstances
+
+        with tempfile.TemporaryDirectory() as image_dir:  # no images are read at construction
+            dataset = CocoInstances(image_dir, path)
+            n = len(dataset)
+    else:
+        from pycocotools.coco import COCO
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            n = len(COCO(path).imgs)
+    seconds = time.perf_counter() - t0
+    return {"which": which, "seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "images": n}
+
+
+def measure_coco_ann(log: Callable[[str], None] = print) -> list[dict]:
+    """Rows: load + validate a COCO-sized annotation file, ours vs pycocotools, each in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "instances_synthetic.json")
+        t0 = time.perf_counter()
+        size = write_coco_size_ann(path)
+        log(f"  generated {path}: {size / 2**20:.0f} MB in {time.perf_counter() - t0:.0f} s")
+        results = {}
+        for which in ("ours", "pycocotools"):
+            cmd = [sys.executable, "-m", "maskrcnn.bench", "--child-ann", which, "--child-ann-path", path]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+            if proc.returncode != 0:
+                raise RuntimeError(f"annotation child ({which}) failed:\n{proc.stderr[-2000:]}")
+            results[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["pycocotools"]
+    log(f"  ours {ours['seconds']:.1f} s / {ours['peak_mb']:.0f} MB, pycocotools {ref['seconds']:.1f} s / "
+        f"{ref['peak_mb']:.0f} MB")
+    name = f"COCO-sized annotations ({COCO_TRAIN_IMAGES // 1000}k images, {COCO_TRAIN_INSTANCES // 1000}k polygons)"
+    return [{"name": f"load + validate {name}", "ours_ms": ours["seconds"] * 1e3,
+             "torchvision_ms": ref["seconds"] * 1e3, "ratio": ours["seconds"] / ref["seconds"], "target": None,
+             "reference": "pycocotools COCO()", "limit_s": 60.0, "detail": results},
+            {"name": f"load + validate {name}, peak RSS (MB)", "ours_mb": ours["peak_mb"],
+             "torchvision_mb": ref["peak_mb"], "ratio": ours["peak_mb"] / ref["peak_mb"], "target": None,
+             "reference": "pycocotools COCO()", "limit_mb": 6144.0}]
+
+
 # ------------------------------------------------------------------------------------------ memory
 def _rss_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -344,7 +510,8 @@ def measure_memory(s: Settings, state: dict[str, Tensor], steps: int, runs: int)
 
 
 # ---------------------------------------------------------------------------------------------- main
-def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print) -> dict:
+def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print,
+        coco_size_ann: bool = False) -> dict:
     torch.set_grad_enabled(True)
     rows: list[dict] = []
     cuda = s.device.startswith("cuda")
@@ -382,7 +549,17 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     fns = paste_fns(s)
     for mode in ("torchvision", "bilinear"):
         add(f"paste 100 masks, {mode} rule ({s.height}x{s.width})", *compare(fns[mode], fns["reference"], s))
-    del ours, tv
+    log("mask targets ...")
+    f_ours, f_tv, label = mask_target_fns(s)
+    add(label, *compare(f_ours, f_tv, s), 1.0)
+    rows.append({"name": f"{label}, extra peak memory (MB)", "ours_mb": peak_extra_mb(f_ours, s.device),
+                 "torchvision_mb": peak_extra_mb(f_tv, s.device), "ratio": float("nan"), "target": 1.0})
+    rows[-1]["ratio"] = rows[-1]["ours_mb"] / max(rows[-1]["torchvision_mb"], 1e-6)
+    log(f"  extra peak memory: ours {rows[-1]['ours_mb']:.0f} MB, torchvision {rows[-1]['torchvision_mb']:.0f} MB")
+    del ours, tv, f_ours, f_tv
+    if coco_size_ann:
+        log("COCO-sized annotation file (generating ~450 MB of JSON) ...")
+        rows.extend(measure_coco_ann(log))
 
     log(f"peak training memory (median of {memory_runs} fresh processes per model) ...")
     mem = measure_memory(s, state, memory_steps, memory_runs)
@@ -413,6 +590,10 @@ def format_table(result: dict) -> str:
         else:
             ours, theirs = f"{r['ours_ms']:.1f} ms", f"{r['torchvision_ms']:.1f} ms"
         target = f"<= {r['target']}" if r.get("target") else ""
+        if r.get("limit_s"):
+            target = f"<= {r['limit_s']:.0f} s"
+        elif r.get("limit_mb"):
+            target = f"<= {r['limit_mb'] / 1024:.0f} GB"
         lines.append(f"{r['name']:<78} {ours:>10} {theirs:>12} {r['ratio']:>6.2f} {target:>7}")
         if "ours_img_s" in r:
             lines.append(f"{'   images / s':<78} {r['ours_img_s']:>10.2f} {r['torchvision_img_s']:>12.2f}")
@@ -435,11 +616,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--coco-size-ann", action="store_true", help="also generate a COCO train2017-sized annotation "
+                   "file (118k images, 860k polygons, ~450 MB in a temporary folder) and time loading + validating "
+                   "it, ours against pycocotools' COCO() (a few minutes)")
     # internal: the fresh process of the memory benchmark
     p.add_argument("--child-memory", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
     p.add_argument("--child-state", help=argparse.SUPPRESS)
     p.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--child-settings", help=argparse.SUPPRESS)
+    p.add_argument("--child-ann", choices=["ours", "pycocotools"], help=argparse.SUPPRESS)
+    p.add_argument("--child-ann-path", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -447,6 +633,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child_ann:
+        print(json.dumps(ann_child(args.child_ann, args.child_ann_path)))
+        return {}
     if args.child_memory:
         s = Settings(**json.loads(args.child_settings))
         print(json.dumps(memory_child(args.child_memory, s, args.child_state, args.child_steps)))
@@ -464,10 +653,12 @@ def main(argv=None) -> dict:
         s.height = s.width = 128
         s.depth, s.repeats, s.warmup, s.objects = 18, 1, 0, 2
         s.post_nms_train, s.post_nms_test, s.rois_per_image, s.detections, s.align_rois = 50, 50, 16, 5, 64
+        s.mask_target_size, s.mask_objects, s.mask_fg_rois = (128, 160), 3, 8
     if args.repeats:
         s.repeats = args.repeats
     print(f"benchmark: {asdict(s)}")
-    result = run(s, memory_steps=1 if args.quick else 2, memory_runs=1 if args.quick else 3)
+    result = run(s, memory_steps=1 if args.quick else 2, memory_runs=1 if args.quick else 3,
+                 coco_size_ann=args.coco_size_ann)
     print(format_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -114,13 +114,16 @@ class RoIHeadsConfig:
 
 @dataclass
 class TransformConfig:
-    min_size_train: list[int] = field(default_factory=lambda: [800])  # short side, one chosen per batch
+    min_size_train: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])  # short side, one
+    # drawn per image (detectron2's multi-scale training; torchvision: [800])
     max_size_train: int = 1333  # long side at most
     min_size_test: int = 800
     max_size_test: int = 1333
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1 scale
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     size_divisibility: int = 32  # batch padded to a multiple of this
+    resize_rounding: str = "detectron2"  # detectron2: int(x + 0.5) of its ResizeShortestEdge | torchvision: floor
+    mask_resize: str = "centre"  # centre: bilinear at pixel centres, >= 0.5 | nearest: torchvision's (+0.5 px shift)
 
 
 @dataclass
@@ -155,6 +158,7 @@ class DataConfig:
     categories: list[str] = field(default_factory=list)  # keep only these category names (empty: all)
     remove_images_without_annotations: bool = True  # drop images with no (non-crowd) object from training
     flip_prob: float = 0.5  # horizontal flip in training
+    aspect_ratio_grouping: bool = False  # training batches of only landscape or only portrait images (COCO: true)
     num_workers: int = 2  # DataLoader workers
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
@@ -186,6 +190,7 @@ class TrainConfig:
     # and ~10% faster training on CPU with oneDNN)
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
+    keep_checkpoints: int = 3  # keep the newest K model_<iter>.pth (0: only last_checkpoint.pth)
     vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)
     precise_bn_iters: int = 0  # after training, recompute BatchNorm statistics over N batches (0: off; norm bn)
     eval_at_end: bool = True  # AR (rpn stage) or AP (full stage) on the val split at the end

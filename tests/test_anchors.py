@@ -146,3 +146,39 @@ def test_level_of_box_size():
     assert level_of_box_size(112) == 3
     assert level_of_box_size(448) == 5
     assert level_of_box_size(223) == 3
+
+
+def test_cache_is_bounded_lru():
+    """A multi-scale run meets a new padded size almost every batch: the cache must not grow with them."""
+    gen = AnchorGenerator(sizes=[32, 64], ratios=[0.5, 1.0, 2.0], strides=[4, 8], cache_size=16)
+    sizes = [(h, w) for h in range(20, 60, 2) for w in (30, 40, 50)]  # 60 distinct batch shapes, 120 grids
+    kept = gen.grid_anchors(0, 7, 9)
+    for h, w in sizes:
+        gen([(h, w), (h // 2, w // 2)])
+        gen.grid_anchors(0, 7, 9)  # used every step: stays in the cache
+        assert len(gen._cache) <= 16
+    assert len(gen._cache) == 16
+    assert gen.grid_anchors(0, 7, 9) is kept
+    largest = max(t.numel() * t.element_size() for t in gen._cache.values())
+    assert sum(t.numel() * t.element_size() for t in gen._cache.values()) <= 16 * largest
+    # the least recently used grids went first: the first batch shapes are gone, the last ones kept
+    assert (0, sizes[0][0], sizes[0][1], 4, 4, torch.device("cpu")) not in gen._cache
+    assert (0, sizes[-1][0], sizes[-1][1], 4, 4, torch.device("cpu")) in gen._cache
+
+
+def test_cache_size_zero_keeps_nothing_and_same_values():
+    cached = AnchorGenerator(sizes=[32], ratios=[0.5, 1.0, 2.0], strides=[8])
+    uncached = AnchorGenerator(sizes=[32], ratios=[0.5, 1.0, 2.0], strides=[8], cache_size=0)
+    (a,) = cached([(5, 6)])
+    (b,) = uncached([(5, 6)])
+    assert len(uncached._cache) == 0
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_cache_cleared_when_moved():
+    gen = AnchorGenerator(sizes=[32], ratios=[1.0], strides=[8])
+    gen([(3, 3)])
+    gen.to(torch.float64)
+    assert len(gen._cache) == 0
+    (a,) = gen([(3, 3)])
+    assert a.dtype == torch.float64

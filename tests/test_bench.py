@@ -24,9 +24,13 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["rows"]]
     for expected in ("training step", "inference", "RoIAlign fwd+bwd", "anchors + proposal selection",
-                     "paste 100 masks", "training memory"):
+                     "paste 100 masks", "mask targets", "training memory"):
         assert any(n.startswith(expected) for n in names), (expected, names)
+    assert not any(n.startswith("load + validate") for n in names)  # the COCO-sized file only on request
     for row in result["rows"]:
+        if "extra peak memory" in row["name"]:  # a quick run's tiny masks may need no extra memory at all
+            assert row["ours_mb"] >= 0 and row["torchvision_mb"] >= 0
+            continue
         assert row["ratio"] > 0
     timed = [r for r in result["rows"] if "ours_ms" in r]
     assert all(r["ours_ms"] > 0 and r["torchvision_ms"] > 0 for r in timed)
@@ -42,3 +46,32 @@ def test_cuda_without_gpu_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA device" in err
+
+
+def test_mask_target_benchmark_compares_the_same_targets():
+    """Ours (soft, not aligned) and torchvision's project_masks_on_boxes build the same numbers in the bench."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+    from maskrcnn.model.mask_targets import mask_targets
+
+    s = bench.Settings(batch=1, mask_target_size=(96, 120), mask_objects=4, mask_fg_rois=30)
+    f_ours, f_tv, label = bench.mask_target_fns(s)
+    assert label.startswith("mask targets (1x30 fg RoIs")
+    masks, idx, boxes = bench.mask_target_inputs(s)[0]
+    ours = mask_targets(masks, idx, boxes, 28, aligned=False, soft=True)
+    theirs = project_masks_on_boxes(masks, boxes, idx, 28)
+    assert theirs.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_coco_size_annotation_file_loads_in_both(tmp_path):
+    """The generated file (here 50 images, 400 instances) is valid for our loader and for pycocotools."""
+    path = tmp_path / "ann.json"
+    size = bench.write_coco_size_ann(str(path), images=50, instances=400)
+    assert size == path.stat().st_size > 400 * 300
+    data = json.loads(path.read_text())
+    assert len(data["images"]) == 50 and len(data["annotations"]) == 400 and len(data["categories"]) == 80
+    ours = bench.ann_child("ours", str(path))
+    theirs = bench.ann_child("pycocotools", str(path))
+    assert ours["images"] == theirs["images"] == 50
+    assert ours["seconds"] > 0 and ours["peak_mb"] > 0

@@ -54,7 +54,7 @@ def test_defaults_model_and_images():
     assert m.backbone.depth == 50 and m.backbone.norm == "frozen_bn" and m.backbone.freeze_at == 2
     assert m.fpn.out_channels == 256 and m.fpn.in_features == ["c2", "c3", "c4", "c5"]
     assert m.noise.enabled is False
-    assert (m.transform.min_size_train, m.transform.max_size_train) == ([800], 1333)
+    assert (m.transform.min_size_train, m.transform.max_size_train) == ([640, 672, 704, 736, 768, 800], 1333)
     assert (m.transform.min_size_test, m.transform.max_size_test) == (800, 1333)
     assert Config().data.flip_prob == 0.5
 
@@ -291,3 +291,23 @@ def test_total_loss_weighs_unnamed_losses_one_and_rejects_unknown_names():
     assert float(total_loss(losses, {"loss_b": 0.5})) == 3.5
     with pytest.raises(ValueError, match="loss_weights names 'loss_c'"):
         total_loss(losses, {"loss_c": 1.0})
+
+
+def test_image_rules_and_grouping_per_config():
+    """Standard settings: detectron2's resize rounding, pixel-centre mask resizing, short side drawn per image
+    from 640..800 and aspect-ratio grouping on COCO; torchvision_compat keeps torchvision's rules; shapes groups
+    nothing (a field of DataConfig, off by default)."""
+    t = Config().model.transform
+    assert (t.resize_rounding, t.mask_resize) == ("detectron2", "centre")
+    assert Config().data.aspect_ratio_grouping is False
+    coco = load_config(CONFIGS / "coco_r50_fpn_1x.yaml")
+    assert coco.model.transform.min_size_train == [640, 672, 704, 736, 768, 800]
+    assert (coco.model.transform.max_size_train, coco.model.transform.min_size_test) == (1333, 800)
+    assert (coco.model.transform.resize_rounding, coco.model.transform.mask_resize) == ("detectron2", "centre")
+    assert coco.data.aspect_ratio_grouping is True
+    tv = load_config(CONFIGS / "torchvision_compat.yaml")
+    assert tv.model.transform.min_size_train == [800]
+    assert (tv.model.transform.resize_rounding, tv.model.transform.mask_resize) == ("torchvision", "nearest")
+    assert load_config(CONFIGS / "shapes.yaml").data.aspect_ratio_grouping is False
+    with pytest.raises(ConfigError, match="model.transform.mask_resize: expected a string"):
+        load_config(None, ["model.transform.mask_resize=1"])

@@ -199,3 +199,52 @@ def test_pooler_level_range_from_strides():
     pooler = MultiScaleRoIAlign(7, STRIDES, 0, True, impl="torchvision")
     assert (pooler.k_min, pooler.k_max) == (2, 5)
     assert pooler.scales == [0.25, 0.125, 0.0625, 0.03125]
+
+
+# ------------------------------------------------------------------------------- fp32 RoIs under AMP
+def big_image_case(seed: int = 3):
+    """A 1600x2400 image: box coordinates above 1024, where fp16 keeps only whole pixels (2048+: even ones)."""
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(1, 4, 1600 // s, 2400 // s, generator=g) for s in STRIDES]
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([2000.0, 1300.0]) + 0.37
+    wh = torch.exp(torch.empty(40, 2).uniform_(math.log(8.0), math.log(400.0), generator=g))
+    boxes = torch.cat((xy, xy + wh), 1)
+    return feats, [boxes]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rois_stay_fp32_with_bf16_features(impl):
+    feats, boxes = big_image_case()
+    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)
+    seen = []
+    inner = pooler._roi_align
+
+    def spy(feature, rois, *args, **kwargs):
+        seen.append(rois.dtype)
+        return inner(feature, rois, *args, **kwargs)
+
+    ref = pooler(feats, boxes)
+    pooler._roi_align = spy
+    low = [f.to(torch.bfloat16) for f in feats]
+    if impl == "ours":  # ours takes fp32 RoIs with bf16 features directly
+        out = pooler(low, boxes)
+    else:  # torchvision's kernel wants one dtype: fp32 RoIs only where autocast casts both (as AMP does)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pooler(low, boxes)
+    assert seen and all(d == torch.float32 for d in seen)
+    assert out.dtype == torch.bfloat16
+    # against the fp32 result on the same (bf16-rounded) features: only the output rounding differs
+    exact = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)([f.float() for f in low], boxes)
+    torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=1e-2)
+    assert (out.float() - ref).abs().max() < 0.1
+    # bf16 RoIs instead would move samples by up to 8 px at x > 2048: the results would differ by far more
+    shifted = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)(
+        [f.float() for f in low], [boxes[0].to(torch.bfloat16).float()])
+    assert (shifted - exact).abs().max() > 0.2
+
+
+def test_bf16_boxes_are_computed_in_fp32():
+    feats, boxes = big_image_case()
+    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl="ours")
+    out = pooler([f.to(torch.bfloat16) for f in feats], [boxes[0].to(torch.bfloat16)])
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -305,3 +305,67 @@ def test_cuda_matches_cpu(sampling_ratio, dtype):
     if dtype == torch.float32:
         tv = torchvision.ops.roi_align(x.cuda(), boxes.cuda(), (7, 7), 1.0, sampling_ratio, False)
         torch.testing.assert_close(out, tv, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# Chunked processing of large inputs, fp32 boxes with low-precision features
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_chunked_equals_whole(aligned, sampling_ratio):
+    """Above max_entries the RoIs go in chunks (forward, and the backward rebuilds each chunk): the same
+    numbers, bit for bit in the forward (each bin is one bag either way) and to float rounding in the backward
+    (a feature row's gradient is summed chunk by chunk)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 23, 31, generator=gen, dtype=torch.float64)
+    boxes = make_boxes(2, 23, 31, gen, k_random=40).double()
+    grad = torch.randn(boxes.shape[0], 6, 5, 4, generator=gen, dtype=torch.float64)
+    xa = x.clone().requires_grad_()
+    whole = roi_align(xa, boxes, (5, 4), 1.0, sampling_ratio, aligned)
+    whole.backward(grad)
+    for budget in (1, 700, 5000):
+        xb = x.clone().requires_grad_()
+        chunked = roi_align(xb, boxes, (5, 4), 1.0, sampling_ratio, aligned, max_entries=budget)
+        assert torch.equal(chunked, whole)
+        chunked.backward(grad)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-12, rtol=0)
+
+
+def test_chunked_gradcheck():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[0, 0.3, 0.6, 4.1, 3.7], [1, -1.2, 1.1, 2.5, 6.4], [1, 2.2, 0.4, 9.0, 2.9],
+                          [0, 1.1, 1.2, 5.5, 5.4]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda inp: roi_align(inp, boxes, (2, 3), 1.0, -1, True, max_entries=60), (x,),
+                                    eps=1e-6, atol=1e-6)
+
+
+def test_chunking_bounds_memory():
+    """64 RoIs of ~400 px, 28x28, adaptive sampling (the old mask-target load): ~45M entries, built at most
+    budget + one RoI at a time (the chunk sizes bound the memory; a peak-RSS check would be flaky here)."""
+    from maskrcnn.model.roi_align import _chunks, _entries_per_roi, _geometry
+
+    rois = torch.cat((torch.zeros(64, 1), torch.rand(64, 2) * 300, torch.rand(64, 2) * 300 + 400), 1)
+    rois[:, 3:] = torch.maximum(rois[:, 3:], rois[:, 1:3] + 350)
+    _, _, bh, bw = _geometry(rois, 28, 28, 1.0, True)
+    counts = _entries_per_roi(bh, bw, 28, 28, 0)
+    bounds, totals = _chunks(counts, 1 << 20)
+    assert sum(totals) == int(counts.sum()) > 40 * (1 << 20) // 2
+    assert bounds[0] == 0 and bounds[-1] == 64 and len(bounds) > 2
+    assert max(totals) <= (1 << 20) + int(counts.max())
+
+
+def test_fp32_boxes_with_bf16_features_keep_their_precision():
+    """AMP: features bf16/fp16, boxes fp32 with coordinates > 1024 (fp16 would round them to whole pixels)."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 4, 40, 60, generator=gen)
+    boxes = torch.tensor([[0, 1025.3, 300.7, 1700.45, 600.2], [0, 2047.6, 10.3, 2300.9, 200.1]])
+    ref = roi_align(x, boxes, 7, 1 / 40, 2, True)
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        out = roi_align(x.to(dtype), boxes, 7, 1 / 40, 2, True)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), roi_align(x.to(dtype).float(), boxes, 7, 1 / 40, 2, True),
+                                   atol=tol, rtol=tol)
+        assert (out.float() - ref).abs().max() < 5 * tol

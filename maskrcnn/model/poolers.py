@@ -78,6 +78,8 @@ class MultiScaleRoIAlign(nn.Module):
     def forward(self, features: list[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features: one map per level (fine to coarse); boxes: list of [Ri, 4] per image -> [R, C, S, S]."""
         rois = rois_from_boxes(boxes)
+        if rois.dtype in (torch.float16, torch.bfloat16):
+            rois = rois.float()  # coordinates stay fp32 even when the features are fp16 (AMP evaluation)
         c = features[0].shape[1]
         # Not zero-filled: every RoI has exactly one level, so every row is written below.
         out = features[0].new_empty((rois.shape[0], c, self.output_size, self.output_size))
@@ -90,10 +92,21 @@ class MultiScaleRoIAlign(nn.Module):
             idx = torch.nonzero(levels == level).squeeze(1)
             if idx.numel() == 0:
                 continue
-            pooled = self._roi_align(feature, rois[idx].to(feature.dtype), (self.output_size, self.output_size),
+            pooled = self._roi_align(feature, self._rois_for(rois[idx], feature), (self.output_size, self.output_size),
                                      spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
             out.index_copy_(0, idx, pooled.to(out.dtype))  # written back by index: RoI order is kept
         return out
+
+    def _rois_for(self, rois: Tensor, feature: Tensor) -> Tensor:
+        """RoIs in the dtype the implementation should see. fp16 has 11 significant bits, so above 1024 px it
+        rounds coordinates to whole pixels (above 2048 to even ones): under AMP the RoIs must stay fp32.
+        Ours computes coordinates in fp32 whatever the features' dtype; torchvision's kernel wants one dtype,
+        and under autocast its wrapper casts both to fp32 itself."""
+        if self.impl == "ours" or rois.dtype == feature.dtype:
+            return rois
+        if feature.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(feature.device.type):
+            return rois
+        return rois.to(feature.dtype)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, scales={self.scales}, sampling_ratio={self.sampling_ratio}, "

@@ -2,6 +2,14 @@
 of 32; and the inverse mapping of detections back to the size of the image passed in.
 
 Shapes: images list of [3, Hi, Wi] float 0..1 RGB -> ImageList(tensor [N, 3, Hp, Wp], image_sizes [(h, w)]).
+
+In training the short side is drawn per image from `min_size_train` (detectron2's ResizeShortestEdge "choice",
+torchvision's GeneralizedRCNNTransform). Two rules differ between the references, each a switch:
+  resize_rounding  detectron2: short side set to the size, long side scaled, both rescaled if the long side
+                   exceeds the max, then int(x + 0.5) | torchvision: floor(side * scale), scale = min(...)
+  mask_resize      centre: bilinear at pixel centres (as the image), then >= 0.5: edges stay where they are |
+                   nearest: torchvision's F.interpolate "nearest", which reads source pixel floor(i * old / new)
+                   and so shifts enlarged masks ~half a (new) pixel right and down against the image and boxes
 """
 from __future__ import annotations
 
@@ -14,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+RESIZE_ROUNDINGS = ("detectron2", "torchvision")
+MASK_RESIZES = ("centre", "nearest")
+
 
 @dataclass
 class ImageList:
@@ -24,10 +35,38 @@ class ImageList:
         return ImageList(self.tensor.to(device), self.image_sizes)
 
 
-def resized_size(h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
-    """Scale so the short side is min_size unless the long side would exceed max_size (floor, as torchvision)."""
-    scale = min(min_size / min(h, w), max_size / max(h, w))
-    return int(math.floor(h * scale)), int(math.floor(w * scale))
+def resized_size(h: int, w: int, min_size: float, max_size: float, rounding: str = "torchvision"
+                 ) -> tuple[int, int]:
+    """(h, w) scaled so the short side is min_size unless the long side would exceed max_size.
+
+    torchvision: floor(side * min(min_size / short, max_size / long)).
+    detectron2 (ResizeShortestEdge.get_output_shape): short side = min_size, long side scaled; if the long
+    side exceeds max_size both are scaled down again; then rounded, int(x + 0.5)."""
+    if rounding == "torchvision":
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        return int(math.floor(h * scale)), int(math.floor(w * scale))
+    if rounding == "detectron2":
+        size = float(min_size)
+        scale = size / min(h, w)
+        new_h, new_w = (size, scale * w) if h < w else (scale * h, size)
+        if max(new_h, new_w) > max_size:
+            scale = max_size * 1.0 / max(new_h, new_w)
+            new_h, new_w = new_h * scale, new_w * scale
+        return int(new_h + 0.5), int(new_w + 0.5)
+    raise ValueError(f"unknown resize rounding '{rounding}' ({' | '.join(RESIZE_ROUNDINGS)})")
+
+
+def resize_masks(masks: Tensor, size: tuple[int, int], mode: str = "centre") -> Tensor:
+    """[N, H, W] uint8 0/1 masks -> [N, h, w] uint8 (see the module docstring for the two modes)."""
+    if mode not in MASK_RESIZES:
+        raise ValueError(f"unknown mask resize '{mode}' ({' | '.join(MASK_RESIZES)})")
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    m = masks[:, None].float()
+    if mode == "nearest":
+        return F.interpolate(m, size=size, mode="nearest")[:, 0].to(torch.uint8)
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    return (m[:, 0] >= 0.5).to(torch.uint8)
 
 
 def resize_boxes(boxes: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
@@ -39,10 +78,16 @@ def resize_boxes(boxes: Tensor, old: tuple[int, int], new: tuple[int, int]) -> T
 
 
 class ImageTransform(nn.Module):
-    def __init__(self, min_size_train: Sequence[int], max_size_train: int, min_size_test: int,
+    def __init__(self, *, min_size_train: Sequence[int], max_size_train: int, min_size_test: int,
                  max_size_test: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                 size_divisibility: int = 32):
+                 size_divisibility: int = 32, resize_rounding: str = "detectron2", mask_resize: str = "centre"):
         super().__init__()
+        if resize_rounding not in RESIZE_ROUNDINGS:
+            raise ValueError(f"unknown resize rounding '{resize_rounding}' ({' | '.join(RESIZE_ROUNDINGS)})")
+        if mask_resize not in MASK_RESIZES:
+            raise ValueError(f"unknown mask resize '{mask_resize}' ({' | '.join(MASK_RESIZES)})")
+        self.resize_rounding = resize_rounding
+        self.mask_resize = mask_resize
         self.min_size_train = list(min_size_train)
         self.max_size_train = max_size_train
         self.min_size_test = min_size_test
@@ -53,11 +98,11 @@ class ImageTransform(nn.Module):
 
     def resize(self, image: Tensor, target: Optional[dict]) -> tuple[Tensor, Optional[dict]]:
         h, w = image.shape[-2:]
-        if self.training:
+        if self.training:  # drawn for each image (forward calls resize once per image)
             min_size, max_size = random.choice(self.min_size_train), self.max_size_train
         else:
             min_size, max_size = self.min_size_test, self.max_size_test
-        new = resized_size(h, w, min_size, max_size)
+        new = resized_size(h, w, min_size, max_size, self.resize_rounding)
         if new != (h, w):
             image = F.interpolate(image[None], size=new, mode="bilinear", align_corners=False)[0]
         if target is None:
@@ -65,11 +110,7 @@ class ImageTransform(nn.Module):
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (h, w), new)
         if "masks" in target and new != (h, w):
-            if target["masks"].shape[0] == 0:
-                target["masks"] = target["masks"].new_zeros((0, *new))
-            else:
-                masks = target["masks"][:, None].float()
-                target["masks"] = F.interpolate(masks, size=new, mode="nearest")[:, 0].to(torch.uint8)
+            target["masks"] = resize_masks(target["masks"], new, self.mask_resize)
         return image, target
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None
@@ -95,4 +136,5 @@ class ImageTransform(nn.Module):
     def extra_repr(self) -> str:
         return (f"min_size_train={self.min_size_train}, max_size_train={self.max_size_train}, "
                 f"min_size_test={self.min_size_test}, max_size_test={self.max_size_test}, "
-                f"size_divisibility={self.size_divisibility}")
+                f"size_divisibility={self.size_divisibility}, resize_rounding={self.resize_rounding}, "
+                f"mask_resize={self.mask_resize}")
