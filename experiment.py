@@ -8,6 +8,7 @@
 
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0 and 1
     python experiment.py --seeds 0 1 2 --name noise-study --set model.noise.strength=0.3
+    python experiment.py --overwrite          # run the demo again in runs/demo/ (else: refused, it holds runs)
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=0, help="clean evaluation on at most N val images (0: all)")
     p.add_argument("--corruption-images", type=int, default=30,
                    help="evaluation under each corruption on the first N val images (0: all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again in runs/<name>/, deleting the checkpoints and events of its earlier runs")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -49,7 +52,8 @@ def main(argv=None) -> dict:
 
         start = time.perf_counter()
         root = Path("runs") / args.name
-        common = ["--config", args.config] + (["--no-progress"] if args.no_progress else [])
+        common = (["--config", args.config] + (["--no-progress"] if args.no_progress else [])
+                  + (["--overwrite"] if args.overwrite else []))
         sets = ["train.output_dir=" + str(root)] + list(args.set)
         full_sets = sets + ([f"solver.max_iter={args.full_iters}", f"solver.steps=[{int(args.full_iters * 8 / 9)}]"]
                             if args.full_iters else [])

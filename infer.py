@@ -45,7 +45,8 @@ def main(argv=None) -> list[dict]:
         from maskrcnn.engine.checkpoint import model_from_checkpoint
         from maskrcnn.data.coco import read_image
         from maskrcnn.engine.device import select_device
-        from maskrcnn.vis.drawing import draw_detections, save_png
+        from maskrcnn.vis.panels import draw_detections
+        from maskrcnn.vis.primitives import save_png
 
         images = list_images(Path(args.input))
         if not Path(args.checkpoint).is_file():

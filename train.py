@@ -5,6 +5,11 @@
     python train.py --config configs/torchvision_compat.yaml --stage full --init torchvision \
         --set data.train_ann=... data.val_ann=...   # transfer learning from torchvision's COCO weights
     python train.py --config configs/coco_r50_fpn_1x.yaml --set data.train_ann=... solver.max_iter=1000
+    python train.py --name NAME --resume      # continue exactly where runs/NAME stopped (or was killed)
+
+SIGTERM or SIGINT (Ctrl-C) finishes the current step, writes a checkpoint, prints the command that resumes
+the run and exits with status 128 + the signal (143 for SIGTERM, 130 for SIGINT); a second signal stops at
+once. Exit status 2: a user error (one line), 3: a non-finite loss.
 """
 from __future__ import annotations
 
@@ -28,8 +33,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", help="run name: runs/<name>/ (default: <stage>[-noise]-<time>)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--resume", action="store_true", help="continue the run <name> from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run <name> again, deleting the checkpoints and events of the run there")
+    p.add_argument("--check-data", action="store_true", help="check every image and annotation of both splits "
+                   "before the first iteration (as python -m maskrcnn.data.check) and stop on errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def check_data(cfg, progress: bool) -> None:
+    """The dataset checker on both splits: its summary, and a one-line error when training would fail."""
+    from maskrcnn.data.build import dataset_paths
+    from maskrcnn.data.check import check_dataset_files
+    from maskrcnn.data.coco import DatasetError
+
+    paths = dataset_paths(cfg)
+    for split in ("train", "val"):
+        report = check_dataset_files(paths[f"{split}_ann"], paths[f"{split}_images"],
+                                     workers=cfg.data.num_workers or None, progress=progress)
+        print(f"{split}: {report.summary()}")
+        if not report.ok:
+            raise DatasetError(f"--check-data: the {split} split has {len(report.errors)} error(s) (listed above); "
+                               f"training would stop on them")
 
 
 def _resumed_config(cfg, args):
@@ -38,6 +63,8 @@ def _resumed_config(cfg, args):
     from maskrcnn.config import load_config
     if not args.name:
         raise ValueError("--resume needs --name of the run to continue")
+    if args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     run_dir = Path(cfg.train.output_dir) / args.name
     if not (run_dir / "last_checkpoint.pth").is_file():
         raise FileNotFoundError(f"--resume: no {run_dir / 'last_checkpoint.pth'} to continue from")
@@ -70,8 +97,11 @@ def main(argv=None) -> dict:
             f"{cfg.stage}{'-noise' if cfg.model.noise.enabled else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.train.name = name
         run_dir = Path(cfg.train.output_dir) / name
+        if args.check_data:
+            check_data(cfg, progress=not args.no_progress)
         print(f"run directory: {run_dir}")
-        trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress)
+        trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress,
+                          overwrite=args.overwrite)
         summary = trainer.train()
         print(f"checkpoint: {summary['checkpoint']}")
         return summary

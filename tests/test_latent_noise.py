@@ -232,3 +232,27 @@ def test_unknown_level_raises_key_error():
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         LatentNoise(enabled=True, **kwargs)
+
+
+def test_get_set_state_continues_the_stream():
+    """A module given another's generator state draws what the other would have drawn next."""
+    noise = LatentNoise.seed000(seed=3).train()
+    assert noise.get_state() == {}  # nothing drawn yet
+    _stream(noise, 2)
+    state = noise.get_state()
+    assert set(state) == {"cpu"} and state["cpu"].dtype == torch.uint8
+    expected = _stream(noise, 2)
+    other = LatentNoise.seed000(seed=3).train()
+    other.set_state({k: v.clone() for k, v in state.items()})
+    got = _stream(other, 2)
+    assert all(torch.equal(x, y) for x, y in zip(expected, got))
+    fresh = _stream(LatentNoise.seed000(seed=3).train(), 1)[0]
+    assert not torch.equal(got[0], fresh)  # the state mattered: not the start of the stream again
+    other.set_state({})  # no state: the stream restarts from the seed
+    assert torch.equal(_stream(other, 1)[0], fresh)
+
+
+def test_set_state_needs_a_seed():
+    assert LatentNoise.seed000().get_state() == {}
+    with pytest.raises(ValueError, match="no seed"):
+        LatentNoise.seed000().set_state({"cpu": torch.Generator().get_state()})

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from maskrcnn.data import CocoInstances, Compose, RandomHorizontalFlip, build_loader, collate, generate_shapes
+from maskrcnn.data.coco import CocoInstances
+from maskrcnn.data.loader import build_loader, collate
+from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
 
 
 class _Random(Dataset):
@@ -101,3 +104,50 @@ def test_flip_augmentation_repeatable(tmp_path: Path) -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     runs = [run(s) for s in range(1, 6)]
     assert any(not all(torch.equal(x, y) for x, y in zip(a, r)) for r in runs)
+
+
+def test_position_and_set_position_continue_the_same_batches() -> None:
+    """A loader started at (epoch, index) yields what an uninterrupted one yields from there, and `position`
+    after each batch is where a stopped run must start again."""
+    def make():
+        return build_loader(_Random(10), 3, shuffle=True, num_workers=0, seed=5, drop_last=True, infinite=True)
+
+    loader = make()
+    assert loader.position == (0, 0) and loader.batches_per_epoch == 3
+    stream = iter(loader)
+    batches, positions = [], []
+    for _ in range(8):
+        batches.append(_summary([next(stream)])[0])
+        positions.append(loader.position)
+    assert positions == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    for k in (1, 2, 4, 6):  # mid-epoch and at an epoch boundary
+        resumed = make()
+        resumed.set_position(*positions[k - 1])
+        rest = _summary(itertools.islice(iter(resumed), 8 - k))
+        assert rest == batches[k:], k
+    with pytest.raises(ValueError, match="outside"):
+        make().set_position(0, 3)
+
+
+def test_set_position_skips_without_loading() -> None:
+    class Counting(_Random):
+        loaded = 0
+
+        def __getitem__(self, i):
+            Counting.loaded += 1
+            return super().__getitem__(i)
+
+    loader = build_loader(Counting(10), 2, shuffle=True, num_workers=0, seed=1, drop_last=True)
+    full = _summary(loader)
+    Counting.loaded = 0
+    resumed = build_loader(Counting(10), 2, shuffle=True, num_workers=0, seed=1, drop_last=True)
+    resumed.set_position(0, 3)
+    assert _summary(resumed) == full[3:] and Counting.loaded == 4
+
+
+def test_set_position_with_workers() -> None:
+    a = _summary(itertools.islice(iter(build_loader(_Random(10), 2, True, 0, 4, True, True)), 9))
+    loader = build_loader(_Random(10), 2, True, 2, 4, True, True)
+    loader.set_position(1, 2)
+    assert _summary(itertools.islice(iter(loader), 2)) == a[7:9]
+    del loader

@@ -240,3 +240,28 @@ def test_precise_bn_skips_frozen_batchnorm():
     cfg = load_config("configs/tiny.yaml", ["model.backbone.norm=frozen_bn"])
     model = build_model(cfg, load_weights=False)
     assert update_bn_stats(model, [], 5, torch.device("cpu")) == 0
+
+
+def test_check_data_stops_before_training_on_a_broken_image(tmp_path, capsys):
+    """--check-data runs the dataset checker on both splits: a clean set trains, an unreadable image stops the
+    run with one line before anything is written."""
+    import shutil
+
+    from maskrcnn.data.build import dataset_paths
+
+    paths = dataset_paths(load_config("configs/tiny.yaml"))
+    sets = ["data.dataset=coco", *(f"data.{k}={paths[k]}" for k in ("train_ann", "train_images", "val_ann", "val_images"))]
+    _train(tmp_path, "solver.max_iter=1", "train.eval_at_end=false", *sets, "--check-data", name="clean")
+    assert "OK: no errors" in capsys.readouterr().out
+    broken = tmp_path / "val_images"
+    shutil.copytree(paths["val_images"], broken)
+    first = sorted(broken.iterdir())[0]
+    first.write_bytes(b"not an image")
+    bad_sets = [s for s in sets if not s.startswith("data.val_images=")] + [f"data.val_images={broken}"]
+    with pytest.raises(SystemExit) as e:
+        _train(tmp_path, "solver.max_iter=1", *bad_sets, "--check-data", name="broken")
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert first.name in out  # the checker's summary names the file
+    assert err.count("\n") == 1 and "--check-data: the val split has 1 error(s)" in err
+    assert not (tmp_path / "broken").exists()  # stopped before the run directory was made

@@ -5,6 +5,10 @@ seed are drawn from ``(seed, epoch)``.  Each sample is loaded with torch's RNG
 seeded from its own seed (then restored, so the caller's global RNG is untouched).
 Consequently the same seed gives the same batches whatever ``num_workers`` is,
 and epoch ``e`` of a resumed run equals epoch ``e`` of an uninterrupted one.
+:attr:`SeededLoader.position` says where the next batch comes from, ``(epoch, batch
+index)``; :meth:`SeededLoader.set_position` starts there, skipping the batches
+before it without loading them, so a resumed run sees exactly the batches that
+the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ class _EpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # samples of this epoch not to yield (a resumed epoch); the order itself is unchanged
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=g)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(list(zip(order.tolist(), seeds.tolist()))[self.skip:])
 
     def __len__(self) -> int:
         return self.size
@@ -105,8 +110,11 @@ class SeededLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset = dataset
+        self.batch_size = batch_size
         self.infinite = infinite
         self.epoch = 0
+        self._start_index = 0  # first batch of the next epoch to iterate (set_position)
+        self._position = (0, 0)
         self.sampler = _EpochSampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
         self.loader = DataLoader(
             _SeededItems(dataset),
@@ -133,13 +141,33 @@ class SeededLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at ``epoch`` (e.g. when resuming)."""
-        self.epoch = epoch
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, index: int = 0) -> None:
+        """Start the next iteration at batch ``index`` of ``epoch``: the batches of an uninterrupted run from
+        there on, without loading the ones before."""
+        if epoch < 0 or not 0 <= index < max(1, self.batches_per_epoch):
+            raise ValueError(f"loader position ({epoch}, {index}) outside epochs of {self.batches_per_epoch} batches")
+        self.epoch, self._start_index = int(epoch), int(index)
+        self._position = (self.epoch, self._start_index)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, batch index)`` of the next batch: what to pass to :meth:`set_position` to continue."""
+        return self._position
 
     def _one_epoch(self) -> Iterator[Batch]:
         # Advance first: an epoch abandoned half-way is not replayed by the next iter().
-        self.sampler.epoch = self.epoch
-        self.epoch += 1
-        yield from self.loader
+        epoch, start = self.epoch, self._start_index
+        self.sampler.epoch, self.sampler.skip = epoch, start * self.batch_size
+        self.epoch, self._start_index = epoch + 1, 0
+        self._position = (epoch, start)
+        n = self.batches_per_epoch
+        for index, batch in enumerate(self.loader, start):
+            # Set before the yield: a caller that stops here (a checkpoint) reads where the next batch is.
+            self._position = (epoch, index + 1) if index + 1 < n else (epoch + 1, 0)
+            yield batch
+        self.sampler.skip = 0
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.infinite:

@@ -1,38 +1,171 @@
-"""Checkpoints: atomic saving (a crash never leaves a half-written file), loading, and partial loading
-of a compatible checkpoint into a model with a report of what was loaded, new or skipped."""
+"""Checkpoints: safe to load, written atomically, pruned to the newest K; partial loading of a compatible
+checkpoint into a model with a report of what was loaded, new or skipped.
+
+A checkpoint is a dict of tensors and plain Python values only (the config as YAML text, the class names as
+a list, RNG states as tensors, lists and tuples of ints), so it loads with `torch.load(weights_only=True)`,
+which cannot run code. Every checkpoint is loaded that way; an older checkpoint of this project (which held
+the config object) is converted once, explicitly:
+
+    python -m maskrcnn.engine.checkpoint upgrade runs/old/model_final.pth --trust
+"""
 from __future__ import annotations
 
+import argparse
+import errno
 import os
+import pickle
+import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+FORMAT = 2  # state["format"]: 2 = weights-only (config as YAML text); older checkpoints have no "format"
+LAST = "last_checkpoint.pth"
+NUMBERED = re.compile(r"model_(\d{7})\.pth")  # model_0005000.pth: the periodic checkpoint at iteration 5000
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, ...); the previous one is intact."""
+
+
+def numbered_name(iteration: int) -> str:
+    return f"model_{iteration:07d}.pth"
+
+
+# ------------------------------------------------------------------------------------------------ saving
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def unsafe_entry(obj: Any, where: str = "checkpoint") -> str | None:
+    """The first entry of `obj` that a weights-only load would refuse, e.g. "checkpoint['config'] (Config)";
+    None when every value is a tensor or a plain Python value."""
+    if isinstance(obj, _PLAIN):
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = unsafe_entry(k, f"{where} key") or unsafe_entry(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            bad = unsafe_entry(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{where} ({type(obj).__module__}.{type(obj).__qualname__})"
+
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write `state` to `path` atomically: a crash, a kill or a full disk leaves the previous file at `path`
+    intact and no temporary file behind (the data is flushed to disk before the rename)."""
+    bad = unsafe_entry(state)
+    if bad:
+        raise TypeError(f"{path}: {bad} would make the checkpoint unloadable with weights_only=True")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: the previous checkpoint stays intact until this line
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: the previous checkpoint stays intact until this line
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(e.errno, f"could not write {path} ({e.strerror or e}); "
+                                                f"the previous {path.name}, if any, is intact") from e
+        raise
+
+
+def link_checkpoint(source: Path, dest: Path) -> None:
+    """Make `dest` the same file as `source` (a hard link: no second copy on disk; a copy where the file
+    system has no hard links), atomically."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(e.errno, f"could not write {dest} ({e.strerror or e}); "
+                                            f"the previous {dest.name}, if any, is intact") from e
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` numbered checkpoints (model_<iter>.pth) of `run_dir`."""
+    numbered = sorted((int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := NUMBERED.fullmatch(p.name)))
+    removed = [p for _, p in numbered[:max(0, len(numbered) - keep)]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _upgrade_hint(path: Path) -> str:
+    return f"if you trust it, convert it once with `python -m maskrcnn.engine.checkpoint upgrade {path} --trust`"
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as a dict, loaded with weights_only=True (no code runs): "model" (a bare state dict is
+    wrapped as {"model": ...}), and when present "config" (a Config), "class_names" (a list), "stage",
+    "iteration", "optimizer", "scheduler", "scaler", "rng", "data", "history"."""
+    from ..config import ConfigError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # Our checkpoints hold the config dataclass, so they are not weights-only pickles.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise ValueError(f"{path}: not a readable checkpoint (UnpicklingError: {str(e).splitlines()[0]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
+        raise ValueError(f"{path}: not a weights-only checkpoint ({what}, which would need to run code to load); "
+                         + _upgrade_hint(path)) from None
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint dict")
     if "model" not in state:  # a bare state dict
         state = {"model": state}
+    if isinstance(state.get("config"), str):
+        try:
+            state["config"] = config_from_yaml(state["config"])
+        except ConfigError as e:
+            raise ValueError(f"{path}: the config it holds does not fit this code ({e})") from None
+    if state.get("class_names") is not None:
+        state["class_names"] = list(state["class_names"])
     return state
 
 
+def config_to_yaml(cfg) -> str:
+    import yaml
+
+    from ..config import config_to_dict
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_yaml(text: str):
+    import yaml
+
+    from ..config import config_from_dict
+    return config_from_dict(yaml.safe_load(text) or {})
+
+
+# ------------------------------------------------------------------------------------- partial loading
 @dataclass
 class LoadReport:
     source: str
@@ -101,3 +234,92 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
         raise ValueError(f"{path}: weights do not fit the model built from the config ({first})") from None
     model.class_names = state.get("class_names")  # index 0 is the background
     return model.to(device).eval(), cfg
+
+
+# ------------------------------------------------------------------------------- one-time conversion
+def _plain(obj: Any, where: str) -> Any:
+    """`obj` with numpy values turned into tensors / Python numbers; anything else unsafe is an error."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    return obj  # tensors, plain values, state-dict OrderedDicts (checked by unsafe_entry afterwards)
+
+
+def upgrade_state(state: Any, source: str) -> dict:
+    """An older checkpoint (loaded with weights_only=False) in the weights-only format."""
+    import dataclasses
+
+    from ..config import Config
+
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: not a checkpoint dict ({type(state).__name__})")
+    if "model" not in state:
+        state = {"model": state}
+    out = {}
+    for key, value in state.items():
+        if key == "config" and isinstance(value, Config):
+            value = config_to_yaml(value)
+        elif key == "config" and dataclasses.is_dataclass(value):
+            raise ValueError(f"{source}: its config is a {type(value).__name__}, not this project's Config")
+        elif key == "class_names" and value is not None:
+            value = [str(v) for v in value]
+        out[key] = _plain(value, f"checkpoint[{key!r}]")
+    out["format"] = FORMAT
+    bad = unsafe_entry(out)
+    if bad:
+        raise ValueError(f"{source}: cannot convert {bad} to a weights-only value")
+    return out
+
+
+def upgrade(path: str | Path, out: str | Path | None, trust: bool) -> Path:
+    path = Path(path)
+    out = Path(out) if out else path
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        safe = True
+    except pickle.UnpicklingError:
+        safe = False
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if safe:
+        print(f"{path}: already a weights-only checkpoint, nothing to do")
+        return path
+    if not trust:
+        raise ValueError(f"{path}: converting means loading it with pickle, which runs any code the file holds; "
+                         "pass --trust only if you know where it came from (e.g. an older run of this project)")
+    print(f"warning: loading {path} with weights_only=False: a malicious file could run code now", file=sys.stderr)
+    state = upgrade_state(torch.load(path, map_location="cpu", weights_only=False), str(path))
+    save_checkpoint(state, out)
+    load_checkpoint(out)  # proof: it loads without running code
+    print(f"{out}: weights-only checkpoint written ({len(state['model'])} tensors"
+          f"{', config' if 'config' in state else ''}{', optimizer' if 'optimizer' in state else ''})")
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.engine.checkpoint",
+                                description="Convert an older checkpoint of this project to the weights-only format.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="rewrite a checkpoint that needs code to load as a weights-only one")
+    up.add_argument("checkpoint")
+    up.add_argument("--trust", action="store_true",
+                    help="load it with pickle (weights_only=False) once: only for a file you trust")
+    up.add_argument("--out", help="where to write the converted checkpoint (default: in place)")
+    args = p.parse_args(argv)
+    from ..cli import one_line_errors
+    with one_line_errors():
+        upgrade(args.checkpoint, args.out, args.trust)
+
+
+if __name__ == "__main__":
+    from maskrcnn.engine.checkpoint import main as _main  # the importable module, so its exception classes match
+    _main()

@@ -1,6 +1,12 @@
 """Training: data, optimiser and schedule, the loop, checkpoints, and the end-of-run evaluation.
 
-    run = Trainer(cfg, init="runs/rpn/model_final.pth"); run.train()
+    run = Trainer(cfg, "runs/full", init="runs/rpn/model_final.pth"); run.train()
+
+Nothing is lost: a checkpoint holds the model, optimiser, scheduler, grad scaler, iteration, every RNG
+(python, numpy, torch CPU and CUDA, LatentNoise's generators), the position in the data order and the loss
+history, so a resumed run continues exactly where the checkpointed one was (bit-identical losses on CPU).
+SIGTERM or SIGINT finishes the current step, writes a checkpoint, prints how to resume and exits with
+128 + the signal number (143, 130); a second signal exits at once.
 """
 from __future__ import annotations
 
@@ -8,28 +14,109 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from ..cli import Stopped
 from ..model.build import build_model
-from .checkpoint import load_checkpoint, partial_load, save_checkpoint
-from ..config import Config, save_config
+from ..model.latent_noise import LatentNoise
+from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_checkpoint, numbered_name,
+                         partial_load, prune_checkpoints, save_checkpoint)
+from ..config import Config, TrainConfig, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
 from ..evaluation.coco_eval import evaluate_model, format_metrics
 from .device import select_device
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # checkpoint, then exit 128 + signum (143 / 130)
+DEFAULT_OUTPUT_DIR = TrainConfig.output_dir  # train.py --resume finds runs here without --set
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state(model: torch.nn.Module) -> dict:
+    """Every RNG the training loop draws from, as weights-only values (tensors, lists and tuples of ints)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+            "torch": torch.get_rng_state(),
+            # Only when this process uses CUDA: get_rng_state_all() would initialise it.
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "noise": {n: m.get_state() for n, m in model.named_modules() if isinstance(m, LatentNoise)}}
+
+
+def set_rng_state(state: dict, model: torch.nn.Module) -> list[str]:
+    """Restore `rng_state`; returns what could not be restored (e.g. CUDA states on a CPU-only machine)."""
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    missing = []
+    if state["cuda"]:
+        if torch.cuda.is_available() and torch.cuda.device_count() >= len(state["cuda"]):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            missing.append(f"CUDA RNG of {len(state['cuda'])} device(s)")
+    modules = dict(model.named_modules())
+    for n, noise_state in state["noise"].items():
+        if isinstance(modules.get(n), LatentNoise):
+            modules[n].set_state(noise_state)
+        else:
+            missing.append(f"LatentNoise generator {n!r}")
+    return missing
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files a training run writes in its directory."""
+    if not run_dir.is_dir():
+        return []
+    fixed = [run_dir / n for n in ("config.yaml", LAST, "model_final.pth", "metrics.json")]
+    return sorted([p for p in fixed if p.exists()]
+                  + [p for p in run_dir.iterdir() if NUMBERED.fullmatch(p.name)
+                     or p.name.startswith("events.out.tfevents.") or p.name.endswith(".pth.tmp")])
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a directory that holds another one, unless it is resumed or overwritten
+    (then the old run's files go: its TensorBoard events would otherwise mix with the new ones)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
+    if resume:
+        if not (run_dir / LAST).is_file():
+            raise FileNotFoundError(f"--resume: no {run_dir / LAST} to continue from")
+        return
+    held = [p for p in run_files(run_dir) if p.name == "config.yaml" or p.suffix == ".pth"]
+    if not held:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ValueError(f"{run_dir} already holds a run ({names}); continue it with --resume, "
+                         "or start it again with --overwrite (deletes its checkpoints and events)")
+    old = run_files(run_dir)
+    for p in old:
+        p.unlink(missing_ok=True)
+    print(f"--overwrite: removed {len(old)} files of the previous run in {run_dir}")
+
+
+def resume_command(run_dir: Path) -> str:
+    cmd = f"python train.py --name {shlex.quote(run_dir.name)} --resume"
+    if run_dir.parent != Path(DEFAULT_OUTPUT_DIR):
+        cmd += f" --set train.output_dir={shlex.quote(str(run_dir.parent))}"
+    return cmd
 
 
 def lr_lambda(solver) -> callable:
@@ -63,9 +150,12 @@ def total_loss(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> to
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, init: Optional[str] = None, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if cfg.train.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints must be >= 0, got {cfg.train.keep_checkpoints}")
+        prepare_run_dir(self.run_dir, resume, overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         seed_everything(cfg.train.seed)
@@ -77,18 +167,18 @@ class Trainer:
             print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
                   f"(was {cfg.model.num_classes})")
             cfg.model.num_classes = self.train_set.num_classes
+        resume_path = self.run_dir / LAST
+        state = load_checkpoint(resume_path) if resume else None  # before anything is written: a bad one stops here
         save_config(cfg, self.run_dir / "config.yaml")
-        resume_path = self.run_dir / "last_checkpoint.pth"
-        resuming = resume and resume_path.exists()
-        from_coco = init == "torchvision" and not resuming
-        self.model = build_model(cfg, load_weights=not resuming and not from_coco)
+        from_coco = init == "torchvision" and state is None
+        self.model = build_model(cfg, load_weights=state is None and not from_coco)
         if from_coco:  # torchvision's COCO Mask R-CNN; new class predictors when the classes differ
             from ..torchvision_weights import load_torchvision_coco
             report = load_torchvision_coco(self.model, cfg.model.num_classes,
                                            getattr(self.train_set, "class_names", None), cfg)
             save_config(cfg, self.run_dir / "config.yaml")  # frozen-BN eps changed with these weights
             print(report.summary())
-        elif init and not resuming:
+        elif init and state is None:
             report = partial_load(self.model, init)
             print(report.summary())
         self.model.to(self.device)
@@ -101,82 +191,187 @@ class Trainer:
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_iter = 0
-        if resume and resume_path.exists():
-            state = load_checkpoint(resume_path)
+        self.resume_state = state  # RNGs, data position and loss history are restored by train()
+        self.history: list[dict[str, float]] = []
+        self.loader = None
+        self.writer = None
+        self._saved_iter = None
+        self._stop_signal = None
+        if state is not None:
+            if "optimizer" not in state:
+                raise ValueError(f"{resume_path}: holds no optimiser state, so the run cannot be continued")
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
             self.start_iter = state["iteration"]
             print(f"resumed from {resume_path} at iteration {self.start_iter}")
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _state(self, iteration: int, final: bool) -> dict:
+        names = getattr(self.train_set, "class_names", None)
+        epoch, index = self.loader.position if self.loader is not None else (0, 0)
+        history = ({k: torch.tensor([h[k] for h in self.history], dtype=torch.float64) for k in self.history[0]}
+                   if self.history else {})
+        return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "iteration": iteration, "final": final, "config": config_to_yaml(self.cfg), "stage": self.cfg.stage,
+                "class_names": list(names) if names is not None else None, "rng": rng_state(self.model),
+                "data": {"epoch": epoch, "index": index, "seed": self.cfg.train.seed,
+                         "batches_per_epoch": self.loader.batches_per_epoch if self.loader is not None else 0},
+                "history": history}
+
     def checkpoint(self, iteration: int, final: bool = False) -> Path:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "iteration": iteration,
-                 "config": self.cfg, "stage": self.cfg.stage, "class_names": self.train_set.class_names}
-        save_checkpoint(state, self.run_dir / "last_checkpoint.pth")
+        """Write the full training state: model_<iter>.pth (the newest train.keep_checkpoints are kept) and
+        last_checkpoint.pth (the same file); with `final`, also model_final.pth (the model alone)."""
+        state = self._state(iteration, final)
+        last = self.run_dir / LAST
+        keep = self.cfg.train.keep_checkpoints
+        if keep > 0:
+            path = self.run_dir / numbered_name(iteration)
+            save_checkpoint(state, path)
+            link_checkpoint(path, last)
+        else:
+            save_checkpoint(state, last)
+        prune_checkpoints(self.run_dir, keep)
+        self._saved_iter = iteration
+        if self.writer is not None:
+            self.writer.flush()  # the events up to a checkpoint survive a kill
         if final:
             path = self.run_dir / "model_final.pth"
-            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, path)
+            save_checkpoint({k: state[k] for k in ("format", "model", "iteration", "config", "stage", "class_names")},
+                            path)
             return path
-        return self.run_dir / "last_checkpoint.pth"
+        return last
 
+    def _restore_progress(self, state: dict) -> None:
+        """Loss history and data position of a resumed run (its RNGs are restored just before the loop)."""
+        t = self.cfg.train
+        history = state.get("history") or {}
+        columns = {k: v.tolist() for k, v in history.items()}
+        self.history = [dict(zip(columns, row)) for row in zip(*columns.values())]
+        data = state.get("data") or {}
+        bpe = self.loader.batches_per_epoch
+        if data.get("batches_per_epoch") == bpe and data.get("seed") == t.seed:
+            self.loader.set_position(data["epoch"], data["index"])
+            self._notes = []
+        else:
+            self.loader.set_position(*divmod(self.start_iter, bpe))
+            self._notes = ["the data order (the checkpoint is older, or train.seed / batches per epoch changed)"]
+        if len(self.history) != self.start_iter:
+            self._notes.append(f"the loss history (it covers {len(self.history)} of {self.start_iter} iterations)")
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM / SIGINT ask the loop to stop after the current step; a second one stops the process at
+        once (by the signal's default action; the atomic checkpoint writes leave no half-written file)."""
+        self._stop_signal = None
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._stop_signal = signum
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                        "(send it again to stop at once)\n".encode())  # os.write: safe inside a handler
+
+        main = threading.current_thread() is threading.main_thread()  # handlers only work there
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS} if main else {}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+    def _stop(self, it: int, bar, writer) -> None:
+        if self._saved_iter != it:
+            self.checkpoint(it)
+        bar.close()
+        writer.close()
+        name = signal.Signals(self._stop_signal).name
+        raise Stopped(f"{name}: stopped at iteration {it}/{self.cfg.solver.max_iter} with checkpoint "
+                      f"{self.run_dir / LAST}; resume with: {resume_command(self.run_dir)}",
+                      128 + self._stop_signal)
+
+    # --------------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
         cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
-        loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
-                              seed=t.seed + self.start_iter, drop_last=True, infinite=True,
-                              pin_memory=self.device.type == "cuda")
-        writer = SummaryWriter(str(self.run_dir))
+        # Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part.
+        self.loader = loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True,
+                                            num_workers=cfg.data.num_workers, seed=t.seed, drop_last=True,
+                                            infinite=True, pin_memory=self.device.type == "cuda")
+        self._notes = []
+        if self.resume_state is not None:
+            self._restore_progress(self.resume_state)
+        # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint.
+        self.writer = writer = SummaryWriter(str(self.run_dir), purge_step=self.start_iter + 1 if self.start_iter else None)
         self.model.train()
         it = self.start_iter
         bar = tqdm(total=s.max_iter, initial=it, desc=f"train {cfg.stage}", disable=not self.progress,
                    dynamic_ncols=True)
         data_iter = iter(loader)
-        history = []
+        history = self.history
+        if self.resume_state is not None:
+            if "rng" in self.resume_state:
+                self._notes += set_rng_state(self.resume_state["rng"], self.model)
+            else:
+                self._notes.append("the RNG states (an older checkpoint)")
+            if self._notes:
+                print(f"note: not restored: {'; '.join(self._notes)}: the resumed run is not an exact continuation")
         t_last = time.perf_counter()
-        while it < s.max_iter:
-            images, targets = next(data_iter)
-            images = [img.to(self.device, non_blocking=True) for img in images]
-            targets = [{k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                        for k, v in tg.items()} for tg in targets]
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-                losses = self.model(images, targets)
-            loss = total_loss({k: v.float() for k, v in losses.items()}, cfg.loss_weights)
-            if not math.isfinite(loss.item()):
-                bar.close()
-                last = self.run_dir / "last_checkpoint.pth"
-                where = (f"the last good checkpoint is {last}" if last.exists()
-                         else "no checkpoint was written yet (train.checkpoint_period)")
-                raise FloatingPointError(
-                    f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); {where}")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if s.clip_grad_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            it += 1
-            now = time.perf_counter()
-            sec_per_iter, t_last = now - t_last, now
-            values = {k: v.item() for k, v in losses.items()}
-            values["total_loss"] = loss.item()
-            history.append(values)
-            bar.update(1)
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
-            if it % t.log_period == 0 or it == s.max_iter:
-                for k, v in values.items():
-                    writer.add_scalar(f"loss/{k}", v, it)
-                writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
-                writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
-            if t.vis_period > 0 and it % t.vis_period == 0:
-                from ..vis.drawing import log_training_images  # drawing only when asked for
-                log_training_images(writer, self.model, images, targets, it,
-                                    class_names=getattr(self.train_set, "class_names", None))
-            if it % t.checkpoint_period == 0 and it < s.max_iter:
-                self.checkpoint(it)
+        with self._stop_on_signals():
+            while it < s.max_iter:
+                images, targets = next(data_iter)
+                images = [img.to(self.device, non_blocking=True) for img in images]
+                targets = [{k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                            for k, v in tg.items()} for tg in targets]
+                # On a picture iteration the step records what it sees (the model's probe record), at no extra cost.
+                record = {} if t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
+                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                    losses = self.model(images, targets, record)
+                loss = total_loss({k: v.float() for k, v in losses.items()}, cfg.loss_weights)
+                if not math.isfinite(loss.item()):
+                    bar.close()
+                    last = self.run_dir / LAST
+                    where = (f"the last good checkpoint is {last}" if last.exists()
+                             else "no checkpoint was written yet (train.checkpoint_period)")
+                    raise FloatingPointError(
+                        f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); {where}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if s.clip_grad_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                it += 1
+                now = time.perf_counter()
+                sec_per_iter, t_last = now - t_last, now
+                values = {k: v.item() for k, v in losses.items()}
+                values["total_loss"] = loss.item()
+                history.append(values)
+                bar.update(1)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
+                if it % t.log_period == 0 or it == s.max_iter:
+                    for k, v in values.items():
+                        writer.add_scalar(f"loss/{k}", v, it)
+                    writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
+                    writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
+                if record is not None:
+                    from ..vis.tensorboard import log_training_images  # drawing only when asked for
+                    log_training_images(writer, record, it, class_names=getattr(self.train_set, "class_names", None),
+                                        logits=not self.model.rpn.sigmoid_scores)
+                if it % t.checkpoint_period == 0 and it < s.max_iter:
+                    self.checkpoint(it)
+                if self._stop_signal is not None:
+                    self._stop(it, bar, writer)
         bar.close()
-        if t.precise_bn_iters > 0 and it > self.start_iter:
+        # Precise BN once per run: not again when a finished run is resumed (its final checkpoint has it).
+        resumed_final = self.resume_state is not None and self.resume_state.get("final", False)
+        if t.precise_bn_iters > 0 and it > 0 and not (it == self.start_iter and resumed_final):
             n = update_bn_stats(self.model, build_loader(self.train_set, s.ims_per_batch, shuffle=True,
                                                          num_workers=0, seed=t.seed + 7919, drop_last=True),
                                 t.precise_bn_iters, self.device)
@@ -198,6 +393,7 @@ class Trainer:
             for k, v in _flat_scalars(metrics).items():
                 writer.add_scalar(f"val/{k}", v, it)
         writer.close()
+        self.writer = None
         (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -64,6 +64,22 @@ class LatentNoise(nn.Module):
         """Restart the seeded noise stream."""
         self._generators.clear()
 
+    def get_state(self) -> dict[str, Tensor]:
+        """The state of each seeded generator drawn from so far, {device name: uint8 state tensor} ({} when
+        the module draws from the global RNG). With `set_state`, a resumed run continues the same stream."""
+        return {str(device): gen.get_state() for device, gen in self._generators.items()}
+
+    def set_state(self, states: dict[str, Tensor]) -> None:
+        """Restore generator states from `get_state` (the streams not named restart from the seed)."""
+        if states and self.seed is None:
+            raise ValueError("LatentNoise.set_state: this module has no seed, so no generator of its own")
+        self._generators.clear()
+        for name, state in states.items():
+            device = torch.device(name)
+            gen = torch.Generator(device=device)
+            gen.set_state(state.cpu() if torch.is_tensor(state) else torch.tensor(state, dtype=torch.uint8))
+            self._generators[device] = gen
+
     def sample(self, x: Tensor) -> Tensor:
         """Zero-mean noise n of the configured shape for features x [N, C, H, W] (fp32)."""
         n, c, h, w = x.shape
