@@ -174,8 +174,8 @@ def load_torchvision_state(model: nn.Module, tv_state: dict[str, Tensor], num_cl
                            ) -> TorchvisionInitReport:
     """The work of load_torchvision_coco on a state dict already in memory (also used by the tests)."""
     roi_heads = getattr(model, "roi_heads", None)
-    if roi_heads is not None and roi_heads.num_classes != num_classes:
-        raise ValueError(f"num_classes={num_classes} but the model predicts {roi_heads.num_classes} classes")
+    if roi_heads is not None and roi_heads.box_head.num_classes != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the model predicts {roi_heads.box_head.num_classes} classes")
     state = from_torchvision(tv_state)
     score = state.get("roi_heads.box_head.cls_score.weight")
     tv_classes = num_classes + 1 if score is None else score.shape[0]  # background included

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from maskrcnn.data import CocoInstances, DatasetError, generate_shapes
+from maskrcnn.data.coco import CocoInstances, DatasetError
+from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.data.check import check_coco_data, check_dataset_files, main
 from maskrcnn.data.coco import scan_coco
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from maskrcnn.data import CocoInstances, DatasetError, generate_shapes, make_subset
+from maskrcnn.data.coco import CocoInstances, DatasetError
+from maskrcnn.data.shapes import generate_shapes
+from maskrcnn.data.subset import make_subset
 from maskrcnn.data.transforms import RandomHorizontalFlip, hflip
 
 H, W = 20, 30

@@ -9,7 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from maskrcnn.data import CocoInstances, DatasetError, generate_shapes, masks_to_coco
+from maskrcnn.data.coco import CocoInstances, DatasetError
+from maskrcnn.data.from_masks import masks_to_coco
+from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.data.from_masks import _main
 
 

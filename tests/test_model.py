@@ -1,7 +1,7 @@
 """Tests for the whole model (maskrcnn.model.mask_rcnn with configs/tiny.yaml): the eval output format in the
 coordinates of the input images, the named training losses of each stage, RPN-stage proposals in input
 coordinates, the transform / postprocess round trip, batch padding, pixel mean/std buffers, no `.cuda()`,
-and detached proposals."""
+detached proposals, and the probe (every intermediate result from the same pass)."""
 from __future__ import annotations
 
 import copy
@@ -22,12 +22,12 @@ CONFIG = str(ROOT / "configs" / "tiny.yaml")
 # Smaller images than tiny.yaml's 128 px keep these tests fast on 2 CPU cores.
 SMALL = ["model.transform.min_size_train=[64]", "model.transform.max_size_train=96",
          "model.transform.min_size_test=64", "model.transform.max_size_test=96"]
-# Input (h, w) -> size after the resize (short side 64, long side at most 96), by hand:
-# 150x200: scale min(64/150, 96/200) = 0.4267 -> 64 x floor(85.33) = 64 x 85
-# 180x130: scale min(64/130, 96/180) = 0.4923 -> floor(88.62) x 64 = 88 x 64
+# Input (h, w) -> size after the resize (short side 64, long side at most 96, rounded as detectron2), by hand:
+# 150x200: scale min(64/150, 96/200) = 0.4267 -> 64 x round(85.33) = 64 x 85
+# 180x130: scale min(64/130, 96/180) = 0.4923 -> round(88.62) x 64 = 89 x 64
 INPUT_SIZES = [(150, 200), (180, 130)]
-RESIZED = [(64, 85), (88, 64)]
-PADDED = (96, 96)  # max(64, 88) -> 96, max(85, 64) -> 96
+RESIZED = [(64, 85), (89, 64)]
+PADDED = (96, 96)  # max(64, 89) -> 96, max(85, 64) -> 96
 FULL_LOSSES = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
 RPN_LOSSES = {"loss_rpn_cls", "loss_rpn_box"}
 
@@ -113,9 +113,9 @@ def test_full_training_returns_five_losses_and_detached_proposals(full, monkeypa
     seen = {}
     real_forward = model.roi_heads.forward
 
-    def spy(features, proposals, image_sizes, targets=None):
+    def spy(features, proposals, image_sizes, targets=None, record=None):
         seen["proposals"] = proposals
-        return real_forward(features, proposals, image_sizes, targets)
+        return real_forward(features, proposals, image_sizes, targets, record)
 
     monkeypatch.setattr(model.roi_heads, "forward", spy)
     losses = model(make_images(), make_targets())
@@ -180,8 +180,10 @@ def test_rpn_eval_returns_proposals_in_input_pixels(rpn):
 # ------------------------------------------------------------------------------------ transform round trip
 def make_transform(cfg) -> ImageTransform:
     t = cfg.model.transform
-    return ImageTransform(t.min_size_train, t.max_size_train, t.min_size_test, t.max_size_test,
-                          t.pixel_mean, t.pixel_std, t.size_divisibility)
+    return ImageTransform(min_size_train=t.min_size_train, max_size_train=t.max_size_train,
+                          min_size_test=t.min_size_test, max_size_test=t.max_size_test, pixel_mean=t.pixel_mean,
+                          pixel_std=t.pixel_std, size_divisibility=t.size_divisibility,
+                          resize_rounding=t.resize_rounding, mask_resize=t.mask_resize)
 
 
 def test_transform_resizes_and_postprocess_maps_back():
@@ -281,3 +283,87 @@ def test_no_cuda_calls_in_the_package():
                 offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert len(list((ROOT / "maskrcnn").rglob("*.py"))) > 10
     assert not offenders, "\n".join(offenders)
+
+
+# ------------------------------------------------------------------------------------------------ probe
+def same(a, b) -> bool:
+    """Nested equality of tensors, dicts and lists."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_probe_in_eval_mode_returns_every_stage_and_the_same_detections(full):
+    _, model = full
+    model.eval()
+    images, targets = make_images(), make_targets()
+    with torch.no_grad():
+        expected = model(images)
+    torch.manual_seed(1)
+    rec = model.probe(images, targets)
+    assert same(rec["output"], expected)  # the probe is the forward pass, not a copy of it
+    assert rec["image_sizes"] == RESIZED and rec["padded_size"] == PADDED
+    assert [tuple(im.shape) for im in rec["images"]] == [(3, h, w) for h, w in RESIZED]
+    assert set(rec["bottom_up"]) == {"c2", "c3", "c4", "c5"} and set(rec["fpn"]) == {"p2", "p3", "p4", "p5", "p6"}
+    assert same(rec["noisy"], rec["bottom_up"])  # LatentNoise off in this config
+    rpn = model.rpn
+    assert len(rec["anchors"]) == len(rpn.in_features) == len(rec["objectness"])
+    total = sum(len(a) for a in rec["anchors"])
+    assert rec["anchor_labels"].shape == rec["sampled_anchor_labels"].shape == (2, total)
+    # The labels are the RPN's own labelling of these anchors.
+    labels0, _ = rpn.label_anchors(torch.cat(rec["anchors"]), rec["targets"][0]["boxes"])
+    assert torch.equal(rec["anchor_labels"][0], labels0)
+    sampled = rec["sampled_anchor_labels"]
+    assert ((sampled >= 0).sum(1) <= rpn.sampler.batch_size_per_image).all()
+    assert ((sampled == 1) <= (rec["anchor_labels"] == 1)).all()  # a sampled positive was a positive
+    assert len(rec["proposals"]) == 2 and len(rec["roi_samples"]) == 2
+    for s, tgt in zip(rec["roi_samples"], rec["targets"]):
+        assert (s["labels"] > 0).any() and (s["matched_idx"] < len(tgt["boxes"])).all()
+
+
+def test_probe_without_targets_has_no_labels(rpn):
+    _, model = rpn
+    model.eval()
+    rec = model.probe(make_images())
+    assert rec["targets"] is None and "anchor_labels" not in rec and "roi_samples" not in rec
+    assert len(rec["output"]) == 2 and set(rec["output"][0]) == {"boxes", "scores"}
+
+
+def test_probe_in_training_mode_gives_the_training_losses(full):
+    _, model = full
+    model.train()
+    try:
+        torch.manual_seed(3)
+        with torch.no_grad():
+            expected = model(make_images(), make_targets())
+        torch.manual_seed(3)
+        rec = model.probe(make_images(), make_targets())
+    finally:
+        model.eval()
+    assert same(rec["output"], expected)
+    assert not any(v.requires_grad for v in rec["output"].values())  # no graph kept
+
+
+def test_probe_noise_switch_and_state_restored():
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, ["stage=rpn", *SMALL, "model.noise.enabled=true", "model.noise.seed=5"])
+    model = build_model(cfg).eval()
+    images = make_images()
+    rec = model.probe(images)  # train-only noise: identity in eval mode
+    assert same(rec["noisy"], rec["bottom_up"])
+    rec_on = model.probe(images, noise=True)
+    assert not torch.equal(rec_on["noisy"]["c5"], rec_on["bottom_up"]["c5"])
+    assert torch.equal(rec_on["noisy"]["c4"], rec_on["bottom_up"]["c4"])  # only the configured level
+    ratio = rec_on["noisy"]["c5"] / rec_on["bottom_up"]["c5"].where(rec_on["bottom_up"]["c5"] != 0, torch.ones(()))
+    nz = rec_on["bottom_up"]["c5"] != 0
+    assert ratio[nz].min() >= 0.8 - 1e-5 and ratio[nz].max() <= 1.2 + 1e-5
+    assert not model.noise.training and model.noise.enabled  # restored
+    model.train()
+    rec_off = model.probe(images, [t for t in make_targets()], noise=False)
+    assert same(rec_off["noisy"], rec_off["bottom_up"])
+    assert model.training and model.noise.training and model.noise.enabled
+    model.eval()

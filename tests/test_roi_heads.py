@@ -1,20 +1,20 @@
-"""Tests for maskrcnn.model.roi_heads: proposal labelling and sampling (GT boxes added, IoU 0.5, 25% positives),
-losses on empty and half-empty batches, class-specific box regression, mask targets, and the inference
-output format."""
+"""Tests for maskrcnn.model.roi_heads, box_head and mask_head: proposal labelling and sampling (GT boxes added,
+IoU 0.5, 25% positives), losses on empty and half-empty batches, class-specific box regression, mask targets
+(their size read from the logits), and the inference output format."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torchvision.ops import box_iou as tv_box_iou
 
-import maskrcnn.model.roi_heads as roi_heads_module
 from maskrcnn.model.box_coder import BoxCoder
+from maskrcnn.model.box_head import BoxHead
+from maskrcnn.model.mask_head import MaskHead
 from maskrcnn.model.matcher import Matcher
 from maskrcnn.model.poolers import MultiScaleRoIAlign
-from maskrcnn.model.roi_heads import BoxHead, MaskHead, RoIHeads
+from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.sampler import BalancedSampler
 
 K = 4  # object classes
@@ -25,8 +25,19 @@ PAD = (128, 160)  # padded batch size (h, w)
 
 
 
-# RoIAlign implementations (the mask targets are RoIAligned with the pooler's implementation too).
+# RoIAlign implementations of the poolers.
 IMPLS = ["torchvision", "ours"]
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+
+def box_head_kwargs(score_thresh: float = 0.05, detections_per_image: int = 100) -> dict:
+    return dict(in_channels=C, resolution=7, fc_dim=32, num_classes=K, box_coder=BoxCoder(BOX_WEIGHTS),
+                smooth_l1_beta=0.0, score_thresh=score_thresh, nms_thresh=0.5,
+                detections_per_image=detections_per_image)
+
+
+def mask_head_kwargs() -> dict:
+    return dict(in_channels=C, conv_dim=8, num_convs=1, num_classes=K, aligned=True)
 
 
 def make_heads(batch_size_per_image: int = 32, positive_fraction: float = 0.25, add_gt: bool = True,
@@ -36,11 +47,9 @@ def make_heads(batch_size_per_image: int = 32, positive_fraction: float = 0.25, 
     box_pooler = MultiScaleRoIAlign(7, STRIDES, 0, True, impl=impl)
     mask_pooler = MultiScaleRoIAlign(14, STRIDES, 0, True, impl=impl)
     return RoIHeads(
-        in_features=LEVELS, box_pooler=box_pooler, box_head=BoxHead(C, 7, 32, K),
-        mask_pooler=mask_pooler, mask_head=MaskHead(C, 8, 1, K), box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)),
-        matcher=Matcher(0.5, 0.5, False), sampler=BalancedSampler(batch_size_per_image, positive_fraction),
-        num_classes=K, add_gt_as_proposals=add_gt, smooth_l1_beta=0.0, score_thresh=score_thresh,
-        nms_thresh=0.5, detections_per_image=detections_per_image, mask_aligned=True)
+        in_features=LEVELS, box_pooler=box_pooler, box_head=BoxHead(**box_head_kwargs(score_thresh, detections_per_image)),
+        mask_pooler=mask_pooler, mask_head=MaskHead(**mask_head_kwargs()), matcher=Matcher(0.5, 0.5, False),
+        sampler=BalancedSampler(batch_size_per_image, positive_fraction), add_gt_as_proposals=add_gt)
 
 
 def make_features(n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -250,11 +259,12 @@ def test_losses_need_targets_in_training():
         heads(make_features(), [random_boxes(5, 1), random_boxes(5, 2)], [PAD, PAD], None)
 
 
-class FakeBoxHead(torch.nn.Module):
-    """Returns fixed scores and deltas [R, 4(K+1)] built by `make` from the number of RoIs; keeps them."""
+class FakeBoxHead(BoxHead):
+    """A box head whose layers return fixed scores and deltas [R, 4(K+1)] built by `make` from the number of
+    RoIs (kept in .out); its loss and inference are the real ones."""
 
     def __init__(self, make):
-        super().__init__()
+        super().__init__(**box_head_kwargs())
         self.make = make
         self.out = None
 
@@ -312,50 +322,66 @@ def test_box_regression_exact_deltas_in_gt_block_give_zero_loss(gt_label):
 
 
 # --------------------------------------------------------------------------------------- mask targets
-@pytest.mark.parametrize("impl", IMPLS)
-def test_mask_targets_from_gt_masks(monkeypatch, impl):
+class FakeMaskHead(MaskHead):
+    """A mask head whose layers return logits [F, K+1, S, S] with channel c holding c + offset; its targets,
+    loss and inference are the real ones."""
+
+    def __init__(self, size: int = 28, offset: float = 0.0):
+        super().__init__(**mask_head_kwargs())
+        self.size, self.offset = size, offset
+
+    def forward(self, x):
+        channels = torch.arange(K + 1, dtype=torch.float32).view(1, -1, 1, 1) + self.offset
+        return channels.expand(x.shape[0], K + 1, self.size, self.size)
+
+
+def test_mask_targets_from_gt_masks():
     """A proposal equal to a GT box whose mask fills it -> all-ones 28x28 target; a proposal twice as wide
-    (or tall) -> ones on the left (top) part only. Captured at the BCE call of RoIHeads.mask_loss."""
-    heads = make_heads(impl=impl)
+    (or tall) -> ones on the left (top) part only."""
+    heads = make_heads()
     gt_box = [20.0, 30.0, 84.0, 94.0]
     t = target([gt_box], [2])
     assert t["masks"][0].sum().item() == 64 * 64
-    samples = [{"boxes": torch.tensor([gt_box, [20.0, 30.0, 140.0, 94.0], [20.0, 30.0, 84.0, 150.0]]),
-                "labels": torch.tensor([2, 2, 2]), "matched_idx": torch.tensor([0, 0, 0])}]
-    captured = {}
-    real_bce = F.binary_cross_entropy_with_logits
-
-    def spy(logits, targets, *args, **kwargs):
-        captured["logits"], captured["targets"] = logits, targets
-        return real_bce(logits, targets, *args, **kwargs)
-
-    monkeypatch.setattr(roi_heads_module.F, "binary_cross_entropy_with_logits", spy)
-    feats = [make_features(1)[name] for name in LEVELS]
-    loss = heads.mask_loss(feats, samples, [t])
-    tg = captured["targets"]
-    assert tg.shape == (3, 28, 28)
-    assert captured["logits"].shape == (3, 28, 28)
+    boxes = torch.tensor([gt_box, [20.0, 30.0, 140.0, 94.0], [20.0, 30.0, 84.0, 150.0]])
+    tg = heads.mask_head.targets([boxes], [torch.tensor([0, 0, 0])], [t["masks"]], 28)
+    assert tg.shape == (3, 28, 28) and tg.dtype == torch.float32
     assert torch.equal(tg[0], torch.ones(28, 28))
     # Wide box: the GT covers x in [20, 84) of [20, 140) -> the first 64/120 * 28 = 14.9 columns.
     assert (tg[1][:, :14] == 1).all() and (tg[1][:, 16:] == 0).all()
     # Tall box: the GT covers the first 14.9 rows.
     assert (tg[2][:14] == 1).all() and (tg[2][16:] == 0).all()
-    assert loss.item() == pytest.approx(real_bce(captured["logits"], tg).item())
+    assert set(tg.unique().tolist()) <= {0.0, 1.0}  # hard targets unless soft_targets
 
 
-def test_mask_loss_uses_logits_of_gt_class(monkeypatch):
+def test_mask_targets_follow_matched_index_and_soft_option():
     heads = make_heads()
-    gt_box = [20.0, 30.0, 84.0, 94.0]
-    samples = [{"boxes": torch.tensor([gt_box]), "labels": torch.tensor([3]), "matched_idx": torch.tensor([0])}]
+    t = target([[10.0, 10.0, 40.0, 40.0], [60.0, 20.0, 100.0, 80.0]], [1, 2])
+    box = torch.tensor([[50.0, 20.0, 100.0, 80.0]])  # covers GT 1 partly, GT 0 not at all
+    tg1 = heads.mask_head.targets([box], [torch.tensor([1])], [t["masks"]], 28)
+    tg0 = heads.mask_head.targets([box], [torch.tensor([0])], [t["masks"]], 28)
+    assert tg1.sum() > 0 and tg0.sum() == 0
+    heads.mask_head.soft_targets = True
+    soft = heads.mask_head.targets([box], [torch.tensor([1])], [t["masks"]], 28)
+    assert ((soft > 0) & (soft < 1)).any()  # the boundary column is partly covered
 
-    class FakeMaskHead(torch.nn.Module):
-        def forward(self, x):  # channel c holds the constant c
-            return torch.arange(K + 1, dtype=torch.float32).view(1, -1, 1, 1).expand(x.shape[0], K + 1, 28, 28)
 
-    heads.mask_head = FakeMaskHead()
-    loss = heads.mask_loss([make_features(1)[n] for n in LEVELS], samples, [target([gt_box], [3])])
+def test_mask_loss_uses_logits_of_gt_class():
+    head = FakeMaskHead()
+    logits = head(torch.zeros(1, C, 14, 14))
+    loss = head.loss(logits, torch.tensor([3]), torch.ones(1, 28, 28))
     # All-ones target, logit 3 everywhere: BCE = log(1 + exp(-3)).
     assert loss.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [20, 28])
+def test_mask_size_comes_from_the_logits(size):
+    """A mask head of another output size trains without any other change: targets follow the logits."""
+    heads = make_heads().train()
+    heads.mask_head = FakeMaskHead(size)
+    gt_box = [20.0, 30.0, 84.0, 94.0]
+    _, losses = heads(make_features(1), [torch.tensor([gt_box])], [PAD], [target([gt_box], [3])])
+    # The GT box itself is the only positive RoI; its target is all ones: BCE = log(1 + exp(-3)).
+    assert losses["loss_mask"].item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -377,7 +403,7 @@ def test_inference_output_format(detections_per_image, impl):
         assert d["labels"].shape == (n,) and d["labels"].dtype == torch.int64
         assert d["scores"].shape == (n,)
         assert ((d["labels"] >= 1) & (d["labels"] <= K)).all()
-        assert (d["scores"] > heads.score_thresh).all()
+        assert (d["scores"] > heads.box_head.score_thresh).all()
         assert (d["scores"][:-1] >= d["scores"][1:]).all()  # sorted, best first
         b = d["boxes"]
         assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
@@ -415,12 +441,8 @@ def test_inference_class_specific_decoding_and_mask_channel():
         d[:, 3] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # dx = 1 / 10 of the width
         return scores, d.view(r, -1)
 
-    class FakeMaskHead(torch.nn.Module):
-        def forward(self, x):
-            return torch.arange(K + 1, dtype=torch.float32).view(1, -1, 1, 1).expand(x.shape[0], K + 1, 28, 28) - 2.5
-
     heads.box_head = FakeBoxHead(make)
-    heads.mask_head = FakeMaskHead()
+    heads.mask_head = FakeMaskHead(offset=-2.5)
     (d,) = heads(make_features(1), [props], [PAD])[0]
     assert d["labels"].tolist() == [3, 3, 3]
     order = d["boxes"][:, 0].argsort()

@@ -249,8 +249,10 @@ def test_head_layout_matches_anchor_order():
     """The best-scoring proposal must be the anchor (level, y, x, a) where the head put its largest logit,
     moved by the deltas the head put at channels 4a..4a+3 of that cell (detectron2's [N, A*4, H, W])."""
     sizes, strides, ratios = [16, 32, 64, 128, 256], [4, 8, 16, 32, 64], [0.5, 1.0, 2.0]
-    rpn = RPN(["p2", "p3", "p4", "p5", "p6"], 8, AnchorGenerator(sizes, ratios, strides), BoxCoder((1, 1, 1, 1)),
-              Matcher(0.7, 0.3, True), BalancedSampler(64, 0.5), (200, 200), (100, 100), 0.7)
+    rpn = RPN(in_features=["p2", "p3", "p4", "p5", "p6"], in_channels=8,
+              anchor_generator=AnchorGenerator(sizes, ratios, strides), box_coder=BoxCoder((1, 1, 1, 1)),
+              matcher=Matcher(0.7, 0.3, True), sampler=BalancedSampler(64, 0.5), pre_nms_topk=(200, 200),
+              post_nms_topk=(100, 100), nms_thresh=0.7)
     rpn.eval()
     H, W = 64, 80
     hw = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]  # a 64x80 image at strides 4..64

@@ -13,7 +13,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from maskrcnn.data import CocoInstances, ensure_shapes, generate_shapes
+from maskrcnn.data.coco import CocoInstances
+from maskrcnn.data.shapes import ensure_shapes, generate_shapes
 
 SMALL = dict(num_train=6, num_val=2, image_size=(96, 128))
 

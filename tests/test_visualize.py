@@ -1,7 +1,7 @@
-"""Tests for maskrcnn.vis.drawing and visualize.py: every command writes a PNG of the expected size with
-something drawn on it; printed anchor and label counts agree with the model's own anchor generator and
-matcher; errors are one line; log_training_images leaves the model and RNG streams as they were, and its
-images appear in a short training run's TensorBoard events (both stages)."""
+"""Tests for maskrcnn.vis (primitives, panels, views, tensorboard) and visualize.py: every command writes a PNG
+of the expected size with something drawn on it; printed anchor and label counts agree with the model's own
+anchor generator and matcher; errors are one line; the training images are drawn from the training step's
+own probe record and appear in a short training run's TensorBoard events (both stages)."""
 from __future__ import annotations
 
 import os
@@ -15,10 +15,14 @@ import pytest
 import torch
 
 import visualize as vis_cli  # the top-level CLI
-from maskrcnn.vis import drawing as vis
+from maskrcnn.vis import panels
+from maskrcnn.vis import primitives as vis
+from maskrcnn.vis.tensorboard import log_training_images
+from maskrcnn.vis.views import input_image
 from maskrcnn.model.build import build_model
 from maskrcnn.config import load_config
 from maskrcnn.data.build import build_datasets
+from maskrcnn.engine.checkpoint import config_to_yaml, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny.yaml"
@@ -43,7 +47,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg, load_weights=False).eval()
     ckpt = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    torch.save({"model": model.state_dict(), "config": cfg, "stage": cfg.stage}, ckpt)
+    save_checkpoint({"model": model.state_dict(), "config": config_to_yaml(cfg), "stage": cfg.stage}, ckpt)
     image, target = val[0]
     target = {k: target[k] for k in ("boxes", "labels", "masks")}
     with torch.no_grad():
@@ -60,7 +64,8 @@ def run(capsys, *argv):
 
 
 def model_input(setup) -> np.ndarray:
-    return vis.model_input_image(setup["model"], setup["image_list"])
+    with torch.no_grad():
+        return input_image({"images": setup["model"].input_images(setup["image_list"])})
 
 
 def differs(a: np.ndarray, b: np.ndarray) -> bool:
@@ -92,10 +97,10 @@ def test_drawing_helpers():
     assert hm.shape == (6, 8, 3) and not (hm[0, 0] == hm[-1, -1]).all()
     det = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 20.0], [35.0, 5.0, 55.0, 35.0]]), "labels": torch.tensor([1, 2]),
            "scores": torch.tensor([0.9, 0.2]), "masks": torch.from_numpy(mask[:, None].repeat(2, 0)).float()}
-    drawn = vis.draw_detections(img, det, ["__background__", "a", "b"], score_thresh=0.5)
+    drawn = panels.draw_detections(img, det, ["__background__", "a", "b"], score_thresh=0.5)
     assert differs(drawn, img)
     assert (drawn[25:34, 40:50] == 100).all()  # the 0.2 detection is below the threshold
-    assert (vis.draw_detections(img, det, None, score_thresh=0.95) == img).all()
+    assert (panels.draw_detections(img, det, None, score_thresh=0.95) == img).all()
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -216,22 +221,31 @@ class Recorder:
         self.images[tag] = (img, step)
 
 
-def test_log_training_images_leaves_model_and_rng_alone(setup):
+def test_training_images_come_from_the_training_step_itself(setup):
+    """Recording a training step changes none of its losses, and drawing from the record runs no model and
+    draws no random number."""
     model = setup["model"]
-    image, target = setup["image"], setup["target"]
+    images, targets = [setup["image"], setup["image"].flip(-1)], [setup["target"], setup["target"]]
     model.train()
     try:
-        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(7)
+        with torch.no_grad():
+            plain = model(images, targets)
+        model.load_state_dict(state)  # BatchNorm statistics as before the first pass
+        torch.manual_seed(7)
+        record = {}
+        with torch.no_grad():
+            recorded = model(images, targets, record)
+        assert {k: v.item() for k, v in plain.items()} == {k: v.item() for k, v in recorded.items()}
         torch_rng, py_rng = torch.get_rng_state(), random.getstate()
         writer = Recorder()
-        vis.log_training_images(writer, model, [image, image.flip(-1)], [target, target], 5)
+        log_training_images(writer, record, 5, class_names=["bg", "a", "b", "c", "d"])
         assert set(writer.images) == {"vis/gt_proposals", "vis/rois"}
         assert all(step == 5 for _, step in writer.images.values())
-        assert all(m.training for m in model.modules())
         assert torch.equal(torch_rng, torch.get_rng_state()) and py_rng == random.getstate()
-        assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())  # no BN stat update
-        assert torch.is_grad_enabled()  # grad mode restored
     finally:
+        model.load_state_dict(state)
         model.eval()
 
 

@@ -50,6 +50,7 @@ class RPNHead(nn.Module):
 class RPN(nn.Module):
     def __init__(
         self,
+        *,
         in_features: Sequence[str],
         in_channels: int,
         anchor_generator: AnchorGenerator,
@@ -80,9 +81,11 @@ class RPN(nn.Module):
         self.score_thresh = score_thresh
         self.sigmoid_scores = sigmoid_scores
 
-    def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None
-                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}."""
+    def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None,
+                record: Optional[dict] = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}. `record` (the
+        model's probe) receives "anchors", "objectness", "proposals" and, with targets, "anchor_labels" and
+        "sampled_anchor_labels"."""
         feats = [features[name] for name in self.in_features]
         logits, deltas = self.head(feats)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], tuple(images.tensor.shape[-2:]))
@@ -94,11 +97,18 @@ class RPN(nn.Module):
                   for x in deltas]
         proposals = self.select_proposals(anchors, [x.detach() for x in logits], [x.detach() for x in deltas],
                                           images.image_sizes)
+        if record is not None:
+            record.update(anchors=anchors, objectness=[x.detach() for x in logits], proposals=proposals)
         losses: dict[str, Tensor] = {}
-        if self.training:
-            if targets is None:
-                raise ValueError("RPN in training mode needs targets")
-            losses = self.losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), targets)
+        if self.training and targets is None:
+            raise ValueError("RPN in training mode needs targets")
+        if targets is not None and (self.training or record is not None):
+            all_anchors = torch.cat(anchors)
+            labels, sampled, matched_boxes = self.label_and_sample(all_anchors, targets)
+            if record is not None:
+                record.update(anchor_labels=labels, sampled_anchor_labels=sampled)
+            if self.training:
+                losses = self.losses(all_anchors, torch.cat(logits, 1), torch.cat(deltas, 1), sampled, matched_boxes)
         return proposals, losses
 
     # ------------------------------------------------------------------------------------- proposals
@@ -143,23 +153,31 @@ class RPN(nn.Module):
             return labels, torch.zeros_like(anchors)
         return labels, gt_boxes[matches.clamp(min=0)]
 
-    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        """anchors [Atot, 4], logits [N, Atot], deltas [N, Atot, 4]."""
-        labels, matched_boxes = [], []
+    @torch.no_grad()
+    def label_and_sample(self, anchors: Tensor, targets: list[dict]) -> tuple[Tensor, Tensor, Tensor]:
+        """anchors [Atot, 4] -> labels [N, Atot] (1 pos, 0 neg, -1 ignore), the same after sampling
+        (-1: not sampled), matched gt boxes [N, Atot, 4]."""
+        labels, sampled, matched_boxes = [], [], []
         for target in targets:
             lab, matched = self.label_anchors(anchors, target["boxes"])
             pos, neg = self.sampler(lab)
-            sampled = torch.full_like(lab, -1)
-            sampled[pos], sampled[neg] = 1, 0
-            labels.append(sampled)
+            s = torch.full_like(lab, -1)
+            s[pos], s[neg] = 1, 0
+            labels.append(lab)
+            sampled.append(s)
             matched_boxes.append(matched)
-        labels_t = torch.stack(labels)  # [N, Atot]
-        valid = labels_t >= 0
-        pos = labels_t == 1
+        return torch.stack(labels), torch.stack(sampled), torch.stack(matched_boxes)
+
+    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, sampled: Tensor, matched_boxes: Tensor
+               ) -> dict[str, Tensor]:
+        """anchors [Atot, 4], logits [N, Atot], deltas [N, Atot, 4], sampled labels [N, Atot], matched gt
+        boxes [N, Atot, 4]."""
+        valid = sampled >= 0
+        pos = sampled == 1
         normalizer = max(1, int(valid.sum()))
         loss_cls = F.binary_cross_entropy_with_logits(
-            logits[valid].float(), labels_t[valid].float(), reduction="sum") / normalizer
+            logits[valid].float(), sampled[valid].float(), reduction="sum") / normalizer
         # Regression targets only for the sampled positives: [N, Atot, 4][pos] -> [P, 4]
-        reg = self.box_coder.encode(anchors.expand(len(targets), -1, -1)[pos], torch.stack(matched_boxes)[pos])
+        reg = self.box_coder.encode(anchors.expand(len(sampled), -1, -1)[pos], matched_boxes[pos])
         loss_box = smooth_l1_sum(deltas[pos], reg, self.smooth_l1_beta) / normalizer
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}

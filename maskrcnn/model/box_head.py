@@ -1,0 +1,92 @@
+"""The Fast R-CNN box head: two shared FC layers, class scores and class-specific box deltas, with its own
+loss and its own inference (class-specific decoding, per-class NMS, top-k).
+
+Shapes: R RoIs over the batch (Ri per image); K classes (labels 1..K, 0 background); S pool size (7);
+D detections per image.
+  features [R, C, S, S] -> fc6, fc7 -> [R, fc_dim] -> scores [R, K+1], deltas [R, 4(K+1)]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from .box_coder import BoxCoder
+from .box_ops import clip_boxes, nonempty
+from .losses import smooth_l1_sum
+
+
+class BoxHead(nn.Module):
+    def __init__(self, *, in_channels: int, resolution: int, fc_dim: int, num_classes: int, box_coder: BoxCoder,
+                 smooth_l1_beta: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_image: int = 100, min_box_size: float = 1e-2):
+        super().__init__()
+        self.num_classes = num_classes
+        self.box_coder = box_coder
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        self.min_box_size = min_box_size  # detections with a side below this (px) are dropped
+        self.fc6 = nn.Linear(in_channels * resolution * resolution, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.cls_score = nn.Linear(fc_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(fc_dim, 4 * (num_classes + 1))  # column block 0 (background) is unused
+        for fc in (self.fc6, self.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.constant_(fc.bias, 0)
+        self.reset_predictor()
+
+    def reset_predictor(self) -> None:
+        """Fresh class-score and box-delta layers (also used when fine-tuning on other classes)."""
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.constant_(self.cls_score.bias, 0)
+        nn.init.constant_(self.bbox_pred.bias, 0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[R, C, S, S] pooled features -> (scores [R, K+1], deltas [R, 4(K+1)])."""
+        # ReLUs in place: a linear layer's backward does not need its output (saves a copy)
+        x = F.relu(self.fc6(x.flatten(1)), inplace=True)  # [R, C*S*S] -> [R, fc_dim]
+        x = F.relu(self.fc7(x), inplace=True)
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def losses(self, scores: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, gt_boxes: Tensor
+               ) -> dict[str, Tensor]:
+        """Classification over all sampled RoIs; box regression on the foreground RoIs, on the deltas of
+        their ground-truth class, normalised by all sampled RoIs (detectron2). rois [R, 4], labels [R]
+        (0 background), gt_boxes [R, 4] the matched ground truth (any box for background RoIs)."""
+        if labels.numel() == 0:  # no RoI sampled at all (no proposals, no GT): zero losses, graph kept
+            zero = scores.sum() * 0 + deltas.sum() * 0
+            return {"loss_cls": zero, "loss_box": zero.clone()}
+        loss_cls = F.cross_entropy(scores.float(), labels)
+        fg = torch.nonzero(labels > 0).squeeze(1)
+        reg_targets = self.box_coder.encode(rois[fg], gt_boxes[fg])
+        fg_deltas = deltas.view(deltas.shape[0], self.num_classes + 1, 4)[fg, labels[fg]]  # [F, 4]
+        loss_box = smooth_l1_sum(fg_deltas, reg_targets, self.smooth_l1_beta) / labels.numel()
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    @torch.no_grad()
+    def inference(self, scores: Tensor, deltas: Tensor, proposals: list[Tensor],
+                  image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per image dict(boxes [D, 4], scores [D], labels [D]): class-specific boxes, score threshold,
+        per-class NMS, the top `detections_per_image`."""
+        probs = F.softmax(scores.float(), dim=-1)[:, 1:]  # [R, K], background dropped
+        boxes = self.box_coder.decode(deltas, torch.cat(proposals))  # [R, 4(K+1)]
+        boxes = boxes.view(-1, self.num_classes + 1, 4)[:, 1:]  # [R, K, 4]
+        counts = [len(p) for p in proposals]
+        results = []
+        for boxes_i, probs_i, size in zip(boxes.split(counts), probs.split(counts), image_sizes):
+            b = clip_boxes(boxes_i, size).reshape(-1, 4)  # [Ri*K, 4], class-major inside each RoI
+            s = probs_i.reshape(-1)
+            labels = torch.arange(1, self.num_classes + 1, device=b.device).repeat(len(boxes_i))
+            keep = (s > self.score_thresh) & nonempty(b, self.min_box_size)
+            b, s, labels = b[keep], s[keep], labels[keep]
+            keep = batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_image]
+            results.append({"boxes": b[keep], "scores": s[keep], "labels": labels[keep]})
+        return results
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, score_thresh={self.score_thresh}, nms_thresh={self.nms_thresh}, "
+                f"detections_per_image={self.detections_per_image}")
