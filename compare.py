@@ -5,7 +5,9 @@ corruption, per run or group of runs.
     python compare.py runs/demo/full-s0 runs/demo/full-noise-s0 --out comparison.png
     python compare.py runs/demo/full-s* runs/demo/full-noise-s* --out comparison.png --table table.md
 
-Runs whose names differ only in a trailing seed suffix (-s0, -s1, ...) form one group.
+Runs whose names differ only in a trailing seed suffix (-s0, -s1, ...) form one group. With two or more seeds
+in common, each group's difference from the first group is also given paired by seed, with a 95% confidence
+interval (t-distribution) and in words whether it excludes zero.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -76,6 +79,38 @@ def read_ap(run_dir: Path) -> dict[str, float]:
     return ap
 
 
+# Two-sided 95% quantiles of Student's t with df = 1..30 degrees of freedom (beyond: the normal's 1.960 plus
+# the first terms of the Cornish-Fisher expansion).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a t quantile needs at least one degree of freedom, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_difference(base: dict[str, float], other: dict[str, float]) -> Optional[dict]:
+    """Mean of other - base over the seeds both have, with its 95% confidence interval (t-distribution,
+    n - 1 degrees of freedom); None with fewer than two common seeds."""
+    seeds = sorted(set(base) & set(other))
+    if len(seeds) < 2:
+        return None
+    d = np.array([other[s] - base[s] for s in seeds], dtype=np.float64)
+    half = t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return {"n": len(d), "mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
+            "excludes_zero": bool(d.mean() - half > 0 or d.mean() + half < 0)}
+
+
+def seed_of(run: Path) -> str:
+    m = SEED_SUFFIX.search(run.name)
+    return m.group(0)[2:] if m else run.name
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     arr = np.array(xs, dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -112,6 +147,23 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
     lines.append("")
     lines.append(f"Mean ± sample standard deviation across seeds; in brackets the difference from `{base_name}` "
                  "± its standard error.")
+    paired = []
+    for name, runs in groups.items():
+        if name == base_name:
+            continue
+        for k, title in present:
+            by_seed = {seed_of(r): ap[k] for r, ap in zip(runs, per_group[name]) if k in ap}
+            base_by_seed = {seed_of(r): ap[k] for r, ap in zip(groups[base_name], per_group[base_name]) if k in ap}
+            diff = paired_difference(base_by_seed, by_seed)
+            if diff is None:
+                continue
+            verdict = ("excludes zero: a difference at this confidence" if diff["excludes_zero"]
+                       else "includes zero: no difference shown")
+            paired.append(f"- {name} - {base_name}, {title}: {diff['mean']:+.3f}, 95% CI [{diff['low']:+.3f}, "
+                          f"{diff['high']:+.3f}] over {diff['n']} seeds (paired, t with {diff['n'] - 1} df); the "
+                          f"interval {verdict}.")
+    if paired:
+        lines += ["", "Paired by seed:", *paired]
     return "\n".join(lines)
 
 

@@ -173,3 +173,34 @@ def test_loss_tags_are_every_logged_loss_total_last():
     runs = [{"loss/loss_cls": 0, "loss/total_loss": 0, "lr": 0}, {"loss/loss_new_term": 0, "time/x": 0}]
     assert compare.loss_tags(runs) == ["loss_cls", "loss_new_term", "total_loss"]
     assert compare.loss_tags([{"lr": 0}]) == []
+
+
+def test_t_quantiles_by_hand_and_against_scipy():
+    # df = 2 has a closed form: t = (2p - 1) / sqrt(2 p (1 - p)) at p = 0.975 gives 4.3027
+    assert compare.t975(2) == pytest.approx(4.3027, abs=1e-3)
+    assert compare.t975(1) == pytest.approx(12.706, abs=1e-3)
+    stats = pytest.importorskip("scipy.stats", reason="scipy not installed: the table alone is checked")
+    for df in (1, 2, 3, 5, 10, 29, 30, 31, 50, 200):
+        assert compare.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-3), df
+
+
+def test_paired_difference_interval_and_verdict():
+    base = {"0": 0.20, "1": 0.22, "2": 0.21}
+    better = {"0": 0.25, "1": 0.26, "2": 0.27, "9": 0.9}  # seed 9 has no partner: ignored
+    d = compare.paired_difference(base, better)
+    diffs = np.array([0.05, 0.04, 0.06])
+    half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.05)
+    assert d["low"] == pytest.approx(0.05 - half) and d["high"] == pytest.approx(0.05 + half)
+    assert d["excludes_zero"]
+    noisy = {"0": 0.25, "1": 0.18, "2": 0.22}
+    assert not compare.paired_difference(base, noisy)["excludes_zero"]
+    assert compare.paired_difference(base, {"0": 0.3}) is None  # one common seed: no interval
+
+
+def test_table_reports_paired_interval(runs, tmp_path):
+    dirs = [str(runs[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
+    table, _ = run_compare([*dirs, "--out", str(tmp_path / "c.png")])
+    assert "Paired by seed:" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("- noise - base, box AP"))
+    assert "95% CI [" in line and "over 2 seeds" in line and ("excludes zero" in line or "includes zero" in line)
