@@ -11,12 +11,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps imagecorruptions
+	touch $@
+
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) experiment.py
+	$(PY) experiment.py --overwrite
 
-test: venv
+test: venv $(VENV)/.installed-test
 	$(PY) -m pytest tests -q
 
 clean:
