@@ -36,14 +36,14 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .coco import (ERROR, WARNING, DatasetError, Problem, all_degenerate_problem, check_image_file,
+from .coco import (ERROR, DatasetError, Problem, Problems, all_degenerate_problem, check_image_file,
                    decode_instance, instance_box, mask_problem, read_coco_json, scan_coco)
 
 __all__ = ["CheckReport", "check_dataset_files", "check_coco_data"]
 
 
 @dataclass
-class CheckReport:
+class CheckReport(Problems):
     """Everything found in one dataset.  ``ok`` means training will not stop on the data."""
 
     ann_file: str
@@ -54,13 +54,6 @@ class CheckReport:
     num_categories: int = 0
     images_checked: int = 0  # image files opened (0 with images=False)
 
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == ERROR]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == WARNING]
 
     @property
     def ok(self) -> bool:

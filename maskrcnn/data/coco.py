@@ -118,8 +118,22 @@ class Problem:
         return self.message
 
 
+class Problems:
+    """`errors` and `warnings` of a `problems` list (a mixin of the scan and of the checker's report)."""
+
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+
 @dataclass
-class CocoScan:
+class CocoScan(Problems):
     """What :func:`scan_coco` found, plus what the pixel checks need.
 
     ``sizes`` holds ``(height, width)`` of the well-formed image records;
@@ -129,14 +143,6 @@ class CocoScan:
     problems: list[Problem] = field(default_factory=list)
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
     bad_annotations: set[int] = field(default_factory=set)
-
-    @property
-    def errors(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == ERROR]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == WARNING]
 
 
 def _finite_numbers(values: list[Any]) -> bool:
