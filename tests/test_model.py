@@ -367,3 +367,16 @@ def test_probe_noise_switch_and_state_restored():
     assert same(rec_off["noisy"], rec_off["bottom_up"])
     assert model.training and model.noise.training and model.noise.enabled
     model.eval()
+
+
+def test_probe_without_heads_stops_after_the_rpn(full):
+    _, model = full
+    model.eval()
+    images, targets = make_images(), make_targets()
+    torch.manual_seed(2)
+    rec = model.probe(images, targets, heads=False)
+    torch.manual_seed(2)
+    whole = model.probe(images, targets)
+    assert model.roi_heads is not None and model.stage == "full"  # restored
+    assert "roi_samples" not in rec and set(rec["output"][0]) == {"boxes", "scores"}
+    assert same(rec["proposals"], whole["proposals"])  # the same RPN pass

@@ -74,8 +74,8 @@ class MaskRCNN(nn.Module):
         return postprocess_detections(detections, image_list.image_sizes, original_sizes, self.mask_paste)
 
     @torch.no_grad()
-    def probe(self, images: list[Tensor], targets: Optional[list[dict]] = None, noise: Optional[bool] = None
-              ) -> dict:
+    def probe(self, images: list[Tensor], targets: Optional[list[dict]] = None, noise: Optional[bool] = None,
+              heads: bool = True) -> dict:
         """One pass of forward (in the model's current mode, without gradients) that returns every intermediate
         result; with targets in eval mode the RPN's anchor labelling and the RoI sampling run too, on the
         test-time proposals. Keys (N images, level lists fine to coarse):
@@ -89,17 +89,21 @@ class MaskRCNN(nn.Module):
           proposals        per image dict(boxes [P, 4], scores [P], levels [P]) in the model-input frame
           roi_samples      per image dict(boxes, labels, matched_idx)              (full stage, with targets)
           output           what forward returns: losses (training) or detections/proposals in input pixels
-        `noise`: None: LatentNoise as the mode says; True: applied as in training; False: skipped."""
+        `noise`: None: LatentNoise as the mode says; True: applied as in training; False: skipped.
+        `heads=False`: the pass ends after the RPN, as the RPN stage's (for proposal statistics, cheaper)."""
         record: dict = {}
-        was_training, was_enabled = self.noise.training, self.noise.enabled
+        was_training, was_enabled, roi_heads = self.noise.training, self.noise.enabled, self.roi_heads
         try:
             if noise is not None:
                 self.noise.train(noise)
                 self.noise.enabled = was_enabled and noise
+            if not heads:
+                self.roi_heads = None
             record["output"] = self(images, targets, record)
         finally:
             self.noise.train(was_training)
             self.noise.enabled = was_enabled
+            self.roi_heads = roi_heads
         return record
 
     def input_images(self, image_list: ImageList) -> list[Tensor]:
