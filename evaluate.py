@@ -12,6 +12,10 @@ with a table per corruption and severity. Corrupted images are 8-bit, as COCO-C'
 (--cache-dir) so that the next checkpoint is evaluated on the same pixels, faster.
 
 Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out).
+Inference runs in fp32 unless --amp (fp16 autocast on CUDA). Under torchrun the images are shared by the
+processes and rank 0 evaluates the gathered detections (the same AP as one process) and writes the files:
+
+    torchrun --nproc_per_node=8 evaluate.py --checkpoint runs/full/model_final.pth
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="corrupt every image afresh, keep nothing on disk")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
     p.add_argument("--batch-size", type=int, help="inference batch (default: test.ims_per_batch)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: each process its own GPU)")
+    p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (default: fp32)")
     p.add_argument("--out", help="output directory (default: the checkpoint's directory)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -123,19 +128,22 @@ def evaluate(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from maskrcnn.data.build import build_eval_dataset, dataset_paths
+    from maskrcnn.engine import distributed
     from maskrcnn.engine.checkpoint import model_from_checkpoint
-    from maskrcnn.engine.device import select_device
     from maskrcnn.evaluation.coco_eval import evaluate_model
     from maskrcnn.evaluation.corruptions import Corrupt, frost_source
     from maskrcnn.evaluation.robustness import headline, markdown, summarize
 
     corrupted_runs, with_clean = plan_runs(args)
     frost = frost_source(args.frost)  # checked before the model loads
-    device = select_device(args.device)
+    device = distributed.device(args.device)
+    main = distributed.is_main()  # rank 0 prints and writes; every process infers on its share
     model, cfg = model_from_checkpoint(args.checkpoint, args.config, args.set, device=str(device))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = build_eval_dataset(cfg, args.split)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with distributed.main_first():  # a shapes set is generated once
+        dataset = build_eval_dataset(cfg, args.split)
     cache_dir = None
     if corrupted_runs and not args.no_cache:
         cache_dir = Path(args.cache_dir) if args.cache_dir else \
@@ -144,29 +152,32 @@ def evaluate(args: argparse.Namespace) -> dict:
         (f"{name}-{sev}", Corrupt(name, sev, seed=cfg.train.seed, frost=frost, cache_dir=cache_dir, uint8=True))
         for name, sev in corrupted_runs]
     batch = args.batch_size or cfg.test.ims_per_batch
-    amp = cfg.train.amp and device.type == "cuda"
-    report = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": model.stage, "results": {}}
+    amp = args.amp  # fp16 autocast on CUDA only (run_inference); fp32 by default
+    report = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": model.stage,
+              "precision": "fp16 autocast" if amp and device.type == "cuda" else "fp32", "results": {}}
     if corrupted_runs:
         report["corruption_settings"] = {
             "seed": cfg.train.seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,
             "frost": frost if any(n == "frost" for n, _ in corrupted_runs) else None}
-        if report["corruption_settings"]["frost"]:
+        if report["corruption_settings"]["frost"] and main:
             print(f"frost textures: {'the imagecorruptions package photographs' if frost == 'photos' else 'procedural (generated here; the reference photographs need `pip install imagecorruptions`)'}")
     benchmark = args.corruption == "benchmark"
     progress = not args.no_progress
-    outer = tqdm(total=len(runs), desc=args.corruption or "evaluate", disable=not (progress and len(runs) > 1))
+    outer = tqdm(total=len(runs), desc=args.corruption or "evaluate",
+                 disable=not (progress and len(runs) > 1 and main))
     start = time.perf_counter()
     for tag, transform in runs:
         dataset.transforms = transform
         with torch.no_grad():
             metrics, results = evaluate_model(model, dataset, device, batch, args.max_images, amp,
-                                              cfg.model.roi_heads.mask_threshold, progress,
+                                              cfg.model.roi_heads.mask_threshold, progress and main,
                                               desc=f"evaluate {tag}")
-        if benchmark:
-            tqdm.write(_one_line(tag, metrics)) if progress else print(_one_line(tag, metrics))
-        else:
-            print_report(tag, metrics)
-        (out_dir / f"detections_{args.split}_{tag}.json").write_text(json.dumps(results))
+        if main:
+            if benchmark:
+                tqdm.write(_one_line(tag, metrics)) if progress else print(_one_line(tag, metrics))
+            else:
+                print_report(tag, metrics)
+            (out_dir / f"detections_{args.split}_{tag}.json").write_text(json.dumps(results))
         report["results"][tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
         outer.update(1)
@@ -174,9 +185,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     report["seconds"] = round(time.perf_counter() - start, 1)
     transforms = [t for _, t in runs if t is not None]
     if cache_dir is not None:
-        hits, misses = sum(t.hits for t in transforms), sum(t.misses for t in transforms)
+        counts = distributed.all_gather_object((sum(t.hits for t in transforms), sum(t.misses for t in transforms)))
+        hits, misses = sum(c[0] for c in counts), sum(c[1] for c in counts)
         report["corruption_settings"]["cache"] = {"read": hits, "written": misses}
-        print(f"corrupted-image cache {cache_dir}: {hits} read, {misses} written")
+        if main:
+            print(f"corrupted-image cache {cache_dir}: {hits} read, {misses} written")
+    if not main:
+        return report
     if args.corruption == "all" and model.stage == "full":
         for iou_type in ("bbox", "segm"):
             aps = [r[iou_type]["stats"]["AP"] for r in report["results"].values() if iou_type in r]
@@ -209,9 +224,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
+        from maskrcnn.engine import distributed
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        return evaluate(args)
+        with distributed.process_group(args.device):  # under torchrun; an error on any process ends the job
+            return evaluate(args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@
         --set data.train_ann=... data.val_ann=...   # transfer learning from torchvision's COCO weights
     python train.py --config configs/coco_r50_fpn_1x.yaml --set data.train_ann=... solver.max_iter=1000
     python train.py --name NAME --resume      # continue exactly where runs/NAME stopped (or was killed)
+    torchrun --nproc_per_node=8 train.py --config configs/coco_r50_fpn_1x.yaml --set solver.ims_per_batch=2 ...
+
+Under torchrun (one process per GPU, on one node or several) the model trains with DistributedDataParallel on
+a global batch of solver.ims_per_batch x processes; rank 0 writes the run directory. `python train.py` is one
+process. A global batch other than solver.reference_batch rescales the recipe (solver.scale_rule: linear or
+accumulate), printed at the start and saved in the run's config.yaml.
 
 SIGTERM or SIGINT (Ctrl-C) finishes the current step, writes a checkpoint, prints the command that resumes
 the run and exits with status 128 + the signal (143 for SIGTERM, 130 for SIGINT); a second signal stops at
@@ -80,31 +86,59 @@ def _resumed_config(cfg, args):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
-        from maskrcnn.config import load_config
-        from maskrcnn.engine.trainer import Trainer
-        cfg = load_config(args.config, args.set)
-        if args.resume:
-            cfg = _resumed_config(cfg, args)
-        if args.stage:
-            cfg.stage = args.stage
-        if args.feature_noise:
-            cfg.model.noise.enabled = True
-        if args.seed is not None:
-            cfg.train.seed = args.seed
-        if args.init and args.init != "torchvision" and not Path(args.init).is_file():
-            raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
-        name = args.name or cfg.train.name or (
-            f"{cfg.stage}{'-noise' if cfg.model.noise.enabled else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg.train.name = name
-        run_dir = Path(cfg.train.output_dir) / name
-        if args.check_data:
-            check_data(cfg, progress=not args.no_progress)
+        from maskrcnn.engine import distributed
+        cfg = resolve_config(args)
+        # Under torchrun: join the process group; an error on any process ends the job (its one line, a non-zero
+        # exit, and torchrun stops the others).
+        with distributed.process_group(cfg.train.device, cfg.train.dist_timeout_min):
+            return run(args, cfg)
+
+
+def resolve_config(args):
+    """The config of this run: the file and --set, or the resumed run's own; then --stage, --feature-noise, --seed."""
+    from maskrcnn.config import load_config
+    cfg = load_config(args.config, args.set)
+    if args.resume:
+        cfg = _resumed_config(cfg, args)
+    if args.stage:
+        cfg.stage = args.stage
+    if args.feature_noise:
+        cfg.model.noise.enabled = True
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.init and args.init != "torchvision" and not Path(args.init).is_file():
+        raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
+    return cfg
+
+
+def run(args, cfg) -> dict:
+    from maskrcnn.data.coco import DatasetError
+    from maskrcnn.engine import distributed
+    from maskrcnn.engine.trainer import Trainer
+
+    main = distributed.is_main()
+    name = args.name or cfg.train.name or distributed.broadcast_object(  # rank 0's clock names the run
+        f"{cfg.stage}{'-noise' if cfg.model.noise.enabled else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.train.name = name
+    run_dir = Path(cfg.train.output_dir) / name
+    if args.check_data:  # rank 0 checks; every process stops on its verdict
+        problem = None
+        if main:
+            try:
+                check_data(cfg, progress=not args.no_progress)
+            except DatasetError as e:
+                problem = str(e)
+        problem = distributed.broadcast_object(problem)
+        if problem is not None:
+            raise DatasetError(problem) if main else SystemExit(2)
+    if main:
         print(f"run directory: {run_dir}")
-        trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress,
-                          overwrite=args.overwrite)
-        summary = trainer.train()
+    trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress,
+                      overwrite=args.overwrite)
+    summary = trainer.train()
+    if main:
         print(f"checkpoint: {summary['checkpoint']}")
-        return summary
+    return summary
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    ims_per_batch: int = 16  # images per iteration
+    ims_per_batch: int = 16  # images per iteration on each process (the global batch sums it over torchrun's processes)
+    reference_batch: int = 0  # global batch that base_lr, max_iter, steps, warmup_iters are written for (0: off)
+    scale_rule: str = "linear"  # global batch != reference_batch -> linear: lr x batch/ref, iterations x ref/batch
+    # (detectron2's auto_scale_workers) | accumulate: ref/batch micro-batches per optimiser step | none: as written
     optimizer: str = "sgd"  # sgd (momentum) | adamw (converges in fewer iterations when training from scratch)
     base_lr: float = 0.02  # learning rate at ims_per_batch
     momentum: float = 0.9  # SGD momentum
@@ -194,12 +197,16 @@ class TrainConfig:
     vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)
     precise_bn_iters: int = 0  # after training, recompute BatchNorm statistics over N batches (0: off; norm bn)
     eval_at_end: bool = True  # AR (rpn stage) or AP (full stage) on the val split at the end
+    sync_bn: bool = False  # under torchrun: trained BatchNorm layers use the statistics of the global batch
+    # (SyncBatchNorm, CUDA only); frozen BatchNorm is unaffected
+    dist_timeout_min: float = 30.0  # under torchrun: a process waiting longer than this for the others fails
 
 
 @dataclass
 class TestConfig:
     ims_per_batch: int = 2  # inference batch
     max_images: int = 0  # evaluate on at most this many val images (0: all)
+    amp: bool = False  # fp16 autocast on CUDA in the end-of-run evaluation (off: evaluated in fp32)
 
 
 @dataclass

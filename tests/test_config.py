@@ -69,10 +69,13 @@ def test_defaults_solver():
 
 
 def test_coco_yaml_spells_out_the_defaults():
-    """configs/coco_r50_fpn_1x.yaml only restates defaults: the model it gives is the default model."""
+    """configs/coco_r50_fpn_1x.yaml only restates defaults: the model it gives is the default model, and its
+    solver is the default one written for a reference batch of 16 (the default 0 leaves other presets as they
+    are written)."""
     cfg = load_config(CONFIGS / "coco_r50_fpn_1x.yaml")
     assert cfg.model == Config().model
-    assert cfg.solver == Config().solver
+    assert cfg.solver.reference_batch == 16 == cfg.solver.ims_per_batch
+    assert dataclasses.replace(cfg.solver, reference_batch=0) == Config().solver
 
 
 # ---------------------------------------------------------------------------------------- YAML files

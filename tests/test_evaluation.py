@@ -413,3 +413,37 @@ def test_evaluate_corruption_options_are_one_line_errors(checkpoints, tmp_path, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
+    """evaluate.py infers in fp32 unless --amp; the end-of-run evaluation follows test.amp (default false), not
+    train.amp (fp16 training)."""
+    from maskrcnn.config import TestConfig, TrainConfig
+    from maskrcnn.evaluation import coco_eval
+
+    seen = []
+
+    def spy(model, dataset, device, batch_size=2, max_images=0, amp=False, *args, **kwargs):
+        seen.append(amp)
+        return [], []
+
+    monkeypatch.setattr(coco_eval, "run_inference", spy)
+    report, _ = run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress"])
+    run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--amp"])
+    assert seen == [False, True] and report["precision"] == "fp32"
+    assert TestConfig().amp is False and TrainConfig().amp is True
+    # autocast is for CUDA only: --amp on a CPU still infers in fp32
+    from maskrcnn.model.mask_rcnn import MaskRCNN
+
+    monkeypatch.undo()
+    autocast = []
+    forward = MaskRCNN.forward
+
+    def record_autocast(self, *args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskRCNN, "forward", record_autocast)
+    run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--amp",
+                  "--max-images", "1", "--device", "cpu"])
+    assert autocast == [False]

@@ -151,3 +151,78 @@ def test_set_position_with_workers() -> None:
     loader.set_position(1, 2)
     assert _summary(itertools.islice(iter(loader), 2)) == a[7:9]
     del loader
+
+
+# ------------------------------------------------------------------------- shards, accumulation, grouping
+class _Sized(_Random):
+    """_Random with COCO-like image records: item i is landscape when i % 3 != 0."""
+
+    def image_info(self, i: int) -> dict:
+        return {"height": 480, "width": 640} if i % 3 else {"height": 640, "width": 480}
+
+
+def _steps(loaders, k: int, n: int) -> list[list[tuple[int, float]]]:
+    """The global steps seen by `loaders` (one per rank, each yielding k micro-batches per step), in the order
+    a single process of batch (ranks x micro-batch) would hold them: micro-batch by micro-batch, rank by rank."""
+    streams = [iter(l) for l in loaders]
+    out = []
+    for _ in range(n):
+        micro = [[_summary([next(s)])[0] for s in streams] for _ in range(k)]
+        out.append([x for per_rank in micro for batch in per_rank for x in batch])
+    return out
+
+
+@pytest.mark.parametrize("grouping", [False, True])
+def test_ranks_and_micro_batches_split_the_single_process_steps(grouping) -> None:
+    """A step holds the same images (with the same augmentation seeds) on 1 process x 4 images, 2 processes x 2,
+    4 processes x 1, and 1 process accumulating 2 x 2; every process has its own share and all agree on the
+    position in global samples."""
+    ds = _Sized(30)
+
+    def make(bs, replicas=1, rank=0, accumulate=1):
+        return build_loader(ds, bs, True, 0, 3, drop_last=True, infinite=True, aspect_ratio_grouping=grouping,
+                            num_replicas=replicas, rank=rank, accumulate=accumulate)
+
+    single = _steps([make(4)], 1, 10)  # 10 steps cross two epochs (7 steps each)
+    assert make(4).samples_per_epoch == 28 and make(4).samples_per_step == 4
+    for replicas, bs, k in [(2, 2, 1), (4, 1, 1), (1, 2, 2), (2, 1, 2)]:
+        loaders = [make(bs, replicas, r, k) for r in range(replicas)]
+        assert _steps(loaders, k, 10) == single, (replicas, bs, k)
+        assert len({l.sample_position for l in loaders}) == 1
+        assert loaders[0].sample_position == (1, 12)  # 10 steps = 7 of epoch 0 and 3 of epoch 1
+        assert loaders[0].batches_per_epoch == 7 * k
+    for step in single:
+        assert len({i % 3 != 0 for i, _ in step}) == 1 or not grouping  # one orientation per step
+    shards = [[i for i, _ in batch] for batch in _summary(itertools.islice(iter(make(2, 2, 1)), 7))]
+    assert all(len(b) == 2 for b in shards)
+
+
+def test_resume_on_another_number_of_processes_continues_the_global_order() -> None:
+    """Stopped after 5 steps of 4 images on one process; continued on 2 processes x 2 images from the position
+    in global samples: the same steps as the uninterrupted single process."""
+    ds = _Sized(30)
+    single = build_loader(ds, 4, True, 0, 9, drop_last=True, infinite=True, aspect_ratio_grouping=True)
+    reference = _steps([single], 1, 12)
+    stopped = build_loader(ds, 4, True, 0, 9, drop_last=True, infinite=True, aspect_ratio_grouping=True)
+    _steps([stopped], 1, 5)
+    epoch, samples = stopped.sample_position
+    assert (epoch, samples) == (0, 20)
+    loaders = [build_loader(ds, 2, True, 0, 9, drop_last=True, infinite=True, aspect_ratio_grouping=True,
+                            num_replicas=2, rank=r) for r in range(2)]
+    for l in loaders:
+        l.set_sample_position(epoch, samples)
+    assert _steps(loaders, 1, 7) == reference[5:]
+    with pytest.raises(ValueError, match="does not start a step"):
+        loaders[0].set_sample_position(0, 2)
+
+
+def test_shard_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        build_loader(_Random(), 2, True, 0, 0, drop_last=True, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="drop_last=False needs one process"):
+        build_loader(_Random(), 2, True, 0, 0, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="aspect_ratio_grouping needs image sizes"):
+        build_loader(_Random(), 2, True, 0, 0, aspect_ratio_grouping=True)
+    loader = build_loader(_Random(10), 2, True, 0, 0, drop_last=True, infinite=True, accumulate=2)
+    with pytest.raises(ValueError, match="in steps of 2"):
+        loader.set_position(0, 1)

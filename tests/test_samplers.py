@@ -127,3 +127,48 @@ def test_grouping_reduces_padding_on_coco_like_sizes(batch_size):
     # side, 640..800, and from aspect ratios other than 4:3 inside one orientation)
     assert with_ < 0.65 * without
     assert with_ < (0.14 if batch_size == 2 else 0.33)
+
+
+# ------------------------------------------------------------------------- wired into the training loader
+def test_build_loader_groups_a_coco_dataset_and_resumes_exactly(tmp_path):
+    """data.aspect_ratio_grouping: the flags come from the dataset's image records, every batch the loader
+    yields has one orientation, the same seed gives the same batches, and a loader set to a position (epoch,
+    batch) continues with exactly the batches of an uninterrupted one."""
+    import itertools
+
+    from maskrcnn.data.coco import CocoInstances
+    from maskrcnn.data.loader import build_loader
+    from maskrcnn.data.samplers import dataset_landscape_flags
+    from maskrcnn.data.shapes import generate_shapes
+    from maskrcnn.data.transforms import Compose, RandomHorizontalFlip
+
+    paths = generate_shapes(tmp_path, num_train=24, num_val=0, image_size=(48, 80), seed=1)
+    ds = CocoInstances(paths["train_images"], paths["train_ann"], transforms=Compose([RandomHorizontalFlip(0.5)]))
+    flags = dataset_landscape_flags(ds)
+    assert 0 < sum(flags) < len(flags), "the generated set should hold both orientations"
+
+    def make():
+        return build_loader(ds, 3, shuffle=True, num_workers=0, seed=4, drop_last=True, infinite=True,
+                            aspect_ratio_grouping=True)
+
+    def batches(loader, n):
+        out, positions = [], []
+        for images, targets in itertools.islice(iter(loader), n):
+            out.append([(t["image_id"], tuple(img.shape[-2:]), tuple(t["boxes"].flatten().tolist()))
+                        for img, t in zip(images, targets)])
+            positions.append(loader.position)
+        return out, positions
+
+    loader = make()
+    per_epoch = loader.batches_per_epoch
+    assert per_epoch == grouped_batch_count(sum(flags), len(flags) - sum(flags), 3)
+    reference, positions = batches(loader, 2 * per_epoch + 2)
+    for batch in reference:
+        assert len({w > h for _, (h, w), _ in batch}) == 1, batch  # one orientation, checked on the pixels
+    assert batches(make(), 2 * per_epoch + 2)[0] == reference  # deterministic, augmentation included
+    plain = build_loader(ds, 3, shuffle=True, num_workers=0, seed=4, drop_last=True, infinite=True)
+    assert batches(plain, per_epoch)[0] != reference[:per_epoch]  # the grouping changed the batches
+    for k in (1, per_epoch - 1, per_epoch, per_epoch + 1):
+        resumed = make()
+        resumed.set_position(*positions[k - 1])
+        assert batches(resumed, len(reference) - k)[0] == reference[k:], k

@@ -166,7 +166,8 @@ TV_ON_TINY = ["--config", "configs/torchvision_compat.yaml", "--stage", "full", 
               "data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=[128,160]",
               "data.shapes.seed=0", "model.transform.min_size_train=[128]", "model.transform.max_size_train=192",
               "model.transform.min_size_test=128", "model.transform.max_size_test=192", "solver.ims_per_batch=2",
-              "solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[1]", "train.eval_at_end=false",
+              "solver.scale_rule=none", "solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[1]",
+              "train.eval_at_end=false",
               "model.roi_heads.batch_size_per_image=64", "model.backbone.weights=none"]
 
 
@@ -265,3 +266,25 @@ def test_check_data_stops_before_training_on_a_broken_image(tmp_path, capsys):
     assert first.name in out  # the checker's summary names the file
     assert err.count("\n") == 1 and "--check-data: the val split has 1 error(s)" in err
     assert not (tmp_path / "broken").exists()  # stopped before the run directory was made
+
+
+def test_aspect_ratio_grouping_trains_and_resumes_exactly(tmp_path, capsys):
+    """data.aspect_ratio_grouping in training: a run stopped at iteration 2 and resumed gives the losses of an
+    uninterrupted run, bit for bit (the grouped order is recomputed from (seed, epoch) and skipped to the
+    position), across an epoch boundary."""
+    sets = ["data.aspect_ratio_grouping=true", "train.eval_at_end=false", "train.precise_bn_iters=0",
+            "train.checkpoint_period=2", "train.num_threads=1"]
+    threads = torch.get_num_threads()
+    try:
+        _train(tmp_path, *sets, "solver.max_iter=5", name="whole")
+        _train(tmp_path, *sets, "solver.max_iter=2", name="part")
+        train.main(["--name", "part", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                    "solver.max_iter=5"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "not restored" not in capsys.readouterr().out
+    whole, part = (load_checkpoint(tmp_path / n / "last_checkpoint.pth") for n in ("whole", "part"))
+    assert whole["position"]["aspect_ratio_grouping"] and whole["iteration"] == part["iteration"] == 5
+    assert whole["data"]["batches_per_epoch"] <= 4 and whole["position"]["epoch"] >= 1  # crossed an epoch
+    for k, v in whole["history"].items():
+        assert torch.equal(v, part["history"][k]), k

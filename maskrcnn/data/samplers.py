@@ -20,8 +20,8 @@ from typing import Iterator, Sequence, TypeVar
 
 from torch.utils.data import Sampler
 
-__all__ = ["group_by_aspect_ratio", "grouped_batch_count", "landscape_flags", "padding_fraction",
-           "GroupedBatchSampler"]
+__all__ = ["group_by_aspect_ratio", "grouped_batch_count", "landscape_flags", "dataset_landscape_flags",
+           "padding_fraction", "GroupedBatchSampler"]
 
 T = TypeVar("T")
 
@@ -29,6 +29,19 @@ T = TypeVar("T")
 def landscape_flags(sizes: Sequence[tuple[int, int]]) -> list[bool]:
     """(height, width) per image -> True where width > height (detectron2's bucket 0; squares go with portrait)."""
     return [w > h for h, w in sizes]
+
+
+def dataset_landscape_flags(dataset) -> list[bool]:
+    """One flag per dataset index from the image records' width and height (COCO "images" entries, through
+    `dataset.image_info(i)`), so no image is opened. A horizontal flip keeps the orientation."""
+    if not hasattr(dataset, "image_info"):
+        raise ValueError(f"data.aspect_ratio_grouping needs image sizes, which a {type(dataset).__name__} does not "
+                         "give (image_info(i) with width and height, as CocoInstances)")
+    sizes = []
+    for i in range(len(dataset)):
+        info = dataset.image_info(i)
+        sizes.append((int(info["height"]), int(info["width"])))
+    return landscape_flags(sizes)
 
 
 def group_by_aspect_ratio(items: Sequence[T], landscape: Sequence[bool], batch_size: int,

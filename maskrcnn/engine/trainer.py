@@ -7,6 +7,11 @@ Nothing is lost: a checkpoint holds the model, optimiser, scheduler, grad scaler
 history, so a resumed run continues exactly where the checkpointed one was (bit-identical losses on CPU).
 SIGTERM or SIGINT finishes the current step, writes a checkpoint, prints how to resume and exits with
 128 + the signal number (143, 130); a second signal exits at once.
+
+Under torchrun the model is wrapped in DistributedDataParallel; each process loads its shard of the global
+order (maskrcnn.data.loader); rank 0 alone writes the run directory (config, TensorBoard, pictures,
+checkpoints of the unwrapped model, metrics) and shows the progress bar. `resolve_batch` adapts the recipe to
+the global batch (solver.reference_batch, solver.scale_rule).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import shlex
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -36,7 +41,7 @@ from ..config import Config, TrainConfig, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
 from ..evaluation.coco_eval import evaluate_model, format_metrics
-from .device import select_device
+from . import distributed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # checkpoint, then exit 128 + signum (143 / 130)
 DEFAULT_OUTPUT_DIR = TrainConfig.output_dir  # train.py --resume finds runs here without --set
@@ -90,9 +95,10 @@ def run_files(run_dir: Path) -> list[Path]:
                      or p.name.startswith("events.out.tfevents.") or p.name.endswith(".pth.tmp")])
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """Refuse to start a new run in a directory that holds another one, unless it is resumed or overwritten
-    (then the old run's files go: its TensorBoard events would otherwise mix with the new ones)."""
+    (then the old run's files go: its TensorBoard events would otherwise mix with the new ones). `delete`:
+    False checks only (the processes other than rank 0 under torchrun)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     if resume:
@@ -106,14 +112,17 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
         raise ValueError(f"{run_dir} already holds a run ({names}); continue it with --resume, "
                          "or start it again with --overwrite (deletes its checkpoints and events)")
+    if not delete:
+        return
     old = run_files(run_dir)
     for p in old:
         p.unlink(missing_ok=True)
     print(f"--overwrite: removed {len(old)} files of the previous run in {run_dir}")
 
 
-def resume_command(run_dir: Path) -> str:
-    cmd = f"python train.py --name {shlex.quote(run_dir.name)} --resume"
+def resume_command(run_dir: Path, world_size: int = 1) -> str:
+    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
+    cmd = f"{launcher} train.py --name {shlex.quote(run_dir.name)} --resume"
     if run_dir.parent != Path(DEFAULT_OUTPUT_DIR):
         cmd += f" --set train.output_dir={shlex.quote(str(run_dir.parent))}"
     return cmd
@@ -128,6 +137,74 @@ def lr_lambda(solver) -> callable:
             factor *= solver.warmup_factor * (1 - alpha) + alpha
         return factor
     return f
+
+
+SCALE_RULES = ("linear", "accumulate", "none")
+
+
+def resolve_batch(cfg: Config, world_size: int = 1, resumed_step: Optional[int] = None) -> tuple[int, list[str]]:
+    """Adapt the recipe to the global batch (solver.ims_per_batch x `world_size` processes); returns the number
+    of micro-batches per optimiser step and the lines that say what changed.
+
+    With solver.reference_batch > 0 and a different global batch, solver.scale_rule decides:
+      linear      base_lr x batch/reference; max_iter, steps, warmup_iters and train.checkpoint_period x
+                  reference/batch (detectron2's auto_scale_workers); the config is changed in place and its
+                  reference_batch set to the batch, so the saved config is the recipe actually run;
+      accumulate  reference/batch micro-batches per optimiser step, each loss divided by their number, the
+                  schedule unchanged (iterations count optimiser steps); the reference must be a multiple;
+      none        the recipe as written.
+    `resumed_step`: images per step of the run being resumed; unless accumulating, solver.ims_per_batch is set
+    so that the global batch stays what it was (the iteration count and schedule are in that run's steps)."""
+    s = cfg.solver
+    if s.scale_rule not in SCALE_RULES:
+        raise ValueError(f"solver.scale_rule: expected {', '.join(SCALE_RULES)}, got {s.scale_rule!r}")
+    if s.reference_batch < 0 or s.ims_per_batch < 1:
+        raise ValueError(f"solver.reference_batch must be >= 0 and solver.ims_per_batch >= 1, got "
+                         f"{s.reference_batch} and {s.ims_per_batch}")
+    lines = []
+    accumulating = s.scale_rule == "accumulate" and s.reference_batch > 0
+    if resumed_step and not accumulating and s.ims_per_batch * world_size != resumed_step:
+        if resumed_step % world_size:
+            raise ValueError(f"--resume: the run's {resumed_step} images per step do not split over {world_size} "
+                             "processes; resume it on a number of processes that divides them")
+        lines.append(f"--resume on {world_size} process(es): solver.ims_per_batch {s.ims_per_batch} -> "
+                     f"{resumed_step // world_size}, the run's {resumed_step} images per step")
+        s.ims_per_batch = resumed_step // world_size
+    batch, ref = s.ims_per_batch * world_size, s.reference_batch
+    split = f"{s.ims_per_batch} x {world_size} processes" if world_size > 1 else "one process"
+    if ref == 0 or s.scale_rule == "none" or batch == ref:
+        if world_size > 1:
+            lines.append(f"global batch {batch} ({split})" + (
+                f"; solver.reference_batch {ref}: learning rate and schedule as written" if batch != ref else ""))
+        return 1, lines
+    if accumulating:
+        if ref % batch:
+            raise ValueError(f"solver.scale_rule=accumulate: solver.reference_batch {ref} is not a multiple of the "
+                             f"global batch {batch} ({split}); choose solver.ims_per_batch so that it divides "
+                             f"{ref}, or use solver.scale_rule=linear")
+        k = ref // batch
+        lines.append(f"gradient accumulation: {k} micro-batches of {batch} images ({split}) per optimiser step, "
+                     f"the reference batch of {ref}; the schedule is unchanged (iterations are optimiser steps)")
+        return k, lines
+    scale = batch / ref
+    before = (s.base_lr, s.max_iter, list(s.steps), s.warmup_iters, cfg.train.checkpoint_period)
+    s.base_lr = s.base_lr * scale
+    s.max_iter = max(1, int(round(s.max_iter / scale)))
+    s.steps = [int(round(step / scale)) for step in s.steps]
+    s.warmup_iters = int(round(s.warmup_iters / scale))
+    cfg.train.checkpoint_period = max(1, int(round(cfg.train.checkpoint_period / scale)))
+    s.reference_batch = batch  # the saved config is this recipe: resolving it again changes nothing
+    after = (s.base_lr, s.max_iter, s.steps, s.warmup_iters, cfg.train.checkpoint_period)
+    names = ("base_lr", "max_iter", "steps", "warmup_iters", "train.checkpoint_period")
+    lines.append(f"linear scaling rule, global batch {batch} ({split}) instead of {ref}: " + ", ".join(
+        f"{n} {b:g} -> {a:g}" if isinstance(a, float) else f"{n} {b} -> {a}" for n, b, a in zip(names, before, after))
+        + " (solver.scale_rule=accumulate keeps the schedule)")
+    return 1, lines
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s RNGs after the model is built (rank 0 keeps the run's own stream)."""
+    return int(np.random.SeedSequence([int(seed), int(rank), 0x5EED]).generate_state(1)[0])
 
 
 def build_optimizer(params, solver) -> torch.optim.Optimizer:
@@ -153,37 +230,52 @@ class Trainer:
                  progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        # Under torchrun (maskrcnn.engine.distributed.init already called): rank 0 writes, every rank trains.
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
         if cfg.train.keep_checkpoints < 0:
             raise ValueError(f"train.keep_checkpoints must be >= 0, got {cfg.train.keep_checkpoints}")
-        prepare_run_dir(self.run_dir, resume, overwrite)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
+        prepare_run_dir(self.run_dir, resume, overwrite, delete=self.main)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress and self.main
         seed_everything(cfg.train.seed)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
-        self.device = select_device(cfg.train.device)
-        self.train_set, self.val_set = build_datasets(cfg)
+        self.device = distributed.device(cfg.train.device)
+        with distributed.main_first():  # the shapes set is generated by rank 0 alone
+            self.train_set, self.val_set = build_datasets(cfg)
         if cfg.model.num_classes != self.train_set.num_classes:
-            print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
-                  f"(was {cfg.model.num_classes})")
+            self._print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
+                        f"(was {cfg.model.num_classes})")
             cfg.model.num_classes = self.train_set.num_classes
         resume_path = self.run_dir / LAST
         state = load_checkpoint(resume_path) if resume else None  # before anything is written: a bad one stops here
-        save_config(cfg, self.run_dir / "config.yaml")
+        resumed_step = ((state.get("position") or {}).get("samples_per_step")) if state is not None else None
+        self.accumulate, lines = resolve_batch(cfg, self.world, resumed_step)
+        for line in lines:
+            self._print(line)
+        if self.main:
+            save_config(cfg, self.run_dir / "config.yaml")
         from_coco = init == "torchvision" and state is None
         self.model = build_model(cfg, load_weights=state is None and not from_coco)
         if from_coco:  # torchvision's COCO Mask R-CNN; new class predictors when the classes differ
             from ..torchvision_weights import load_torchvision_coco
             report = load_torchvision_coco(self.model, cfg.model.num_classes,
                                            getattr(self.train_set, "class_names", None), cfg)
-            save_config(cfg, self.run_dir / "config.yaml")  # frozen-BN eps changed with these weights
-            print(report.summary())
+            if self.main:
+                save_config(cfg, self.run_dir / "config.yaml")  # frozen-BN eps changed with these weights
+            self._print(report.summary())
         elif init and state is None:
             report = partial_load(self.model, init)
-            print(report.summary())
+            self._print(report.summary())
+        if self.rank > 0:  # the same initial weights everywhere, then each process its own random stream
+            seed_everything(rank_seed(cfg.train.seed, self.rank))
         self.model.to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.train.sync_bn:
+            self._convert_sync_bn()
         params = [p for p in self.model.parameters() if p.requires_grad]
         s = cfg.solver
         self.optimizer = build_optimizer(params, s)
@@ -197,6 +289,7 @@ class Trainer:
         self.writer = None
         self._saved_iter = None
         self._stop_signal = None
+        self._bar = None
         if state is not None:
             if "optimizer" not in state:
                 raise ValueError(f"{resume_path}: holds no optimiser state, so the run cannot be continued")
@@ -206,27 +299,75 @@ class Trainer:
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             self.start_iter = state["iteration"]
-            print(f"resumed from {resume_path} at iteration {self.start_iter}")
+            self._print(f"resumed from {resume_path} at iteration {self.start_iter}")
+        # `self.model` is the model itself (state dicts, attributes such as rpn or features); `self.ddp` runs the
+        # training forward: DistributedDataParallel under torchrun, else the model.
+        self.ddp = self._wrap_ddp() if self.world > 1 else self.model
+
+    def _print(self, *args, **kwargs) -> None:
+        if self.main:
+            print(*args, **kwargs)
+
+    def _convert_sync_bn(self) -> None:
+        trained = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if self.world == 1:
+            self._print("train.sync_bn: one process, nothing to synchronise")
+            return
+        if not trained:
+            self._print("train.sync_bn: no trained BatchNorm layer (frozen BatchNorm is unaffected)")
+            return
+        if self.device.type != "cuda":
+            raise ValueError("train.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU implementation); "
+                             "set train.sync_bn=false to train on the CPU")
+        self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self._print(f"SyncBatchNorm: {len(trained)} BatchNorm layers use the statistics of the global batch")
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers need broadcasting only where a trained, unsynchronised BatchNorm updates them.
+        bn_buffers = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                         and not isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules())
+        # device_ids=None: the model is on this process's one device already, and DDP then passes the forward's
+        # arguments through untouched (the trainer's `record` dict is filled in place on picture iterations).
+        # Every trained parameter receives a gradient at every step (losses of empty batches are kept in the
+        # graph as sum() * 0), so find_unused_parameters is off.
+        return DistributedDataParallel(self.model, device_ids=None, forward_sync_buffers=bn_buffers,
+                                       find_unused_parameters=False)
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def _state(self, iteration: int, final: bool) -> dict:
+    def _state(self, iteration: int, final: bool, rngs: Optional[list] = None) -> dict:
         names = getattr(self.train_set, "class_names", None)
-        epoch, index = self.loader.position if self.loader is not None else (0, 0)
+        loader = self.loader
+        epoch, index = loader.position if loader is not None else (0, 0)
         history = ({k: torch.tensor([h[k] for h in self.history], dtype=torch.float64) for k in self.history[0]}
                    if self.history else {})
-        return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "iteration": iteration, "final": final, "config": config_to_yaml(self.cfg), "stage": self.cfg.stage,
-                "class_names": list(names) if names is not None else None, "rng": rng_state(self.model),
-                "data": {"epoch": epoch, "index": index, "seed": self.cfg.train.seed,
-                         "batches_per_epoch": self.loader.batches_per_epoch if self.loader is not None else 0},
-                "history": history}
+        state = {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "iteration": iteration, "final": final, "config": config_to_yaml(self.cfg), "stage": self.cfg.stage,
+                 "class_names": list(names) if names is not None else None, "rng": rng_state(self.model),
+                 "data": {"epoch": epoch, "index": index, "seed": self.cfg.train.seed,
+                          "batches_per_epoch": loader.batches_per_epoch if loader is not None else 0},
+                 "history": history}
+        if loader is not None:  # in global samples: continues on any number of processes
+            epoch, samples = loader.sample_position
+            state["position"] = {"epoch": epoch, "samples": samples, "samples_per_step": loader.samples_per_step,
+                                 "samples_per_epoch": loader.samples_per_epoch, "world_size": self.world,
+                                 "aspect_ratio_grouping": self.cfg.data.aspect_ratio_grouping}
+        if rngs is not None:
+            state["rng_ranks"] = rngs  # each process's RNGs, restored when resumed on as many processes
+        return state
 
     def checkpoint(self, iteration: int, final: bool = False) -> Path:
         """Write the full training state: model_<iter>.pth (the newest train.keep_checkpoints are kept) and
-        last_checkpoint.pth (the same file); with `final`, also model_final.pth (the model alone)."""
-        state = self._state(iteration, final)
+        last_checkpoint.pth (the same file); with `final`, also model_final.pth (the model alone). Under
+        torchrun every process calls it (their RNG states are gathered) and rank 0 writes."""
+        rngs = distributed.gather_object(rng_state(self.model)) if self.world > 1 else None
         last = self.run_dir / LAST
+        self._saved_iter = iteration
+        if not self.main:
+            return self.run_dir / "model_final.pth" if final else last
+        state = self._state(iteration, final, rngs)
         keep = self.cfg.train.keep_checkpoints
         if keep > 0:
             path = self.run_dir / numbered_name(iteration)
@@ -235,7 +376,6 @@ class Trainer:
         else:
             save_checkpoint(state, last)
         prune_checkpoints(self.run_dir, keep)
-        self._saved_iter = iteration
         if self.writer is not None:
             self.writer.flush()  # the events up to a checkpoint survive a kill
         if final:
@@ -247,20 +387,39 @@ class Trainer:
 
     def _restore_progress(self, state: dict) -> None:
         """Loss history and data position of a resumed run (its RNGs are restored just before the loop)."""
-        t = self.cfg.train
+        t, loader = self.cfg.train, self.loader
         history = state.get("history") or {}
         columns = {k: v.tolist() for k, v in history.items()}
         self.history = [dict(zip(columns, row)) for row in zip(*columns.values())]
-        data = state.get("data") or {}
-        bpe = self.loader.batches_per_epoch
-        if data.get("batches_per_epoch") == bpe and data.get("seed") == t.seed:
-            self.loader.set_position(data["epoch"], data["index"])
-            self._notes = []
+        data, pos = state.get("data") or {}, state.get("position")
+        self._notes = []
+        if (pos is not None and data.get("seed") == t.seed and pos["samples_per_epoch"] == loader.samples_per_epoch
+                and pos["aspect_ratio_grouping"] == self.cfg.data.aspect_ratio_grouping
+                and pos["samples"] % loader.samples_per_step == 0):
+            loader.set_sample_position(pos["epoch"], pos["samples"])
+        elif (pos is None and data.get("batches_per_epoch") == loader.batches_per_epoch and data.get("seed") == t.seed
+              and self.world == 1 and self.accumulate == 1):  # a checkpoint from before "position"
+            loader.set_position(data["epoch"], data["index"])
         else:
-            self.loader.set_position(*divmod(self.start_iter, bpe))
-            self._notes = ["the data order (the checkpoint is older, or train.seed / batches per epoch changed)"]
+            epoch, step = divmod(self.start_iter, loader.batches_per_epoch // self.accumulate)
+            loader.set_position(epoch, step * self.accumulate)
+            self._notes.append("the data order (the checkpoint is older, or train.seed, the images per step or "
+                               "the aspect-ratio grouping changed)")
         if len(self.history) != self.start_iter:
             self._notes.append(f"the loss history (it covers {len(self.history)} of {self.start_iter} iterations)")
+
+    def _restore_rng(self, state: dict) -> None:
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world:
+            self._notes += set_rng_state(ranks[self.rank], self.model)
+        elif "rng" not in state:
+            self._notes.append("the RNG states (an older checkpoint)")
+        else:  # rank 0 continues rank 0's stream; the others keep their own seeded ones
+            if self.main:
+                self._notes += set_rng_state(state["rng"], self.model)
+            if ranks is not None or self.world > 1:
+                self._notes.append(f"the RNG states of every process (the run had {len(ranks or [0])} "
+                                   f"process(es), it continues on {self.world})")
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -274,8 +433,9 @@ class Trainer:
                 os.kill(os.getpid(), signum)
                 return
             self._stop_signal = signum
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                        "(send it again to stop at once)\n".encode())  # os.write: safe inside a handler
+            if self.main:
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                            "(send it again to stop at once)\n".encode())  # os.write: safe inside a handler
 
         main = threading.current_thread() is threading.main_thread()  # handlers only work there
         previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS} if main else {}
@@ -285,77 +445,116 @@ class Trainer:
             for sig, h in previous.items():
                 signal.signal(sig, h)
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step: a signal here, or (under torchrun) on any process, so that all
+        stop at the same step."""
+        if self.world == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        signum = int(distributed.all_reduce(flag, "max").item())
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+        return bool(signum)
+
     def _stop(self, it: int, bar, writer) -> None:
         if self._saved_iter != it:
             self.checkpoint(it)
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+        if not self.main:  # rank 0 says it
+            raise SystemExit(128 + self._stop_signal)
         name = signal.Signals(self._stop_signal).name
         raise Stopped(f"{name}: stopped at iteration {it}/{self.cfg.solver.max_iter} with checkpoint "
-                      f"{self.run_dir / LAST}; resume with: {resume_command(self.run_dir)}",
+                      f"{self.run_dir / LAST}; resume with: {resume_command(self.run_dir, self.world)}",
                       128 + self._stop_signal)
 
     # --------------------------------------------------------------------------------------------- loop
+    def _step(self, data_iter: Iterator, it: int, record: Optional[dict]) -> dict[str, float]:
+        """One optimiser step over `accumulate` micro-batches (each loss divided by their number, so the gradient
+        is that of their mean); returns the losses averaged over micro-batches and processes."""
+        k = self.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = None
+        for m in range(k):
+            images, targets = next(data_iter)
+            images = [img.to(self.device, non_blocking=True) for img in images]
+            targets = [{key: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                        for key, v in tg.items()} for tg in targets]
+            last = m == k - 1
+            # DDP reduces gradients in the last micro-batch's backward only.
+            sync = nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                    losses = self.ddp(images, targets, record if last else None)
+                losses = {name: v.float() for name, v in losses.items()}
+                loss = total_loss(losses, self.cfg.loss_weights)
+                values = torch.stack([v.detach() for v in losses.values()] + [loss.detach()])
+                totals = values if totals is None else totals + values
+                if last:
+                    mean = distributed.all_reduce(totals / k if k > 1 else totals, "mean")
+                    result = dict(zip([*losses, "total_loss"], mean.tolist()))
+                    if not math.isfinite(result["total_loss"]):  # the same on every process: all stop here
+                        self._non_finite(it, result)
+                self.scaler.scale(loss / k if k > 1 else loss).backward()
+        s = self.cfg.solver
+        if s.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return result
+
+    def _non_finite(self, it: int, values: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if not self.main:  # rank 0 says it
+            raise SystemExit(3)
+        last = self.run_dir / LAST
+        where = (f"the last good checkpoint is {last}" if last.exists()
+                 else "no checkpoint was written yet (train.checkpoint_period)")
+        losses = {k: v for k, v in values.items() if k != "total_loss"}
+        raise FloatingPointError(f"iteration {it}: loss is {values['total_loss']} ({losses}); {where}")
+
     def train(self) -> dict:
         cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
         # Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part.
         self.loader = loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True,
                                             num_workers=cfg.data.num_workers, seed=t.seed, drop_last=True,
-                                            infinite=True, pin_memory=self.device.type == "cuda")
+                                            infinite=True, pin_memory=self.device.type == "cuda",
+                                            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
+                                            num_replicas=self.world, rank=self.rank, accumulate=self.accumulate)
         self._notes = []
         if self.resume_state is not None:
             self._restore_progress(self.resume_state)
         # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint.
-        self.writer = writer = SummaryWriter(str(self.run_dir), purge_step=self.start_iter + 1 if self.start_iter else None)
+        self.writer = writer = (SummaryWriter(str(self.run_dir), purge_step=self.start_iter + 1 if self.start_iter
+                                              else None) if self.main else None)
         self.model.train()
         it = self.start_iter
-        bar = tqdm(total=s.max_iter, initial=it, desc=f"train {cfg.stage}", disable=not self.progress,
-                   dynamic_ncols=True)
+        self._bar = bar = tqdm(total=s.max_iter, initial=it, desc=f"train {cfg.stage}", disable=not self.progress,
+                               dynamic_ncols=True)
         data_iter = iter(loader)
         history = self.history
         if self.resume_state is not None:
-            if "rng" in self.resume_state:
-                self._notes += set_rng_state(self.resume_state["rng"], self.model)
-            else:
-                self._notes.append("the RNG states (an older checkpoint)")
+            self._restore_rng(self.resume_state)
             if self._notes:
-                print(f"note: not restored: {'; '.join(self._notes)}: the resumed run is not an exact continuation")
+                self._print(f"note: not restored: {'; '.join(self._notes)}: the resumed run is not an exact "
+                            "continuation")
         t_last = time.perf_counter()
         with self._stop_on_signals():
             while it < s.max_iter:
-                images, targets = next(data_iter)
-                images = [img.to(self.device, non_blocking=True) for img in images]
-                targets = [{k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                            for k, v in tg.items()} for tg in targets]
                 # On a picture iteration the step records what it sees (the model's probe record), at no extra cost.
-                record = {} if t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
-                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-                    losses = self.model(images, targets, record)
-                loss = total_loss({k: v.float() for k, v in losses.items()}, cfg.loss_weights)
-                if not math.isfinite(loss.item()):
-                    bar.close()
-                    last = self.run_dir / LAST
-                    where = (f"the last good checkpoint is {last}" if last.exists()
-                             else "no checkpoint was written yet (train.checkpoint_period)")
-                    raise FloatingPointError(
-                        f"iteration {it}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); {where}")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if s.clip_grad_norm > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
+                record = {} if self.main and t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
+                values = self._step(data_iter, it, record)
                 it += 1
                 now = time.perf_counter()
                 sec_per_iter, t_last = now - t_last, now
-                values = {k: v.item() for k, v in losses.items()}
-                values["total_loss"] = loss.item()
                 history.append(values)
                 bar.update(1)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
-                if it % t.log_period == 0 or it == s.max_iter:
+                if writer is not None and (it % t.log_period == 0 or it == s.max_iter):
                     for k, v in values.items():
                         writer.add_scalar(f"loss/{k}", v, it)
                     writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
@@ -366,17 +565,19 @@ class Trainer:
                                         logits=not self.model.rpn.sigmoid_scores)
                 if it % t.checkpoint_period == 0 and it < s.max_iter:
                     self.checkpoint(it)
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self._stop(it, bar, writer)
         bar.close()
         # Precise BN once per run: not again when a finished run is resumed (its final checkpoint has it).
         resumed_final = self.resume_state is not None and self.resume_state.get("final", False)
         if t.precise_bn_iters > 0 and it > 0 and not (it == self.start_iter and resumed_final):
-            n = update_bn_stats(self.model, build_loader(self.train_set, s.ims_per_batch, shuffle=True,
-                                                         num_workers=0, seed=t.seed + 7919, drop_last=True),
-                                t.precise_bn_iters, self.device)
+            bn_loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=0,
+                                     seed=t.seed + 7919, drop_last=True, num_replicas=self.world, rank=self.rank)
+            n = update_bn_stats(self.model, bn_loader, t.precise_bn_iters, self.device)
             if n:
-                print(f"BatchNorm statistics of {n} layers recomputed over {t.precise_bn_iters} batches")
+                self._print(f"BatchNorm statistics of {n} layers recomputed over "
+                            f"{min(t.precise_bn_iters, len(bn_loader))} batches"
+                            + (f" on each of {self.world} processes" if self.world > 1 else ""))
         final = self.checkpoint(it, final=True)
         summary = {"stage": cfg.stage, "iterations": it, "checkpoint": str(final),
                    "first_losses": history[0] if history else {}, "last_losses": history[-1] if history else {}}
@@ -384,17 +585,20 @@ class Trainer:
             n = max(1, min(20, len(history) // 5))
             summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]}
             summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]}
-        if t.eval_at_end:
+        if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
             metrics, results = evaluate_model(self.model, self.val_set, self.device, cfg.test.ims_per_batch,
-                                              cfg.test.max_images, self.amp,
+                                              cfg.test.max_images, cfg.test.amp and self.device.type == "cuda",
                                               cfg.model.roi_heads.mask_threshold, self.progress, "evaluate val")
             summary["val"] = _strip_summaries(metrics)
-            print(f"val: {format_metrics(metrics)}")
-            for k, v in _flat_scalars(metrics).items():
-                writer.add_scalar(f"val/{k}", v, it)
-        writer.close()
+            self._print(f"val: {format_metrics(metrics)}")
+            if writer is not None:
+                for k, v in _flat_scalars(metrics).items():
+                    writer.add_scalar(f"val/{k}", v, it)
+        if writer is not None:
+            writer.close()
         self.writer = None
-        (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        if self.main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 
 
@@ -402,7 +606,8 @@ class Trainer:
 def update_bn_stats(model: torch.nn.Module, loader, num_batches: int, device: torch.device) -> int:
     """Precise BatchNorm statistics (detectron2's PreciseBN): the running mean and variance of every trained
     BatchNorm layer are replaced by their plain average over `num_batches` training batches, computed with
-    the final weights (the running averages mix in statistics of weights from earlier iterations).
+    the final weights (the running averages mix in statistics of weights from earlier iterations). Under
+    torchrun each process runs `num_batches` of its own and the statistics are averaged over processes.
     Returns the number of layers updated (0 when the model has no trained BatchNorm)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
@@ -420,6 +625,9 @@ def update_bn_stats(model: torch.nn.Module, loader, num_batches: int, device: to
         model.features([img.to(device) for img in images])
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
+        if distributed.is_distributed():  # the average over every process's batches (same count on each)
+            distributed.all_reduce(bn.running_mean, "mean")
+            distributed.all_reduce(bn.running_var, "mean")
     model.train(was_training)
     return len(bns)
 

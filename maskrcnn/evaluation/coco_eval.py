@@ -1,6 +1,8 @@
 """Evaluation: inference over a dataset, COCO box/mask AP and proposal AR through pycocotools.
 
 Results are converted to COCO's results format image by image, so full-resolution masks never pile up.
+Under torchrun the inference is shared by the processes and pycocotools runs once, on rank 0, over the
+gathered results: the same numbers as one process (see run_inference).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from tqdm import tqdm
+
+from ..engine import distributed
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -54,19 +58,27 @@ def proposals_to_coco(props: dict[str, Tensor], image_id: int, max_dets: int) ->
 def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max_images: int = 0,
                   amp: bool = False, mask_threshold: float = 0.5, progress: bool = True,
                   desc: str = "inference") -> tuple[list[dict], list[int]]:
-    """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model)."""
+    """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model), in dataset order,
+    and the image ids. `amp`: fp16 autocast on CUDA (default fp32).
+
+    Under torchrun the batches one process would run are dealt out, batch b to rank b mod world size: every
+    image is padded and inferred with the same neighbours as in one process, so its detections are the same;
+    rank 0 gathers and returns every result, the other ranks return empty lists."""
     model.eval()
+    rank, world = distributed.rank(), distributed.world_size()
+    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    mapping = getattr(dataset, "contiguous_to_cat_id", None)
+    done: list[tuple[int, list[dict], list[int]]] = []  # (first index, results, image ids) per batch
     with _proposals_for_ar(model):
-        n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-        results: list[dict] = []
-        image_ids: list[int] = []
-        mapping = getattr(dataset, "contiguous_to_cat_id", None)
-        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        starts = list(range(0, n, batch_size))[rank::world]
+        for start in tqdm(starts, desc=desc, disable=not (progress and rank == 0), leave=False):
             batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
             images = [img.to(device, non_blocking=True) for img, _ in batch]
             with torch.autocast(device_type=device.type, dtype=torch.float16,
                                 enabled=amp and device.type == "cuda"):
                 outputs = model(images)
+            results: list[dict] = []
+            image_ids: list[int] = []
             for (_, target), out in zip(batch, outputs):
                 image_id = int(target["image_id"])
                 image_ids.append(image_id)
@@ -74,7 +86,13 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
                     results.extend(proposals_to_coco(out, image_id, max_dets=1000))
                 else:
                     results.extend(detections_to_coco(out, image_id, mapping, mask_threshold))
-        return results, image_ids
+            done.append((start, results, image_ids))
+    if world > 1:
+        parts = distributed.gather_object(done)
+        if parts is None:
+            return [], []
+        done = sorted((b for part in parts for b in part), key=lambda b: b[0])
+    return [r for _, results, _ in done for r in results], [i for _, _, ids in done for i in ids]
 
 
 @contextlib.contextmanager
@@ -148,16 +166,20 @@ def proposal_recall(coco_gt, results: list[dict], image_ids: list[int], max_dets
 def evaluate_model(model, dataset, device: torch.device, batch_size: int = 2, max_images: int = 0,
                    amp: bool = False, mask_threshold: float = 0.5, progress: bool = True,
                    desc: str = "evaluate") -> tuple[dict, list[dict]]:
-    """Metrics dict (AR for the RPN stage; box and mask AP for the full model) and the COCO results."""
+    """Metrics dict (AR for the RPN stage; box and mask AP for the full model) and the COCO results. Under
+    torchrun: the metrics on every rank, the results on rank 0 (empty elsewhere)."""
     results, image_ids = run_inference(model, dataset, device, batch_size, max_images, amp, mask_threshold,
                                        progress, desc)
-    if model.stage == "rpn":
-        return proposal_recall(dataset.coco, results, image_ids), results
-    cat_ids = list(dataset.contiguous_to_cat_id.values())
-    metrics = {"bbox": coco_evaluate(dataset.coco, results, "bbox", image_ids, cat_ids)}
-    if model.roi_heads.mask_on:
-        metrics["segm"] = coco_evaluate(dataset.coco, results, "segm", image_ids, cat_ids)
-    return metrics, results
+    metrics = None
+    if distributed.is_main():
+        if model.stage == "rpn":
+            metrics = proposal_recall(dataset.coco, results, image_ids)
+        else:
+            cat_ids = list(dataset.contiguous_to_cat_id.values())
+            metrics = {"bbox": coco_evaluate(dataset.coco, results, "bbox", image_ids, cat_ids)}
+            if model.roi_heads.mask_on:
+                metrics["segm"] = coco_evaluate(dataset.coco, results, "segm", image_ids, cat_ids)
+    return distributed.broadcast_object(metrics), results
 
 
 def format_metrics(metrics: dict) -> str:
