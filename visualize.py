@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/shapes.yaml"
-COMMANDS = ("dataset", "anchors", "anchor-labels", "proposals", "rois", "detections", "features")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -74,7 +74,7 @@ def test_epochs_reshuffle_and_resume() -> None:
     epoch0, epoch1 = _summary(loader), _summary(loader)
     assert epoch0 != epoch1 and loader.epoch == 2
     resumed = build_loader(_Random(), 5, shuffle=True, num_workers=0, seed=3, drop_last=True)
-    resumed.set_epoch(1)
+    resumed.set_position(1)
     assert _summary(resumed) == epoch1
 
 

@@ -222,10 +222,6 @@ class SeededLoader:
         """Global samples an epoch yields (after drop_last and grouping)."""
         return self.batch_sampler.steps_per_epoch() * self.samples_per_step
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at ``epoch`` (e.g. when resuming)."""
-        self.set_position(epoch, 0)
-
     def set_position(self, epoch: int, index: int = 0) -> None:
         """Start the next iteration at batch ``index`` of ``epoch``: the batches of an uninterrupted run from
         there on, without loading the ones before. ``index`` must start a step (a multiple of accumulate)."""

@@ -31,7 +31,6 @@ from . import views
 from .panels import objectness
 from .primitives import GT_COLOUR, caption, draw_boxes, save_png, side_by_side, stack, to_uint8_image
 
-LABELS = ("this", "against")
 RECALL_AT = (100, 300, 1000)
 AR_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)  # COCO's IoU thresholds of AR
 VIEW_NAMES = ("dataset", "anchors", "anchor labels", "proposals", "rois", "detections", "features")
