@@ -12,7 +12,7 @@ with a table per corruption and severity. Corrupted images are 8-bit, as COCO-C'
 (--cache-dir) so that the next checkpoint is evaluated on the same pixels, faster.
 
 Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out).
-Inference runs in fp32 unless --amp (fp16 autocast on CUDA). Under torchrun the images are shared by the
+Inference runs in fp32 unless --amp (fp16 autocast on CUDA, bf16 on a CPU). Under torchrun the images are shared by the
 processes and rank 0 evaluates the gathered detections (the same AP as one process) and writes the files:
 
     torchrun --nproc_per_node=8 evaluate.py --checkpoint runs/full/model_final.pth
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
     p.add_argument("--batch-size", type=int, help="inference batch (default: test.ims_per_batch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: each process its own GPU)")
-    p.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (default: fp32)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 autocast on CUDA, bf16 on a CPU "
+                   "(default: fp32)")
     p.add_argument("--out", help="output directory (default: the checkpoint's directory)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -133,6 +134,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from maskrcnn.evaluation.coco_eval import evaluate_model
     from maskrcnn.evaluation.corruptions import Corrupt, frost_source
     from maskrcnn.evaluation.robustness import headline, markdown, summarize
+    from maskrcnn.model.precision import precision_name
 
     corrupted_runs, with_clean = plan_runs(args)
     frost = frost_source(args.frost)  # checked before the model loads
@@ -152,9 +154,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         (f"{name}-{sev}", Corrupt(name, sev, seed=cfg.train.seed, frost=frost, cache_dir=cache_dir, uint8=True))
         for name, sev in corrupted_runs]
     batch = args.batch_size or cfg.test.ims_per_batch
-    amp = args.amp  # fp16 autocast on CUDA only (run_inference); fp32 by default
+    amp = args.amp  # fp16 autocast on CUDA, bf16 on a CPU (run_inference); fp32 by default
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": model.stage,
-              "precision": "fp16 autocast" if amp and device.type == "cuda" else "fp32", "results": {}}
+              "precision": precision_name(device, amp), "results": {}}
     if corrupted_runs:
         report["corruption_settings"] = {
             "seed": cfg.train.seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,

@@ -13,6 +13,12 @@ stem and res2 frozen), loaded with maskrcnn.torchvision_weights.to_torchvision. 
 inference). The class scores are biased towards a few classes so that inference keeps 100 detections per
 image (the mask head and the paste run at full load) instead of none.
 
+On a CPU two more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat16)` (channels-last, and for
+inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32, its best on
+a CPU: its RoIAlign has no bf16 CPU kernel. Our fp32 inference row also folds BatchNorm, as our inference entry
+points do. That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
+seeded random weights every score is a near tie, and no detector's detections are stable.
+
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
 reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training
 memory is measured in a fresh subprocess per model (peak RSS on CPU, max allocated on CUDA). On CUDA the
@@ -28,6 +34,7 @@ against pycocotools' own COCO(), each in a fresh process (peak RSS of that proce
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -46,6 +53,7 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .config import load_config
+from .model.fuse import fold_batchnorm
 from .torchvision_weights import to_torchvision
 from .model.poolers import MultiScaleRoIAlign
 from .model.postprocess import paste_masks, paste_masks_torchvision
@@ -64,6 +72,7 @@ class Settings:
     device: str = "cpu"
     amp: bool = False  # CUDA only
     channels_last: bool = False
+    bf16: bool = True  # CPU only: also time ours under bf16 autocast (channels-last, BN folded for inference)
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -145,14 +154,17 @@ def make_batch(s: Settings, seed: int = 1) -> tuple[list[Tensor], list[dict]]:
             [{k: v.to(device) for k, v in t.items()} for t in targets])
 
 
-def training_step_fn(model: nn.Module, s: Settings, images, targets) -> Callable[[], None]:
+def training_step_fn(model: nn.Module, s: Settings, images, targets, bf16: bool = False) -> Callable[[], None]:
+    """One SGD step; under fp16 autocast + GradScaler with s.amp (CUDA), under bf16 autocast with `bf16` (CPU:
+    bf16 has fp32's range, so no scaler)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
     model.train()
+    dtype = torch.bfloat16 if bf16 else torch.float16
 
     def step() -> None:
-        with torch.autocast(device_type=torch.device(s.device).type, dtype=torch.float16, enabled=s.amp):
+        with torch.autocast(device_type=torch.device(s.device).type, dtype=dtype, enabled=s.amp or bf16):
             losses = model(images, targets)
         loss = sum(v.float() for v in losses.values())
         opt.zero_grad(set_to_none=True)
@@ -163,11 +175,13 @@ def training_step_fn(model: nn.Module, s: Settings, images, targets) -> Callable
     return step
 
 
-def inference_fn(model: nn.Module, s: Settings, images) -> Callable[[], None]:
+def inference_fn(model: nn.Module, s: Settings, images, bf16: bool = False) -> Callable[[], None]:
+    dtype = torch.bfloat16 if bf16 else torch.float16
+
     def run() -> None:
         model.eval()
-        with torch.no_grad(), torch.autocast(device_type=torch.device(s.device).type, dtype=torch.float16,
-                                             enabled=s.amp):
+        with torch.no_grad(), torch.autocast(device_type=torch.device(s.device).type, dtype=dtype,
+                                             enabled=s.amp or bf16):
             model(images)
 
     return run
@@ -535,8 +549,24 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
-    add(f"inference ({tag})", *compare(inference_fn(ours, s, images), inference_fn(tv, s, images), s), 1.0,
-        per_image=True)
+    # Ours as its inference entry points run it: BatchNorm folded into the convolutions (model/fuse.py).
+    ours_infer = fold_batchnorm(ours).eval()
+    add(f"inference ({tag}, ours BN folded)", *compare(inference_fn(ours_infer, s, images),
+                                                       inference_fn(tv, s, images), s), 0.9, per_image=True)
+    del ours_infer
+    if s.bf16 and not cuda:
+        # torchvision's RoIAlign has no bf16 CPU kernel, so fp32 is its best on a CPU.
+        fast = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+        log("training step, ours bf16 ...")
+        add(f"training step ({tag}), ours bf16 channels-last, tv fp32",
+            *compare(training_step_fn(fast, s, images, targets, bf16=True),
+                     training_step_fn(tv, s, images, targets), s), 0.6, per_image=True)
+        tv.load_state_dict(to_torchvision(state))
+        log("inference, ours bf16 ...")
+        fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
+        add(f"inference ({tag}), ours bf16 channels-last folded, tv fp32",
+            *compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s), 0.6, per_image=True)
+        del fast
 
     log("RoIAlign ...")
     for sr, aligned in ((2, False), (0, True)):
@@ -613,6 +643,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     p.add_argument("--channels-last", action="store_true", help="both models in channels-last memory format")
+    p.add_argument("--no-bf16", action="store_true", help="CPU: skip the rows of ours under bf16 autocast")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -646,7 +677,8 @@ def main(argv=None) -> dict:
     elif device.startswith("cuda") and not torch.cuda.is_available():
         print(f"error: --device {device} but no CUDA device is available (use auto or cpu)", file=sys.stderr)
         sys.exit(2)
-    s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last)
+    s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
+                 bf16=not args.no_bf16)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

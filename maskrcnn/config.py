@@ -187,7 +187,8 @@ class TrainConfig:
     name: str = ""  # run name (empty: <stage>-<time>)
     seed: int = 0  # seeds data order, augmentation and initialisation
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision on CUDA: fp16 autocast and a grad scaler
+    cpu_amp: bool = False  # bf16 autocast when training on a CPU (about 2x faster with AVX-512 BF16 or AMX)
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
     channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA,
     # and ~10% faster training on CPU with oneDNN)

@@ -26,6 +26,8 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     for expected in ("training step", "inference", "RoIAlign fwd+bwd", "anchors + proposal selection",
                      "paste 100 masks", "mask targets", "training memory"):
         assert any(n.startswith(expected) for n in names), (expected, names)
+    bf16_rows = [n for n in names if "ours bf16" in n and n.endswith("tv fp32")]  # CPU: ours bf16, torchvision fp32
+    assert [n.split(" (")[0] for n in bf16_rows] == ["training step", "inference"], names
     assert not any(n.startswith("load + validate") for n in names)  # the COCO-sized file only on request
     for row in result["rows"]:
         if "extra peak memory" in row["name"]:  # a quick run's tiny masks may need no extra memory at all

@@ -97,3 +97,19 @@ def test_class_specific_deltas_shape_and_values():
 def test_empty_decode():
     out = BoxCoder((1, 1, 1, 1)).decode(torch.zeros(0, 8), torch.zeros(0, 4))
     assert out.shape == (0, 8)
+
+
+def test_decode_is_fp32_under_bf16_autocast_and_from_bf16_deltas():
+    """Box decoding in fp32 whatever autocast and the deltas' dtype: bf16 deltas decode as their fp32 values."""
+    coder = BoxCoder((10, 10, 5, 5))
+    ref = random_boxes(50, seed=7)
+    deltas = torch.randn(50, 8, generator=torch.Generator().manual_seed(8))
+    expected = coder.decode(deltas, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = coder.decode(deltas, ref)
+        from_bf16 = coder.decode(deltas.bfloat16(), ref)
+        enc = coder.encode(ref, expected[:, :4])
+    assert got.dtype == from_bf16.dtype == enc.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(from_bf16, coder.decode(deltas.bfloat16().float(), ref), atol=0, rtol=0)
+    torch.testing.assert_close(enc, coder.encode(ref, expected[:, :4]), atol=0, rtol=0)

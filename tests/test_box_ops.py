@@ -79,3 +79,17 @@ def test_nonempty():
                           [5.0, 5.0, 4.0, 8.0], [0.0, 0.0, 1.0, 1.0]])
     assert nonempty(boxes).tolist() == [True, False, True, False, True]
     assert nonempty(boxes, min_size=1.0).tolist() == [True, False, False, False, False]
+
+
+def test_box_iou_in_fp32_for_half_boxes_and_under_autocast():
+    """Anchor matching stays fp32: bf16 boxes are compared in fp32, and autocast changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(20, 2, generator=g) * 400
+    a = torch.cat((xy, xy + 50 + torch.rand(20, 2, generator=g) * 300), 1)
+    b = a + torch.randn(20, 4, generator=g) * 3
+    ref = box_iou(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(box_iou(a, b), ref, atol=0, rtol=0)
+    half = box_iou(a.bfloat16(), b.bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, box_iou(a.bfloat16().float(), b.bfloat16().float()), atol=0, rtol=0)

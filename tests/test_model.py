@@ -380,3 +380,29 @@ def test_probe_without_heads_stops_after_the_rpn(full):
     assert model.roi_heads is not None and model.stage == "full"  # restored
     assert "roi_samples" not in rec and set(rec["output"][0]) == {"boxes", "scores"}
     assert same(rec["proposals"], whole["proposals"])  # the same RPN pass
+
+
+# -------------------------------------------------------------------------------------- bf16 autocast
+def test_bf16_autocast_eval_and_training_run_with_fp32_outputs(full):
+    """Under CPU bf16 autocast the model runs both modes and gives fp32 detections and losses (the comparison
+    with fp32 on trained weights is tests/test_bf16.py)."""
+    cfg, model = full
+    images = make_images()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images)
+    for out, (h, w) in zip(outputs, INPUT_SIZES):
+        assert out["boxes"].dtype == out["scores"].dtype == out["masks"].dtype == torch.float32
+        assert out["masks"].shape[-2:] == (h, w)
+    model.train()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(images, make_targets())
+    finally:
+        model.eval()
+    assert set(losses) == FULL_LOSSES
+    assert all(v.dtype == torch.float32 and math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    model.zero_grad(set_to_none=True)

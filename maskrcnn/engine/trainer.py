@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..cli import Stopped
 from ..model.build import build_model
 from ..model.latent_noise import LatentNoise
+from ..model.precision import autocast
 from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_checkpoint, numbered_name,
                          partial_load, prune_checkpoints, save_checkpoint)
 from ..config import Config, TrainConfig, save_config
@@ -280,8 +281,9 @@ class Trainer:
         s = cfg.solver
         self.optimizer = build_optimizer(params, s)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s))
-        self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # fp16 + grad scaler on CUDA; bf16 (no scaler needed) on a CPU when train.cpu_amp
+        self.amp = cfg.train.amp if self.device.type == "cuda" else cfg.train.cpu_amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.start_iter = 0
         self.resume_state = state  # RNGs, data position and loss history are restored by train()
         self.history: list[dict[str, float]] = []
@@ -485,7 +487,7 @@ class Trainer:
             # DDP reduces gradients in the last micro-batch's backward only.
             sync = nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
-                with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                with autocast(self.device, self.amp):
                     losses = self.ddp(images, targets, record if last else None)
                 losses = {name: v.float() for name, v in losses.items()}
                 loss = total_loss(losses, self.cfg.loss_weights)
@@ -587,7 +589,7 @@ class Trainer:
             summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]}
         if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
             metrics, results = evaluate_model(self.model, self.val_set, self.device, cfg.test.ims_per_batch,
-                                              cfg.test.max_images, cfg.test.amp and self.device.type == "cuda",
+                                              cfg.test.max_images, cfg.test.amp,
                                               cfg.model.roi_heads.mask_threshold, self.progress, "evaluate val")
             summary["val"] = _strip_summaries(metrics)
             self._print(f"val: {format_metrics(metrics)}")

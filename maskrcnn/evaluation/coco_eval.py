@@ -17,6 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from tqdm import tqdm
 
+from ..model.precision import autocast
+
 from ..engine import distributed
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -59,7 +61,7 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
                   amp: bool = False, mask_threshold: float = 0.5, progress: bool = True,
                   desc: str = "inference") -> tuple[list[dict], list[int]]:
     """COCO results of `model` over `dataset` (detections, or proposals for an RPN-stage model), in dataset order,
-    and the image ids. `amp`: fp16 autocast on CUDA (default fp32).
+    and the image ids. `amp`: fp16 autocast on CUDA, bf16 on a CPU (default fp32).
 
     Under torchrun the batches one process would run are dealt out, batch b to rank b mod world size: every
     image is padded and inferred with the same neighbours as in one process, so its detections are the same;
@@ -74,8 +76,7 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
         for start in tqdm(starts, desc=desc, disable=not (progress and rank == 0), leave=False):
             batch = [dataset[i] for i in range(start, min(n, start + batch_size))]
             images = [img.to(device, non_blocking=True) for img, _ in batch]
-            with torch.autocast(device_type=device.type, dtype=torch.float16,
-                                enabled=amp and device.type == "cuda"):
+            with autocast(device, amp):
                 outputs = model(images)
             results: list[dict] = []
             image_ids: list[int] = []

@@ -15,6 +15,7 @@ from torchvision.ops import batched_nms
 from .box_coder import BoxCoder
 from .box_ops import clip_boxes, nonempty
 from .losses import smooth_l1_sum
+from .precision import fp32
 
 
 class BoxHead(nn.Module):
@@ -50,7 +51,8 @@ class BoxHead(nn.Module):
         # ReLUs in place: a linear layer's backward does not need its output (saves a copy)
         x = F.relu(self.fc6(x.flatten(1)), inplace=True)  # [R, C*S*S] -> [R, fc_dim]
         x = F.relu(self.fc7(x), inplace=True)
-        return self.cls_score(x), self.bbox_pred(x)
+        # fp32 under autocast: the scores rank detections for NMS and the deltas become pixels (precision.py)
+        return fp32(self.cls_score, x), fp32(self.bbox_pred, x)
 
     def losses(self, scores: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, gt_boxes: Tensor
                ) -> dict[str, Tensor]:

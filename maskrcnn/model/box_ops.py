@@ -13,8 +13,14 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
 
 
+def _at_least_fp32(boxes: Tensor) -> Tensor:
+    return boxes.float() if boxes.dtype in (torch.float16, torch.bfloat16) else boxes
+
+
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise IoU of [M, 4] and [N, 4] -> [M, N] (0 where a union is empty)."""
+    """Pairwise IoU of [M, 4] and [N, 4] -> [M, N] (0 where a union is empty). Half-precision boxes are
+    compared in fp32: bf16 holds 8 significant bits, so a 500 x 500 px area would be rounded to 1024 px^2."""
+    a, b = _at_least_fp32(a), _at_least_fp32(b)
     area_a, area_b = box_area(a), box_area(b)
     lt = torch.max(a[:, None, :2], b[None, :, :2])  # [M, N, 2]
     rb = torch.min(a[:, None, 2:], b[None, :, 2:])

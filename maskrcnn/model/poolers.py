@@ -73,7 +73,11 @@ class MultiScaleRoIAlign(nn.Module):
         free if the model already runs channels-last), as they are for torchvision's kernel."""
         if self.impl != "ours":
             return features
-        return [f.contiguous(memory_format=torch.channels_last) for f in features]
+        # Under autocast (bf16/fp16 features) RoIAlign gathers and sums in fp32: cast here, once for both
+        # poolers, instead of inside every roi_align call.
+        upcast = bool(features) and torch.is_autocast_enabled(features[0].device.type)
+        return [f.to(torch.float32 if upcast and f.dtype in (torch.float16, torch.bfloat16) else f.dtype,
+                     memory_format=torch.channels_last) for f in features]
 
     def forward(self, features: list[Tensor], boxes: Sequence[Tensor]) -> Tensor:
         """features: one map per level (fine to coarse); boxes: list of [Ri, 4] per image -> [R, C, S, S]."""
@@ -81,8 +85,11 @@ class MultiScaleRoIAlign(nn.Module):
         if rois.dtype in (torch.float16, torch.bfloat16):
             rois = rois.float()  # coordinates stay fp32 even when the features are fp16 (AMP evaluation)
         c = features[0].shape[1]
-        # Not zero-filled: every RoI has exactly one level, so every row is written below.
-        out = features[0].new_empty((rois.shape[0], c, self.output_size, self.output_size))
+        # Not zero-filled: every RoI has exactly one level, so every row is written below. Channels-last for
+        # ours: the layout its RoIAlign computes (a plain copy below) and the mask head's convs run fastest on.
+        layout = torch.channels_last if self.impl == "ours" else torch.contiguous_format
+        out = torch.empty((rois.shape[0], c, self.output_size, self.output_size), dtype=features[0].dtype,
+                          device=features[0].device, memory_format=layout)
         if rois.shape[0] == 0:
             return out
         levels = assign_levels(rois[:, 1:], self.k_min, self.k_max, self.canonical_box_size,

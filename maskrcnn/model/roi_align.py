@@ -356,7 +356,7 @@ def roi_align(
             above it the RoIs are processed in chunks, forward and backward.
 
     Returns:
-        Tensor[K, C, oh, ow] in the dtype of ``input``. Differentiable w.r.t.
+        Tensor[K, C, oh, ow] in the dtype of ``input``, channels-last strided. Differentiable w.r.t.
         ``input`` (not w.r.t. boxes, like torchvision).
     """
     if input.dim() != 4:
@@ -391,10 +391,10 @@ def roi_align(
     else:
         bounds, totals = _chunks(counts, limit)
         out = _ChunkedRoIAlign.apply(feat, rois, bounds, totals, (N, H, W), args)  # [B, C]
+    # [B, C] -> [K, oh, ow, C] -> [K, C, oh, ow]: returned channels-last, the layout it was computed in (no
+    # copy); the heads' convolutions run fastest on it, and .flatten / .reshape copy where they need to.
     out = out.view(K, oh, ow, C).permute(0, 3, 1, 2)
-    if out.dtype == input.dtype:
-        return out.contiguous()
-    return out.to(input.dtype, memory_format=torch.contiguous_format)
+    return out if out.dtype == input.dtype else out.to(input.dtype)
 
 
 class RoIAlign(nn.Module):

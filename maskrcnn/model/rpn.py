@@ -21,6 +21,7 @@ from .box_coder import BoxCoder
 from .box_ops import box_iou, clip_boxes, nonempty
 from .losses import smooth_l1_sum
 from .matcher import BELOW_LOW_THRESHOLD, Matcher
+from .precision import fp32
 from .sampler import BalancedSampler
 from .transform import ImageList
 
@@ -42,8 +43,9 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             t = F.relu(self.conv(x), inplace=True)  # in place: a conv's backward does not need its output
-            logits.append(self.cls_logits(t))
-            deltas.append(self.bbox_pred(t))
+            # fp32 under autocast: logits rank the anchors (bf16 would tie them), deltas become pixels
+            logits.append(fp32(self.cls_logits, t))
+            deltas.append(fp32(self.bbox_pred, t))
         return logits, deltas
 
 
