@@ -432,7 +432,7 @@ def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
     run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--amp"])
     assert seen == [False, True] and report["precision"] == "fp32"
     assert TestConfig().amp is False and TrainConfig().amp is True
-    # autocast is for CUDA only: --amp on a CPU still infers in fp32
+    # On a CPU, --amp is bf16 autocast (fp16 is for CUDA); without it there is no autocast at all.
     from maskrcnn.model.mask_rcnn import MaskRCNN
 
     monkeypatch.undo()
@@ -440,10 +440,12 @@ def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
     forward = MaskRCNN.forward
 
     def record_autocast(self, *args, **kwargs):
-        autocast.append(torch.is_autocast_enabled("cpu"))
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(MaskRCNN, "forward", record_autocast)
-    run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--amp",
-                  "--max-images", "1", "--device", "cpu"])
-    assert autocast == [False]
+    for extra in ([], ["--amp"]):
+        report, _ = run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress",
+                                  "--max-images", "1", "--device", "cpu", *extra])
+    assert autocast[0][0] is False and autocast[1] == (True, torch.bfloat16)
+    assert report["precision"] == "bf16 autocast"
