@@ -181,7 +181,8 @@ def draw(args) -> tuple[Path, list[str]]:
                 f"{'flipped' if flipped else 'not flipped'}"]
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    record = model.probe([image], None if target is None else [target])
+    # features probes twice below (without and with noise); every other view draws from one probe
+    record = None if args.what == "features" else model.probe([image], None if target is None else [target])
     if args.what == "dataset":
         view = views.dataset_view(record, 0, class_names)
         view.picture = caption(view.picture, f"{stem}: {view.lines[0]}")

@@ -97,18 +97,21 @@ def run_inference(model, dataset, device: torch.device, batch_size: int = 2, max
 
 
 @contextlib.contextmanager
+def proposals_kept(model, at_least: int):
+    """The RPN keeps at least `at_least` proposals per image at test time inside the block (yielding the number
+    it keeps outside it), restored afterwards."""
+    kept = model.rpn.post_nms_topk
+    model.rpn.post_nms_topk = (kept[0], max(kept[1], at_least))
+    try:
+        yield kept[1]
+    finally:
+        model.rpn.post_nms_topk = kept
+
+
 def _proposals_for_ar(model):
     """An RPN-stage model keeps at least 1000 proposals per image inside the block: AR@1000 counts 1000
     even where the config keeps fewer for the full model."""
-    if model.stage != "rpn":
-        yield
-        return
-    kept = model.rpn.post_nms_topk
-    model.rpn.post_nms_topk = (kept[0], max(kept[1], 1000))
-    try:
-        yield
-    finally:
-        model.rpn.post_nms_topk = kept
+    return proposals_kept(model, 1000) if model.stage == "rpn" else contextlib.nullcontext()
 
 
 def _quiet(fn, *args):

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..evaluation.coco_eval import proposals_kept
 from . import anchor_fit as af
 from . import html as H
 from . import views
@@ -95,18 +96,6 @@ def harvest(side: Side, record: dict) -> None:
 
 def model_target(target: dict, device) -> dict:
     return {k: target[k].to(device) for k in ("boxes", "labels", "masks")}
-
-
-@contextmanager
-def proposals_kept(model, at_least: int):
-    """The RPN keeps at least `at_least` proposals per image at test time inside the block (as evaluate.py's
-    AR@1000), restored afterwards."""
-    kept = model.rpn.post_nms_topk
-    model.rpn.post_nms_topk = (kept[0], max(kept[1], at_least))
-    try:
-        yield kept[1]
-    finally:
-        model.rpn.post_nms_topk = kept
 
 
 @contextmanager
