@@ -57,8 +57,8 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
 
 
 def read_ap(run_dir: Path) -> dict[str, float]:
-    """Final AP of a run: clean from evaluate.py (or the training run's own end-of-run evaluation) and mean
-    under corruption from `evaluate.py --corruption all`."""
+    """Final AP of a run: clean from evaluate.py (or the training run's own end-of-run evaluation), mean under
+    corruption from `evaluate.py --corruption all`, and mPC / rPC from `evaluate.py --corruption benchmark`."""
     ap: dict[str, float] = {}
     clean = run_dir / "eval_val_clean.json"
     if clean.is_file():
@@ -76,6 +76,14 @@ def read_ap(run_dir: Path) -> dict[str, float]:
         for t in ("bbox", "segm"):
             if f"mean_corrupted_{t}_AP" in data:
                 ap[f"{t}_corrupted"] = data[f"mean_corrupted_{t}_AP"]
+    bench = run_dir / "eval_val_benchmark.json"
+    if bench.is_file():
+        metrics = json.loads(bench.read_text()).get("benchmark", {}).get("metrics", {})
+        for t in ("bbox", "segm"):
+            if t in metrics:
+                ap[f"{t}_mPC"] = metrics[t]["mPC"]
+                if metrics[t]["rPC"] is not None:
+                    ap[f"{t}_rPC"] = metrics[t]["rPC"]
     return ap
 
 
@@ -118,7 +126,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def ap_table(groups: dict[str, list[Path]]) -> str:
     columns = [("bbox", "box AP"), ("segm", "mask AP"), ("bbox_corrupted", "box AP corrupted"),
-               ("segm_corrupted", "mask AP corrupted")]
+               ("segm_corrupted", "mask AP corrupted"), ("bbox_mPC", "box mPC"), ("segm_mPC", "mask mPC"),
+               ("bbox_rPC", "box rPC"), ("segm_rPC", "mask rPC")]
     per_group = {name: [read_ap(r) for r in runs] for name, runs in groups.items()}
     present = [(k, title) for k, title in columns if any(k in ap for aps in per_group.values() for ap in aps)]
     if not present:

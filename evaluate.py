@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frost", default="auto", choices=["auto", "photos", "procedural"],
                    help="frost textures: the imagecorruptions package's photographs (auto: when installed) or "
                         "generated here")
+    p.add_argument("--corruption-seed", type=int, help="seed of the random corruptions (default: the checkpoint's "
+                   "train.seed); the same seed gives the same pixels to every checkpoint")
     p.add_argument("--cache-dir", help="where corrupted images are cached (default: <dataset>/corrupted, or "
                                        "<out>/corrupted when the dataset folder is not writable)")
     p.add_argument("--no-cache", action="store_true", help="corrupt every image afresh, keep nothing on disk")
@@ -150,8 +152,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if corrupted_runs and not args.no_cache:
         cache_dir = Path(args.cache_dir) if args.cache_dir else \
             default_cache_dir(dataset_paths(cfg)[f"{args.split}_images"], out_dir)
+    corruption_seed = cfg.train.seed if args.corruption_seed is None else args.corruption_seed
     runs = ([("clean", None)] if with_clean else []) + [
-        (f"{name}-{sev}", Corrupt(name, sev, seed=cfg.train.seed, frost=frost, cache_dir=cache_dir, uint8=True))
+        (f"{name}-{sev}", Corrupt(name, sev, seed=corruption_seed, frost=frost, cache_dir=cache_dir, uint8=True))
         for name, sev in corrupted_runs]
     batch = args.batch_size or cfg.test.ims_per_batch
     amp = args.amp  # fp16 autocast on CUDA, bf16 on a CPU (run_inference); fp32 by default
@@ -159,7 +162,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               "precision": precision_name(device, amp), "results": {}}
     if corrupted_runs:
         report["corruption_settings"] = {
-            "seed": cfg.train.seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,
+            "seed": corruption_seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,
             "frost": frost if any(n == "frost" for n, _ in corrupted_runs) else None}
         if report["corruption_settings"]["frost"] and main:
             print(f"frost textures: {'the imagecorruptions package photographs' if frost == 'photos' else 'procedural (generated here; the reference photographs need `pip install imagecorruptions`)'}")

@@ -49,7 +49,7 @@ def test_reference_batch_unchanged_off_or_none():
                                      cfg.solver.warmup_iters), sets
     # the shapes preset has no reference batch: untouched at any batch
     shapes = load_config("configs/shapes.yaml", ["solver.ims_per_batch=8"])
-    assert resolve_batch(shapes, 1)[0] == 1 and shapes.solver.base_lr == 0.001 and shapes.solver.max_iter == 430
+    assert resolve_batch(shapes, 1)[0] == 1 and shapes.solver.base_lr == 0.001 and shapes.solver.max_iter == 600
 
 
 def test_accumulate_micro_batches_and_errors():

@@ -216,6 +216,34 @@ def test_optimizer_choice():
         build_optimizer(params, SolverConfig(optimizer="adam"))
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_makes_the_same_update_as_the_loop(name):
+    from maskrcnn.config import SolverConfig
+    from maskrcnn.engine.trainer import build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 3, 3, 3), (8,), (5, 7)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    solver = SolverConfig(optimizer=name, base_lr=0.01, weight_decay=0.05)
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build_optimizer(params, solver)
+        if not fused:  # torch's per-parameter loop as the reference
+            opt = (torch.optim.SGD(params, lr=0.01, momentum=solver.momentum, weight_decay=0.05, foreach=False)
+                   if name == "sgd" else torch.optim.AdamW(params, lr=0.01, weight_decay=0.05, foreach=False))
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.clone()
+            opt.step()
+        results.append([p.detach() for p in params])
+    for a, b, s0 in zip(*results, start):
+        assert (a - s0).abs().max() > 1e-3  # the steps moved the parameters
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
     from maskrcnn.data.loader import build_loader
     from maskrcnn.engine.trainer import update_bn_stats

@@ -1,0 +1,119 @@
+"""Tests for experiment.py: the whole experiment on tiny runs (two seeds, two processes side by side), the
+corrupted pixels shared by every run, a failing process ending it with one line, and SIGTERM stopping the
+runs in progress with their checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import experiment
+from maskrcnn.cli import Stopped
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny.yaml")
+DATA_ROOT = str(ROOT / "datasets" / "shapes-tiny")
+SMALL = [f"data.root={DATA_ROOT}", "model.transform.min_size_train=[48]", "model.transform.max_size_train=64",
+         "model.transform.min_size_test=48", "model.transform.max_size_test=64", "train.precise_bn_iters=0",
+         "train.checkpoint_period=1000", "model.rpn.pre_nms_topk_test=50", "model.rpn.post_nms_topk_test=50"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    cwd = os.getcwd()
+    work = tmp_path_factory.mktemp("experiment")
+    os.chdir(work)
+    try:
+        out = experiment.main(["--config", CONFIG, "--name", "t", "--seeds", "0", "1", "--rpn-iters", "3",
+                               "--full-iters", "3", "--corruptions", "gaussian_noise", "brightness",
+                               "--corruption-images", "2", "--eval-images", "3", "--jobs", "2", "--no-progress",
+                               "--set", *SMALL])
+    finally:
+        os.chdir(cwd)
+    return work / "runs" / "t", out
+
+
+def test_every_phase_writes_its_files(demo):
+    root, out = demo
+    for run in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1"):
+        assert (root / run / "model_final.pth").is_file()
+        clean = json.loads((root / run / "eval_val_clean.json").read_text())
+        assert clean["results"]["clean"]["bbox"]["stats"]["AP"] >= 0
+        bench = json.loads((root / run / "eval_val_benchmark.json").read_text())
+        assert set(bench["benchmark"]["corruptions"]) == {"gaussian_noise", "brightness"}
+        assert bench["benchmark"]["severities"] == [3]
+        assert (root / "logs" / f"{run}.log").is_file()  # two jobs: each process writes its own log
+    for f in ("comparison.png", "table.md", "experiment.json"):
+        assert (root / f).is_file()
+    summary = json.loads((root / "experiment.json").read_text())
+    assert summary["jobs"] == 2
+    assert set(summary["phase_minutes"]) == {"data", "rpn", "full", "evaluation", "comparison"}
+    assert set(summary["runs"]) == {"full-s0", "full-noise-s0", "full-s1", "full-noise-s1"}
+    table = (root / "table.md").read_text()
+    assert "box mPC" in table and "mask rPC" in table and "Paired by seed" in table
+    assert out["table"] == table.rstrip("\n") or out["table"] in table
+
+
+def test_the_noise_arm_has_noise_and_the_baseline_none(demo):
+    import yaml
+    root, _ = demo
+    for seed in (0, 1):
+        base = yaml.safe_load((root / f"full-s{seed}" / "config.yaml").read_text())
+        noise = yaml.safe_load((root / f"full-noise-s{seed}" / "config.yaml").read_text())
+        assert base["model"]["noise"]["enabled"] is False and noise["model"]["noise"]["enabled"] is True
+        assert base["train"]["seed"] == noise["train"]["seed"] == seed
+
+
+def test_every_run_sees_the_same_corrupted_pixels(demo):
+    """One corruption seed for all runs: the images are corrupted once and read from the cache after."""
+    root, _ = demo
+    settings = [json.loads((root / r / "eval_val_benchmark.json").read_text())["corruption_settings"]
+                for r in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1")]
+    assert {s["seed"] for s in settings} == {0}
+    assert len({s["cache_dir"] for s in settings}) == 1
+    written = sum(s["cache"]["written"] for s in settings)
+    assert written <= 2 * 2 * 2  # 2 corruptions x 2 images, at most twice (two first evaluations side by side)
+    assert sum(s["cache"]["read"] for s in settings) >= 2 * 2 * 2  # the seed-1 runs only read
+
+
+def test_a_failing_process_ends_the_experiment_with_its_line(tmp_path):
+    runner = experiment.Runner(2, tmp_path / "logs", progress=False)
+    with pytest.raises(Stopped) as e:
+        runner.run([("ok", ["compare.py", "--help"]), ("broken", ["no_such_script.py"])])
+    msg = str(e.value)
+    assert "broken failed (exit 2)" in msg and "no_such_script.py" in msg and "\n" not in msg
+    assert e.value.status == 2
+    assert not runner.running
+
+
+def test_output_dir_cannot_be_set(capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--config", CONFIG, "--set", "train.output_dir=/tmp/x"])
+    assert e.value.code == 2
+    assert "--name" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
+    """SIGTERM to experiment.py reaches each training once: it checkpoints, and the experiment exits 143."""
+    cmd = [sys.executable, str(ROOT / "experiment.py"), "--config", CONFIG, "--name", "t", "--seeds", "0",
+           "--rpn-iters", "2", "--full-iters", "100000", "--jobs", "2", "--no-progress", "--set", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "runs" / "t"
+    deadline = time.time() + 120
+    # both full runs have started training once their TensorBoard events exist
+    while time.time() < deadline and not all(list((root / r).glob("events.*")) for r in ("full-s0", "full-noise-s0")):
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by signal 15" in err or "failed (exit 143)" in err
+    for run in ("full-s0", "full-noise-s0"):
+        assert (root / run / "last_checkpoint.pth").is_file(), (out, err)
+        assert "--resume" in (root / "logs" / f"{run}.log").read_text()
