@@ -52,7 +52,7 @@ def main(argv=None) -> list[dict]:
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
         device = select_device(args.device)
-        model, cfg = model_from_checkpoint(args.checkpoint, None, args.set, str(device))
+        model, cfg = model_from_checkpoint(args.checkpoint, None, args.set, str(device), fold_bn=True)
         if model.stage != "full":
             raise ValueError(f"{args.checkpoint} is an RPN-stage checkpoint; infer.py needs a full-stage one")
         class_names = model.class_names

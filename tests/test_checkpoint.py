@@ -58,6 +58,19 @@ def test_checkpoint_is_weights_only_with_config_and_rng(run):
     assert cfg.stage == "rpn" and model.class_names == state["class_names"]
 
 
+def test_fold_bn_gives_the_same_features_without_batchnorm(run):
+    """evaluate.py and infer.py load with fold_bn=True: no BatchNorm left, the same FPN features."""
+    from maskrcnn.model.fuse import count_batchnorms
+    plain, _ = model_from_checkpoint(run / "model_final.pth")
+    folded, _ = model_from_checkpoint(run / "model_final.pth", fold_bn=True)
+    assert count_batchnorms(plain) > 0 and count_batchnorms(folded) == 0
+    images = [torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        a, b = plain.features(images)[2], folded.features(images)[2]
+    for level in a:
+        torch.testing.assert_close(b[level], a[level], rtol=1e-4, atol=1e-5)
+
+
 def test_keeps_the_newest_k_and_last_is_the_newest(run):
     assert sorted(p.name for p in run.glob("model_*.pth")) == ["model_0000004.pth", "model_0000005.pth",
                                                                "model_final.pth"]

@@ -226,8 +226,12 @@ def test_resume_on_one_process_keeps_the_global_batch(ddp_run, tmp_path, capsys)
     samples; the run's weights load into the unwrapped model."""
     tmp, _ = ddp_run
     shutil.copytree(tmp / "ddp", tmp_path / "ddp")
-    summary = train.main(["--name", "ddp", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
-                          "solver.max_iter=2", "train.eval_at_end=false"])
+    threads = torch.get_num_threads()
+    try:  # the resumed run's config says train.num_threads=1: it sets this process's thread count
+        summary = train.main(["--name", "ddp", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                              "solver.max_iter=2", "train.eval_at_end=false"])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "solver.ims_per_batch 2 -> 4, the run's 4 images per step" in out
     assert "at iteration 1" in out and "the data order" not in out

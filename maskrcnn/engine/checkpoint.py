@@ -212,9 +212,10 @@ def partial_load(model: nn.Module, source: str | Path | dict) -> LoadReport:
 
 
 def model_from_checkpoint(path: str | Path, config: str | None = None, overrides: list[str] | None = None,
-                          device: str = "cpu"):
+                          device: str = "cpu", fold_bn: bool = False):
     """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
-    `config` names a YAML file; `overrides` apply on top of either."""
+    `config` names a YAML file; `overrides` apply on top of either. `fold_bn`: every BatchNorm folded into its
+    convolution (`maskrcnn.model.fuse`): the same outputs to float rounding, faster, for inference only."""
     from ..model.build import build_model
     from ..config import Config, apply_overrides, load_config
 
@@ -233,7 +234,11 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
         first = str(e).splitlines()[0]
         raise ValueError(f"{path}: weights do not fit the model built from the config ({first})") from None
     model.class_names = state.get("class_names")  # index 0 is the background
-    return model.to(device).eval(), cfg
+    model = model.to(device).eval()
+    if fold_bn:
+        from ..model.fuse import fold_batchnorm
+        fold_batchnorm(model, inplace=True)
+    return model, cfg
 
 
 # ------------------------------------------------------------------------------- one-time conversion
