@@ -21,6 +21,7 @@ checkpoint (`train.py --name <run> --resume --set train.output_dir=runs/<name>` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -155,9 +156,7 @@ class Runner:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
-        import compare
         from maskrcnn.config import load_config
-        from maskrcnn.data.build import dataset_paths
 
         cfg = load_config(args.config, args.set)
         if args.jobs is not None and args.jobs < 1:
@@ -169,82 +168,83 @@ def main(argv=None) -> dict:
         runner = Runner(args.jobs or default_jobs(cfg.train.device), root / "logs", not args.no_progress)
         previous = {s: signal.signal(s, runner.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return _experiment(args, cfg, root, runner, compare, dataset_paths)
+            return _experiment(args, cfg, root, runner)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
 
-def _experiment(args, cfg, root: Path, runner: Runner, compare, dataset_paths) -> dict:
+def schedule(iterations: int) -> list[str]:
+    """--set values for `iterations` iterations with the learning rate x0.1 after 8/9 of them."""
+    return [f"solver.max_iter={iterations}", f"solver.steps=[{int(iterations * 8 / 9)}]"]
+
+
+def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
+    import compare
+    from maskrcnn.data.build import dataset_paths
+
     start = time.perf_counter()
     minutes: dict[str, float] = {}
 
-    def phase(name: str, t0: float) -> None:
+    @contextlib.contextmanager
+    def phase(name: str, title: str):
+        """One numbered phase: its title, then its minutes (printed and kept for experiment.json)."""
+        print(f"[{len(minutes)}/4] {title}", flush=True)
+        t0 = time.perf_counter()
+        yield
         minutes[name] = (time.perf_counter() - t0) / 60
         print(f"  ({minutes[name]:.1f} min)", flush=True)
 
     common = ["--config", args.config] + (["--overwrite"] if args.overwrite else [])
     sets = ["train.output_dir=" + str(root)] + list(args.set)
-    full_sets = sets + ([f"solver.max_iter={args.full_iters}", f"solver.steps=[{int(args.full_iters * 8 / 9)}]"]
-                        if args.full_iters else [])
+    full_sets = sets + (schedule(args.full_iters) if args.full_iters else [])
 
-    t0 = time.perf_counter()
-    print("[0/4] data", flush=True)
-    dataset_paths(cfg)  # generated here once, not by two processes at the same time
-    phase("data", t0)
+    with phase("data", "data"):
+        dataset_paths(cfg)  # generated here once, not by two processes at the same time
 
-    t0 = time.perf_counter()
-    print(f"[1/4] RPN stage ({args.rpn_iters} iterations)", flush=True)
-    rpn_iters = [f"solver.max_iter={args.rpn_iters}", f"solver.steps=[{int(args.rpn_iters * 8 / 9)}]"]
-    runner.run([("rpn", ["train.py", *common, "--stage", "rpn", "--name", "rpn", "--set", *sets, *rpn_iters])],
-               jobs=1)
-    rpn_ckpt = root / "rpn" / "model_final.pth"
-    rpn_val = json.loads((root / "rpn" / "metrics.json").read_text()).get("val")
-    phase("rpn", t0)
+    with phase("rpn", f"RPN stage ({args.rpn_iters} iterations)"):
+        runner.run([("rpn", ["train.py", *common, "--stage", "rpn", "--name", "rpn", "--set", *sets,
+                             *schedule(args.rpn_iters)])], jobs=1)
+        rpn_ckpt = root / "rpn" / "model_final.pth"
+        rpn_val = json.loads((root / "rpn" / "metrics.json").read_text()).get("val")
 
-    t0 = time.perf_counter()
-    print(f"[2/4] full model, {len(args.seeds)} seeds x (baseline, --feature-noise), {runner.jobs} at a time",
-          flush=True)
-    runs, tasks = [], []
-    for seed in args.seeds:
-        for noise in (False, True):
-            name = f"full{'-noise' if noise else ''}-s{seed}"
-            tasks.append((name, ["train.py", *common, "--stage", "full", "--name", name, "--seed", str(seed),
-                                 "--init", str(rpn_ckpt), "--set", *full_sets, "train.eval_at_end=false"]
-                          + (["--feature-noise"] if noise else [])))
-            runs.append(root / name)
-    train_seconds = runner.run(tasks)
-    phase("full", t0)
+    with phase("full", f"full model, {len(args.seeds)} seeds x (baseline, --feature-noise), {runner.jobs} at a time"):
+        tasks = []
+        for seed in args.seeds:
+            for noise in (False, True):
+                name = f"full{'-noise' if noise else ''}-s{seed}"
+                tasks.append((name, ["train.py", *common, "--stage", "full", "--name", name, "--seed", str(seed),
+                                     "--init", str(rpn_ckpt), "--set", *full_sets, "train.eval_at_end=false"]
+                              + (["--feature-noise"] if noise else [])))
+        train_seconds = runner.run(tasks)
+        runs = [root / name for name, _ in tasks]
 
-    t0 = time.perf_counter()
     corrupt = args.corruptions is None or len(args.corruptions) > 0
-    print(f"[3/4] evaluation, clean{' and under corruption' if corrupt else ''}", flush=True)
-    tasks = []
-    for run in runs:
-        ckpt = str(run / "model_final.pth")
-        tasks.append((f"eval-{run.name}", ["evaluate.py", "--checkpoint", ckpt, "--max-images", str(args.eval_images)]))
-        if corrupt:
-            tasks.append((f"eval-{run.name}-corrupted",
-                          ["evaluate.py", "--checkpoint", ckpt, "--corruption", "benchmark",
-                           "--severities", *[str(s) for s in args.severities], "--corruption-seed",
-                           str(args.corruption_seed), "--max-images", str(args.corruption_images)]
-                          + (["--corruptions", *args.corruptions] if args.corruptions else [])
-                          + ([] if args.corruption_fp32 else ["--amp"])))
-    runner.run(tasks)
-    evaluated = {}
-    for run in runs:
-        clean = json.loads((run / "eval_val_clean.json").read_text())
-        entry = {"clean": clean["results"]["clean"]}
-        if corrupt:
-            entry["corrupted"] = json.loads((run / "eval_val_benchmark.json").read_text())["benchmark"]
-        evaluated[run.name] = entry
-    phase("evaluation", t0)
+    with phase("evaluation", f"evaluation, clean{' and under corruption' if corrupt else ''}"):
+        tasks = []
+        for run in runs:
+            ckpt = str(run / "model_final.pth")
+            tasks.append((f"eval-{run.name}",
+                          ["evaluate.py", "--checkpoint", ckpt, "--max-images", str(args.eval_images)]))
+            if corrupt:
+                tasks.append((f"eval-{run.name}-corrupted",
+                              ["evaluate.py", "--checkpoint", ckpt, "--corruption", "benchmark",
+                               "--severities", *[str(s) for s in args.severities], "--corruption-seed",
+                               str(args.corruption_seed), "--max-images", str(args.corruption_images)]
+                              + (["--corruptions", *args.corruptions] if args.corruptions else [])
+                              + ([] if args.corruption_fp32 else ["--amp"])))
+        runner.run(tasks)
+        evaluated = {}
+        for run in runs:
+            clean = json.loads((run / "eval_val_clean.json").read_text())
+            entry = {"clean": clean["results"]["clean"]}
+            if corrupt:
+                entry["corrupted"] = json.loads((run / "eval_val_benchmark.json").read_text())["benchmark"]
+            evaluated[run.name] = entry
 
-    t0 = time.perf_counter()
-    print("[4/4] comparison", flush=True)
-    chart, table_path = root / "comparison.png", root / "table.md"
-    table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
-    phase("comparison", t0)
+    with phase("comparison", "comparison"):
+        chart, table_path = root / "comparison.png", root / "table.md"
+        table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
     summary = {"rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
                "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
                "phase_minutes": {k: round(v, 2) for k, v in minutes.items()},

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from .model.build import build_model
 from .config import load_config
 from .model.fuse import fold_batchnorm
+from .model.precision import autocast
 from .torchvision_weights import to_torchvision
 from .model.poolers import MultiScaleRoIAlign
 from .model.postprocess import paste_masks, paste_masks_torchvision
@@ -161,10 +162,10 @@ def training_step_fn(model: nn.Module, s: Settings, images, targets, bf16: bool 
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
     model.train()
-    dtype = torch.bfloat16 if bf16 else torch.float16
+    device = torch.device(s.device)
 
     def step() -> None:
-        with torch.autocast(device_type=torch.device(s.device).type, dtype=dtype, enabled=s.amp or bf16):
+        with autocast(device, s.amp or bf16):  # fp16 on CUDA, bf16 on a CPU
             losses = model(images, targets)
         loss = sum(v.float() for v in losses.values())
         opt.zero_grad(set_to_none=True)
@@ -176,12 +177,11 @@ def training_step_fn(model: nn.Module, s: Settings, images, targets, bf16: bool 
 
 
 def inference_fn(model: nn.Module, s: Settings, images, bf16: bool = False) -> Callable[[], None]:
-    dtype = torch.bfloat16 if bf16 else torch.float16
+    device = torch.device(s.device)
 
     def run() -> None:
         model.eval()
-        with torch.no_grad(), torch.autocast(device_type=torch.device(s.device).type, dtype=dtype,
-                                             enabled=s.amp or bf16):
+        with torch.no_grad(), autocast(device, s.amp or bf16):  # fp16 on CUDA, bf16 on a CPU
             model(images)
 
     return run

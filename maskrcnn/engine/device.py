@@ -11,4 +11,3 @@ def select_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name} asked for, but no CUDA device is available (use auto or cpu)")
     return torch.device(name)
-
