@@ -98,6 +98,17 @@ _PARAMS: Dict[str, tuple] = {
     "fog": ((1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)),
     # alpha: gain of the smoothed random displacement field (imagecorruptions' elastic transform)
     "elastic_transform": (250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12),
+    # (liquid noise mean, std, blur sigma, threshold, amount, mud): water drops (mud = 0) with `amount` the
+    # strength of their embossed edges, or mud splashes (mud = 1) with `amount` the sigma of their soft border
+    "spatter": (
+        (0.65, 0.3, 4, 0.69, 0.6, 0),
+        (0.65, 0.3, 3, 0.68, 0.6, 0),
+        (0.65, 0.3, 2, 0.68, 0.5, 0),
+        (0.65, 0.3, 1, 0.65, 1.5, 1),
+        (0.67, 0.4, 1, 0.65, 1.5, 1),
+    ),
+    # (factor, shift) of the HSV saturation: S := clip(S * factor + shift, 0, 1)
+    "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
 }
 
 
@@ -507,6 +518,47 @@ def _elastic_transform(x: np.ndarray, alpha: float, rng: np.random.Generator) ->
                      borderMode=cv2.BORDER_REFLECT)
 
 
+_WATER = np.array([175, 238, 238], dtype=np.float32) / 255.0  # pale turquoise, RGB
+_MUD = np.array([63, 42, 20], dtype=np.float32) / 255.0  # brown, RGB
+_EMBOSS = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
+
+
+def _spatter(x: np.ndarray, c: tuple, rng: np.random.Generator) -> np.ndarray:
+    # ImageNet-C's spatter: a blurred gaussian "liquid" field, thresholded into drops. Water (severities
+    # 1-3) lightens the image along the drops' embossed edges in turquoise; mud (4-5) covers the drops in
+    # brown, with a border softened by a gaussian of sigma `amount`.
+    loc, scale, sigma, threshold, amount, mud = c
+    h, w = x.shape[:2]
+    liquid = _gaussian_blur(rng.normal(loc, scale, (h, w)).astype(np.float32), sigma, rng)
+    liquid[liquid < threshold] = 0.0
+    if not mud:
+        edges = cv2.Canny((liquid * 255).astype(np.uint8), 50, 150)
+        dist = np.minimum(cv2.distanceTransform(255 - edges, cv2.DIST_L2, 5), 20.0)  # distance to an edge
+        dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+        dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, _EMBOSS), (3, 3)).astype(np.float32)
+        m = liquid * dist
+        top = float(m.max())
+        if top <= 0.0:  # no drop at all (a tiny image): the reference divides by zero here
+            return x
+        return x + (m / top * amount)[..., None] * _WATER
+    m = _gaussian_blur((liquid > threshold).astype(np.float32), amount, rng)
+    m[m < 0.8] = 0.0
+    return x * (1.0 - m[..., None]) + m[..., None] * _MUD
+
+
+def _saturate(x: np.ndarray, c: Tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    # HSV round trip with S := clip(S * factor + shift, 0, 1). In HSV every RGB channel is V * (1 - S * f),
+    # f depending on the hue alone, so a new saturation scales each channel's distance below V. Grey pixels
+    # (S = 0) have hue 0 in the reference's rgb2hsv: a positive shift tints them red.
+    factor, shift = c
+    v = x.max(axis=2, keepdims=True)
+    s = np.divide(v - x.min(axis=2, keepdims=True), v, out=np.zeros_like(v), where=v > 0)
+    s_new = np.clip(s * factor + shift, 0.0, 1.0)
+    ratio = np.divide(s_new, s, out=np.zeros_like(s), where=s > 0)
+    grey = v * (1.0 - s_new * np.array([0.0, 1.0, 1.0], dtype=np.float32))
+    return np.where(s > 0, v - (v - x) * ratio, grey)
+
+
 _FUNCS: Dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise,
     "shot_noise": _shot_noise,
@@ -525,6 +577,8 @@ _FUNCS: Dict[str, Callable[[np.ndarray, Any, np.random.Generator], np.ndarray]] 
     "frost": _frost,
     "fog": _fog,
     "elastic_transform": _elastic_transform,
+    "spatter": _spatter,
+    "saturate": _saturate,
 }
 
 #: The 15 corruptions of COCO-C (Michaelis et al. 2019) / ImageNet-C, in the reference order: noise, blur,
@@ -535,8 +589,8 @@ BENCHMARK_CORRUPTIONS: Tuple[str, ...] = (
     "snow", "frost", "fog", "brightness",
     "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
-#: ImageNet-C's held-out corruptions that we also have (not part of the benchmark's mPC).
-HELD_OUT_CORRUPTIONS: Tuple[str, ...] = ("speckle_noise", "gaussian_blur")
+#: ImageNet-C's four held-out ("validation") corruptions, in the reference order (not part of the benchmark's mPC).
+HELD_OUT_CORRUPTIONS: Tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 
 #: Names accepted by :func:`corrupt`, in a stable order: the benchmark's, then the held-out ones.
 CORRUPTIONS: Tuple[str, ...] = BENCHMARK_CORRUPTIONS + HELD_OUT_CORRUPTIONS
@@ -545,7 +599,7 @@ assert set(CORRUPTIONS) == set(_FUNCS)
 #: Corruptions whose output depends on ``seed``.
 RANDOM_CORRUPTIONS: Tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur",
-    "glass_blur", "snow", "frost", "fog", "elastic_transform",
+    "glass_blur", "snow", "frost", "fog", "elastic_transform", "spatter",
 )
 
 #: Bump when a corruption's output changes: part of every cache key.
