@@ -69,13 +69,14 @@ def reference(tmp_path_factory) -> Path:
     return out / "ref"
 
 
-def _child(tmp_path: Path, name: str, pause_at: int) -> tuple[subprocess.Popen, Path]:
+def _child(tmp_path: Path, name: str, pause_at: int, *sets: str,
+           own_group: bool = False) -> tuple[subprocess.Popen, Path]:
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     mark = tmp_path / f"{name}.paused"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PAUSE_AT": str(pause_at), "MARK": str(mark)}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "wrapper.py"), *ARGS, "--name", name, "--set",
-                             *_sets(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             *_sets(tmp_path), *sets], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     deadline = time.time() + 240
     while not mark.exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -142,6 +143,22 @@ def test_sigterm_checkpoints_prints_resume_command_and_resumes_exactly(reference
     assert not (tmp_path / "term" / "metrics.json").exists()
     _resume(tmp_path, "term")
     _assert_same_run(tmp_path / "term", reference)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_stops_with_a_checkpoint(reference, tmp_path):
+    """A scheduler's preemption (or Ctrl-C in a terminal) signals every process of the run: the data loader's
+    worker processes leave the signal to the main process, which stops after its step as usual; the data order
+    does not depend on the number of workers, so the resumed run is still the uninterrupted one."""
+    proc, mark = _child(tmp_path, "group", 2, "data.num_workers=2", own_group=True)
+    os.killpg(proc.pid, signal.SIGTERM)
+    Path(str(mark) + ".go").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.count("stopping after this step") == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("SIGTERM: stopped at iteration 2/")
+    assert load_checkpoint(tmp_path / "group" / "last_checkpoint.pth")["iteration"] == 2
+    _resume(tmp_path, "group")
+    _assert_same_run(tmp_path / "group", reference)
 
 
 def test_sigint_stops_with_status_130(tmp_path):

@@ -22,6 +22,7 @@ number of processes continues from.
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -140,7 +141,12 @@ class _SeededItems(Dataset):
 
 
 def _worker_init_fn(worker_id: int) -> None:
-    """Seed numpy/random in each worker from torch's per-worker seed (set by DataLoader)."""
+    """Seed numpy/random in each worker from torch's per-worker seed (set by DataLoader); leave SIGTERM and
+    SIGINT to the main process. They often reach the whole process group (Ctrl-C in a terminal, a cluster
+    scheduler's preemption); a worker they killed would make the main process fail at its next batch instead of
+    stopping after its step with a checkpoint. Workers end with the main process as always."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
