@@ -89,7 +89,7 @@ class RoIHeadsConfig:
     batch_size_per_image: int = 512  # RoIs sampled per image
     positive_fraction: float = 0.25  # at most this fraction foreground
     add_gt_as_proposals: bool = True  # ground-truth boxes join the proposals in training
-    box_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    box_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # box coder weights (x, y, w, h)
     box_pooler_resolution: int = 7  # RoIAlign output for the box head
     mask_pooler_resolution: int = 14  # RoIAlign output for the mask head
     sampling_ratio: int = 0  # RoIAlign samples per bin side (<=0: adaptive)
@@ -117,10 +117,10 @@ class TransformConfig:
     min_size_train: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])  # short side, one
     # drawn per image (detectron2's multi-scale training; torchvision: [800])
     max_size_train: int = 1333  # long side at most
-    min_size_test: int = 800
-    max_size_test: int = 1333
+    min_size_test: int = 800  # short side at evaluation and inference
+    max_size_test: int = 1333  # long side at most, at evaluation and inference
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB, 0..1 scale
-    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB, 0..1 scale
     size_divisibility: int = 32  # batch padded to a multiple of this
     resize_rounding: str = "detectron2"  # detectron2: int(x + 0.5) of its ResizeShortestEdge | torchvision: floor
     mask_resize: str = "centre"  # centre: bilinear at pixel centres, >= 0.5 | nearest: torchvision's (+0.5 px shift)
@@ -128,7 +128,7 @@ class TransformConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 80  # K object classes, background excluded (set from the dataset when 0)
+    num_classes: int = 80  # K object classes, background excluded (training sets it to the dataset's count)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
@@ -153,8 +153,8 @@ class DataConfig:
     root: str = "datasets/shapes"  # where the shapes set is generated
     train_images: str = ""  # coco: image folder of the train split
     train_ann: str = ""  # coco: annotation JSON of the train split
-    val_images: str = ""
-    val_ann: str = ""
+    val_images: str = ""  # coco: image folder of the validation split
+    val_ann: str = ""  # coco: annotation JSON of the validation split
     categories: list[str] = field(default_factory=list)  # keep only these category names (empty: all)
     remove_images_without_annotations: bool = True  # drop images with no (non-crowd) object from training
     flip_prob: float = 0.5  # horizontal flip in training
@@ -172,19 +172,19 @@ class SolverConfig:
     optimizer: str = "sgd"  # sgd (momentum) | adamw (converges in fewer iterations when training from scratch)
     base_lr: float = 0.02  # learning rate at ims_per_batch
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4
-    max_iter: int = 90000
+    weight_decay: float = 1e-4  # weight decay of every trained parameter
+    max_iter: int = 90000  # training iterations (optimiser steps)
     warmup_iters: int = 1000  # linear warmup length
     warmup_factor: float = 0.001  # lr multiplier at iteration 0
     steps: list[int] = field(default_factory=lambda: [60000, 80000])  # lr x gamma at each
-    gamma: float = 0.1
+    gamma: float = 0.1  # lr factor at each of steps
     clip_grad_norm: float = 0.0  # max global grad norm (0: off)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs"  # runs/<name>/
-    name: str = ""  # run name (empty: <stage>-<time>)
+    name: str = ""  # run name (empty: <stage>[-noise]-<time>)
     seed: int = 0  # seeds data order, augmentation and initialisation
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     amp: bool = True  # mixed precision on CUDA: fp16 autocast and a grad scaler
