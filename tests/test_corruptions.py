@@ -548,6 +548,52 @@ def test_cache_second_read_gives_the_same_pixels(image, tmp_path):
     assert (t.hits, t.misses) == (0, 1)
 
 
+def test_cache_that_cannot_be_written_warns_once_and_changes_nothing(image, tmp_path, monkeypatch, capsys):
+    """A full disk while a corrupted image is written: no file (whole or half) is left in the cache, one line
+    says so, the result is the uncached 8-bit image, and this process stops writing to that cache."""
+    import builtins
+    import errno
+
+    from maskrcnn.evaluation import corruptions
+
+    monkeypatch.setattr(corruptions, "_UNWRITABLE_CACHES", set())
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])  # half the file reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if str(path).endswith(".png") and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    cache = tmp_path / "cache"
+    outs = [Corrupt("glass_blur", 2, seed=3, cache_dir=cache)(image, {"image_id": i})[0] for i in (1, 2)]
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write the corrupted-image cache {cache}" in err[0]
+    assert "No space left on device" in err[0]
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    assert torch.equal(outs[0], Corrupt("glass_blur", 2, seed=3, uint8=True)(image, {"image_id": 1})[0])
+    # a cache folder that is a file: the same one line, and the results
+    blocked = tmp_path / "blocked"
+    blocked.write_text("")
+    out, _ = Corrupt("fog", 1, seed=0, cache_dir=blocked)(image, {"image_id": 1})
+    assert "cannot write the corrupted-image cache" in capsys.readouterr().err
+    assert torch.equal(out, Corrupt("fog", 1, seed=0, uint8=True)(image, {"image_id": 1})[0])
+
+
 # ------------------------------------------- against the reference package
 def load_reference():
     """The `imagecorruptions` package (a test-only dependency), made to run on current setuptools / numpy /

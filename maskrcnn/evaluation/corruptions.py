@@ -36,6 +36,7 @@ import importlib.util
 import math
 import operator
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -602,6 +603,9 @@ RANDOM_CORRUPTIONS: Tuple[str, ...] = (
     "glass_blur", "snow", "frost", "fog", "elastic_transform", "spatter",
 )
 
+#: Cache folders this process could not write to (see :meth:`Corrupt._store`).
+_UNWRITABLE_CACHES: set = set()
+
 #: Bump when a corruption's output changes: part of every cache key.
 IMPLEMENTATION_VERSION = 1
 
@@ -732,12 +736,32 @@ class Corrupt:
             out = to_uint8_grid(out)
         if path is not None:
             self.misses += 1
-            u8 = np.rint(out.cpu().numpy().transpose(1, 2, 0) * 255.0).astype(np.uint8)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")  # atomic: a reader never sees half a file
-            cv2.imwrite(str(tmp), cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_PNG_COMPRESSION), 1])
-            os.replace(tmp, path)
+            if self.cache_dir not in _UNWRITABLE_CACHES:
+                self._store(out, path)
         return out, target
+
+    def _store(self, out: Tensor, path: Path) -> None:
+        """Write a corrupted image to the cache, atomically (a reader never sees half a file). A cache that
+        cannot be written (a full disk, no permission) is not needed for a correct result: one line on stderr
+        says so and this process stops writing to it."""
+        u8 = np.rint(out.cpu().numpy().transpose(1, 2, 0) * 255.0).astype(np.uint8)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+        try:
+            ok, png = cv2.imencode(".png", cv2.cvtColor(u8, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_PNG_COMPRESSION), 1])
+            if not ok:
+                raise OSError(f"PNG encoding of {path.name} failed")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(png.tobytes())
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            _UNWRITABLE_CACHES.add(self.cache_dir)
+            print(f"warning: cannot write the corrupted-image cache {self.cache_dir} ({e.strerror or e}); "
+                  "continuing without caching (the results are unaffected)", file=sys.stderr, flush=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, severity={self.severity}, seed={self.seed})"
