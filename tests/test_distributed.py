@@ -117,12 +117,8 @@ def _evaluate(argv: list[str]) -> dict:
 
 
 def _single(out: Path, name: str, sets: list[str]) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return train.main(ARGS + ["--name", name, "--set", f"train.output_dir={out}", *sets])
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(ARGS + ["--name", name, "--set", f"train.output_dir={out}", *sets])
 
 
 @pytest.fixture(scope="module")
@@ -226,12 +222,9 @@ def test_resume_on_one_process_keeps_the_global_batch(ddp_run, tmp_path, capsys)
     samples; the run's weights load into the unwrapped model."""
     tmp, _ = ddp_run
     shutil.copytree(tmp / "ddp", tmp_path / "ddp")
-    threads = torch.get_num_threads()
-    try:  # the resumed run's config says train.num_threads=1: it sets this process's thread count
-        summary = train.main(["--name", "ddp", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
-                              "solver.max_iter=2", "train.eval_at_end=false"])
-    finally:
-        torch.set_num_threads(threads)
+    # the resumed run's config sets train.num_threads=1 for this process (tests/conftest.py restores it)
+    summary = train.main(["--name", "ddp", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                          "solver.max_iter=2", "train.eval_at_end=false"])
     out = capsys.readouterr().out
     assert "solver.ims_per_batch 2 -> 4, the run's 4 images per step" in out
     assert "at iteration 1" in out and "the data order" not in out
