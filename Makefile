@@ -1,10 +1,19 @@
 # make demo: the whole experiment on the generated shapes data (creates .venv on first use)
 # make test: the test suite
+# make test-avx2: the precision- and kernel-sensitive tests again as on a CPU without native bfloat16 (AVX2 only)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+# Stand-in for a CPU with AVX2 only (no AVX-512, no native bf16): ATen's kernels, oneDNN and MKL limited to AVX2.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# Tests whose numbers depend on the CPU's kernels (bf16 against fp32, ours against torchvision) or on the precision
+# chosen for the CPU
+KERNEL_SENSITIVE := tests/test_bf16.py tests/test_precision.py tests/test_torchvision_parity.py tests/test_bench.py \
+	tests/test_train.py::test_the_run_prints_and_keeps_its_precision \
+	tests/test_evaluation.py::test_evaluation_is_fp32_unless_asked
+
+.PHONY: demo test test-avx2 venv clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +32,9 @@ demo: venv
 
 test: venv $(VENV)/.installed-test
 	$(PY) -m pytest tests -q
+
+test-avx2: venv $(VENV)/.installed-test
+	$(AVX2) $(PY) -m pytest $(KERNEL_SENSITIVE) -q
 
 clean:
 	rm -rf runs datasets

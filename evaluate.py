@@ -12,7 +12,9 @@ with a table per corruption and severity. Corrupted images are 8-bit, as COCO-C'
 (--cache-dir) so that the next checkpoint is evaluated on the same pixels, faster.
 
 Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out).
-Inference runs in fp32 unless --amp (fp16 autocast on CUDA, bf16 on a CPU). Under torchrun the images are shared by the
+Inference runs in fp32 unless --amp: `--amp` or `--amp auto` takes mixed precision where the device computes it
+natively (fp16 on CUDA; bf16 on a CPU with AVX-512 BF16 or AMX, fp32 on other CPUs, where bf16 is emulated and
+several times slower); `--amp true` forces it (with a warning where bf16 is emulated). Under torchrun the images are shared by the
 processes and rank 0 evaluates the gathered detections (the same AP as one process) and writes the files:
 
     torchrun --nproc_per_node=8 evaluate.py --checkpoint runs/full/model_final.pth
@@ -53,8 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
     p.add_argument("--batch-size", type=int, help="inference batch (default: test.ims_per_batch)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: each process its own GPU)")
-    p.add_argument("--amp", action="store_true", help="mixed precision: fp16 autocast on CUDA, bf16 on a CPU "
-                   "(default: fp32)")
+    p.add_argument("--amp", nargs="?", const="auto", default="false", metavar="auto|true|false",
+                   help="mixed precision: fp16 autocast on CUDA, bf16 on a CPU. auto (also --amp alone): where the "
+                   "device computes it natively, else fp32; true: always (bf16 emulated on a CPU without native "
+                   "bfloat16: 5-13x slower); default false: fp32")
     p.add_argument("--out", help="output directory (default: the checkpoint's directory)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -136,9 +140,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     from maskrcnn.evaluation.coco_eval import evaluate_model
     from maskrcnn.evaluation.corruptions import Corrupt, frost_source
     from maskrcnn.evaluation.robustness import headline, markdown, summarize
-    from maskrcnn.model.precision import precision_name
+    from maskrcnn.model.precision import choose_precision, parse_setting
 
     corrupted_runs, with_clean = plan_runs(args)
+    amp_setting = parse_setting(args.amp, "--amp")  # a wrong value is an error before the model loads
     frost = frost_source(args.frost)  # checked before the model loads
     device = distributed.device(args.device)
     main = distributed.is_main()  # rank 0 prints and writes; every process infers on its share
@@ -159,9 +164,14 @@ def evaluate(args: argparse.Namespace) -> dict:
         (f"{name}-{sev}", Corrupt(name, sev, seed=corruption_seed, frost=frost, cache_dir=cache_dir, uint8=True))
         for name, sev in corrupted_runs]
     batch = args.batch_size or cfg.test.ims_per_batch
-    amp = args.amp  # fp16 autocast on CUDA, bf16 on a CPU (run_inference); fp32 by default
+    precision = choose_precision(device, amp_setting, "--amp")
+    amp = precision.autocast  # fp16 autocast on CUDA, bf16 on a CPU (run_inference); fp32 by default
+    if main:
+        print(precision.line())
+        if precision.warning:
+            print(precision.warning)
     report = {"checkpoint": str(args.checkpoint), "split": args.split, "stage": model.stage,
-              "precision": precision_name(device, amp), "results": {}}
+              "precision": precision.name, "precision_reason": precision.reason, "results": {}}
     if corrupted_runs:
         report["corruption_settings"] = {
             "seed": corruption_seed, "pixels": "8-bit", "cache_dir": str(cache_dir) if cache_dir else None,

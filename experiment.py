@@ -28,11 +28,38 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from maskrcnn.cli import Stopped, add_config_args, one_line_errors
 
 HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the demo trains, at what image size, and how much it evaluates under corruption: sized so that
+    the whole experiment fits in 20 minutes on 2 CPU cores in the precision the trainings run in."""
+    rpn_iters: int  # iterations of the RPN stage
+    full_iters: Optional[int]  # iterations of each full run (None: the config's solver.max_iter)
+    corruption_images: int  # val images evaluated under each corruption
+    sets: tuple[str, ...]  # config overrides of this schedule (before --set, which wins)
+    note: str  # what it costs and gives, in one line (measured, README)
+
+
+# The schedule follows the precision. On 2 CPU cores, native bf16 trains ~2x faster than fp32 (the convolutions,
+# ~80% of a step, run at ~70% of the cores' fp32 peak, so fp32 has no faster path): the bf16 schedule takes
+# 18-20 min with native bf16 and ~35 min in fp32 (box AP 0.41 either way). The fp32 schedule fits 20 min by
+# training and evaluating at 0.7x the image side (about half the pixels) and corrupting 10 images instead of 20,
+# for a lower AP (small objects lose most). `--schedule` picks one whatever the precision.
+SCHEDULES = {
+    "mixed": Schedule(800, None, 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
+    "fp32": Schedule(800, None, 10, ("model.transform.min_size_train=[136,160,176]",
+                                     "model.transform.max_size_train=272", "model.transform.min_size_test=160",
+                                     "model.transform.max_size_test=272"),
+                     "fp32 (no native bf16): images at 0.7x, ~20 min on 2 cores, lower AP than the mixed schedule"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_config_args(p, "configs/shapes.yaml")
     p.add_argument("--name", default="demo", help="experiment directory: runs/<name>/")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the full-stage runs")
-    p.add_argument("--rpn-iters", type=int, default=800,
-                   help="iterations of the RPN stage (learning rate x0.1 after 8/9 of them)")
-    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's; "
+    p.add_argument("--amp", choices=["auto", "true", "false"],
+                   help="mixed precision of the trainings and of the evaluation under corruption (bf16 on a CPU, fp16 "
+                   "on CUDA): auto (the default, from the config's train.cpu_amp in configs/shapes.yaml) where the "
+                   "device computes it natively, else fp32; the schedule follows the choice (see SCHEDULES)")
+    p.add_argument("--schedule", choices=["auto", *SCHEDULES],
+                   help="auto (the default): mixed where the trainings run in mixed precision, else fp32 (see "
+                   "SCHEDULES in this file); mixed on a CPU without native bf16 gives its higher AP in ~35 min")
+    p.add_argument("--rpn-iters", type=int,
+                   help="iterations of the RPN stage (default: the schedule's; learning rate x0.1 after 8/9 of them)")
+    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the schedule's; "
                    "learning rate x0.1 after 8/9 of them)")
     p.add_argument("--corruptions", nargs="*",
                    help="corruptions to evaluate under (default: the 15 of the COCO-C benchmark; none: skip)")
@@ -50,11 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corruption-seed", type=int, default=0,
                    help="seed of the random corruptions, the same for every run (same pixels)")
     p.add_argument("--eval-images", type=int, default=0, help="clean evaluation on at most N val images (0: all)")
-    p.add_argument("--corruption-images", type=int, default=20,
-                   help="evaluation under corruption on the first N val images (0: all)")
+    p.add_argument("--corruption-images", type=int,
+                   help="evaluation under corruption on the first N val images (default: the schedule's; 0: all)")
     p.add_argument("--corruption-fp32", action="store_true",
-                   help="evaluate under corruption in fp32 (default: evaluate.py --amp, bf16 on a CPU, fp16 on CUDA: "
-                   "the same AP within 0.01, tests/test_bf16.py, at 0.7x the time)")
+                   help="evaluate under corruption in fp32 (default: in the trainings' precision, evaluate.py --amp: "
+                   "bf16 gives the fp32 AP within 0.01, tests/test_bf16.py, at 0.7x the time)")
     p.add_argument("--jobs", type=int, help="processes side by side (default: 2 on a CPU with 2 or more cores, "
                    "else 1); each gets cores / jobs threads")
     p.add_argument("--overwrite", action="store_true",
@@ -165,13 +199,33 @@ def main(argv=None) -> dict:
             raise ValueError("experiment.py writes to runs/<name>/: choose the directory with --name, not "
                              "--set train.output_dir")
         root = Path("runs") / args.name
+        precision, sched = choose_schedule(cfg, args.amp, args.schedule)
+        print(precision.line(), flush=True)
+        if precision.warning:
+            print(precision.warning, flush=True)
         runner = Runner(args.jobs or default_jobs(cfg.train.device), root / "logs", not args.no_progress)
         previous = {s: signal.signal(s, runner.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return _experiment(args, cfg, root, runner)
+            return _experiment(args, cfg, root, runner, precision, sched)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def choose_schedule(cfg, amp: Optional[str], name: Optional[str] = None):
+    """The trainings' precision (--amp, else the config's train.cpu_amp on a CPU / train.amp on CUDA) on this
+    machine, and the schedule that goes with it (or the one `name` asks for)."""
+    from maskrcnn.engine.device import select_device
+    from maskrcnn.model.precision import choose_precision
+
+    device = select_device(cfg.train.device)
+    cuda = device.type == "cuda"
+    key = "--amp" if amp is not None else ("train.amp" if cuda else "train.cpu_amp")
+    setting = amp if amp is not None else (cfg.train.amp if cuda else cfg.train.cpu_amp)
+    precision = choose_precision(device, setting, key)
+    if name in (None, "auto"):
+        name = "mixed" if precision.autocast else "fp32"
+    return precision, SCHEDULES[name]
 
 
 def schedule(iterations: int) -> list[str]:
@@ -179,7 +233,7 @@ def schedule(iterations: int) -> list[str]:
     return [f"solver.max_iter={iterations}", f"solver.steps=[{int(iterations * 8 / 9)}]"]
 
 
-def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
+def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedule) -> dict:
     import compare
     from maskrcnn.data.build import dataset_paths
 
@@ -195,16 +249,23 @@ def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
         minutes[name] = (time.perf_counter() - t0) / 60
         print(f"  ({minutes[name]:.1f} min)", flush=True)
 
+    rpn_iters = args.rpn_iters or sched.rpn_iters
+    full_iters = args.full_iters or sched.full_iters
+    corruption_images = sched.corruption_images if args.corruption_images is None else args.corruption_images
+    print(f"schedule: RPN {rpn_iters} + full {full_iters or cfg.solver.max_iter} iterations, corruptions on "
+          f"{corruption_images or 'all'} val images{''.join(' ' + x for x in sched.sets)} ({sched.note})", flush=True)
     common = ["--config", args.config] + (["--overwrite"] if args.overwrite else [])
-    sets = ["train.output_dir=" + str(root)] + list(args.set)
-    full_sets = sets + (schedule(args.full_iters) if args.full_iters else [])
+    # --amp reaches every training (train.amp on CUDA, train.cpu_amp on a CPU); else each resolves the config's.
+    amp_sets = [f"train.amp={args.amp}", f"train.cpu_amp={args.amp}"] if args.amp else []
+    sets = ["train.output_dir=" + str(root), *sched.sets] + list(args.set) + amp_sets
+    full_sets = sets + (schedule(full_iters) if full_iters else [])
 
     with phase("data", "data"):
         dataset_paths(cfg)  # generated here once, not by two processes at the same time
 
-    with phase("rpn", f"RPN stage ({args.rpn_iters} iterations)"):
+    with phase("rpn", f"RPN stage ({rpn_iters} iterations)"):
         runner.run([("rpn", ["train.py", *common, "--stage", "rpn", "--name", "rpn", "--set", *sets,
-                             *schedule(args.rpn_iters)])], jobs=1)
+                             *schedule(rpn_iters)])], jobs=1)
         rpn_ckpt = root / "rpn" / "model_final.pth"
         rpn_val = json.loads((root / "rpn" / "metrics.json").read_text()).get("val")
 
@@ -220,6 +281,8 @@ def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
         runs = [root / name for name, _ in tasks]
 
     corrupt = args.corruptions is None or len(args.corruptions) > 0
+    # under corruption: the trainings' precision, as chosen above (--corruption-fp32: fp32)
+    eval_amp = "true" if precision.autocast and not args.corruption_fp32 else "false"
     with phase("evaluation", f"evaluation, clean{' and under corruption' if corrupt else ''}"):
         tasks = []
         for run in runs:
@@ -230,9 +293,9 @@ def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
                 tasks.append((f"eval-{run.name}-corrupted",
                               ["evaluate.py", "--checkpoint", ckpt, "--corruption", "benchmark",
                                "--severities", *[str(s) for s in args.severities], "--corruption-seed",
-                               str(args.corruption_seed), "--max-images", str(args.corruption_images)]
+                               str(args.corruption_seed), "--max-images", str(corruption_images)]
                               + (["--corruptions", *args.corruptions] if args.corruptions else [])
-                              + ([] if args.corruption_fp32 else ["--amp"])))
+                              + ["--amp", eval_amp]))
         runner.run(tasks)
         evaluated = {}
         for run in runs:
@@ -245,7 +308,11 @@ def _experiment(args, cfg, root: Path, runner: Runner) -> dict:
     with phase("comparison", "comparison"):
         chart, table_path = root / "comparison.png", root / "table.md"
         table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
-    summary = {"rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
+    name = next(k for k, v in SCHEDULES.items() if v == sched)
+    summary = {"precision": precision.as_dict(), "schedule": {"name": name, **asdict(sched), "rpn_iters": rpn_iters,
+                                                               "full_iters": full_iters or cfg.solver.max_iter,
+                                                               "corruption_images": corruption_images},
+               "rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
                "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
                "phase_minutes": {k: round(v, 2) for k, v in minutes.items()},
                "minutes": (time.perf_counter() - start) / 60}

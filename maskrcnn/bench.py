@@ -15,7 +15,11 @@ image (the mask head and the paste run at full load) instead of none.
 
 On a CPU two more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat16)` (channels-last, and for
 inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32, its best on
-a CPU: its RoIAlign has no bf16 CPU kernel. Our fp32 inference row also folds BatchNorm, as our inference entry
+a CPU: its RoIAlign has no bf16 CPU kernel. `--bf16 auto` (the default) times them only where the CPU computes
+bfloat16 natively (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
+5-13x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
+with one warm-up and one repeat. The printout and the JSON start with the CPU capability and whether bfloat16
+is native. Our fp32 inference row also folds BatchNorm, as our inference entry
 points do. That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
 seeded random weights every score is a near tie, and no detector's detections are stable.
 
@@ -54,7 +58,8 @@ from torch import Tensor, nn
 from .model.build import build_model
 from .config import load_config
 from .model.fuse import fold_batchnorm
-from .model.precision import autocast
+from .engine.step import train_step
+from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
 from .model.poolers import MultiScaleRoIAlign
 from .model.postprocess import paste_masks, paste_masks_torchvision
@@ -73,7 +78,8 @@ class Settings:
     device: str = "cpu"
     amp: bool = False  # CUDA only
     channels_last: bool = False
-    bf16: bool = True  # CPU only: also time ours under bf16 autocast (channels-last, BN folded for inference)
+    bf16: str = "auto"  # CPU only: time ours under bf16 autocast too (channels-last, BN folded for inference):
+    # auto (where the CPU computes bf16 natively), always, never
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -156,22 +162,17 @@ def make_batch(s: Settings, seed: int = 1) -> tuple[list[Tensor], list[dict]]:
 
 
 def training_step_fn(model: nn.Module, s: Settings, images, targets, bf16: bool = False) -> Callable[[], None]:
-    """One SGD step; under fp16 autocast + GradScaler with s.amp (CUDA), under bf16 autocast with `bf16` (CPU:
-    bf16 has fp32's range, so no scaler)."""
+    """One SGD step, the trainer's own (maskrcnn.engine.step.train_step): under fp16 autocast + GradScaler with
+    s.amp (CUDA), under bf16 autocast with `bf16` (CPU: bf16 has fp32's range, so no scaler). torchvision's
+    model takes the same step (its forward returns a dict of named losses too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
     model.train()
-    device = torch.device(s.device)
+    batch = [(images, targets)]
 
     def step() -> None:
-        with autocast(device, s.amp or bf16):  # fp16 on CUDA, bf16 on a CPU
-            losses = model(images, targets)
-        loss = sum(v.float() for v in losses.values())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, batch, opt, amp=s.amp or bf16, scaler=scaler)  # fp16 on CUDA, bf16 on a CPU
 
     return step
 
@@ -193,10 +194,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings, repeats: Optional[int] = None
-            ) -> tuple[float, float]:
+def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings, repeats: Optional[int] = None,
+            warmup: Optional[int] = None) -> tuple[float, float]:
     """Median seconds of ours and torchvision's, warmed up, repeats interleaved (alternating who goes first)."""
-    for _ in range(s.warmup):
+    for _ in range(s.warmup if warmup is None else warmup):
         fn_ours()
         fn_tv()
     times: dict[str, list[float]] = {"ours": [], "tv": []}
@@ -524,11 +525,55 @@ def measure_memory(s: Settings, state: dict[str, Tensor], steps: int, runs: int)
 
 
 # ---------------------------------------------------------------------------------------------- main
+def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tensor], images, targets, tag: str,
+              add: Callable, notes: list[str], log: Callable[[str], None]) -> None:
+    """Ours under bf16 autocast (channels-last; BatchNorm folded for inference) against torchvision in fp32, its
+    best on a CPU (its RoIAlign has no bf16 CPU kernel). s.bf16: auto times them where the CPU computes bf16
+    natively and skips them with a note elsewhere; always times them anyway (emulated: 1 warm-up, 1 repeat)."""
+    native, evidence = cpu_bf16_native()
+    if s.bf16 == "never":
+        notes.append("bf16 rows not measured (--bf16 never)")
+        return
+    if not native and s.bf16 != "always":
+        notes.append(f"bf16 rows skipped: this CPU has no native bfloat16 ({evidence}), so bf16 is emulated, "
+                     "5-13x slower than fp32, and training would use fp32 (train.cpu_amp=auto); --bf16 always "
+                     "measures them (one warm-up, one repeat)")
+        log(notes[-1])
+        return
+    repeats, warmup, which = (None, None, "") if native else (1, 1, ", emulated: 1 repeat")
+    fast = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    log(f"training step, ours bf16{which} ...")
+    add(f"training step ({tag}), ours bf16 channels-last{which}, tv fp32",
+        *compare(training_step_fn(fast, s, images, targets, bf16=True),
+                 training_step_fn(tv, s, images, targets), s, repeats, warmup), 0.6, per_image=True)
+    tv.load_state_dict(to_torchvision(state))
+    log(f"inference, ours bf16{which} ...")
+    fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
+    add(f"inference ({tag}), ours bf16 channels-last folded{which}, tv fp32",
+        *compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s, repeats, warmup), 0.6,
+        per_image=True)
+
+
+def cpu_header() -> dict:
+    """What the bf16 rows depend on: the CPU capability and whether bfloat16 is native (the first thing the
+    benchmark prints and the first key of its JSON)."""
+    native, evidence = cpu_bf16_native()
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": native, "evidence": evidence,
+            "processor": platform.processor() or platform.machine()}
+
+
+def cpu_line(cpu: dict) -> str:
+    return (f"CPU capability {cpu['capability']}, bfloat16 {'native' if cpu['bf16_native'] else 'not native'} "
+            f"({cpu['evidence']})")
+
+
 def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print,
         coco_size_ann: bool = False) -> dict:
     torch.set_grad_enabled(True)
     rows: list[dict] = []
+    notes: list[str] = []
     cuda = s.device.startswith("cuda")
+    cpu = cpu_header()
 
     def add(name: str, ours_s: float, tv_s: float, target: Optional[float] = None, per_image: bool = False):
         row = {"name": name, "ours_ms": ours_s * 1e3, "torchvision_ms": tv_s * 1e3, "ratio": ours_s / tv_s,
@@ -554,19 +599,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     add(f"inference ({tag}, ours BN folded)", *compare(inference_fn(ours_infer, s, images),
                                                        inference_fn(tv, s, images), s), 0.9, per_image=True)
     del ours_infer
-    if s.bf16 and not cuda:
-        # torchvision's RoIAlign has no bf16 CPU kernel, so fp32 is its best on a CPU.
-        fast = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-        log("training step, ours bf16 ...")
-        add(f"training step ({tag}), ours bf16 channels-last, tv fp32",
-            *compare(training_step_fn(fast, s, images, targets, bf16=True),
-                     training_step_fn(tv, s, images, targets), s), 0.6, per_image=True)
-        tv.load_state_dict(to_torchvision(state))
-        log("inference, ours bf16 ...")
-        fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
-        add(f"inference ({tag}), ours bf16 channels-last folded, tv fp32",
-            *compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s), 0.6, per_image=True)
-        del fast
+    if not cuda:
+        bf16_rows(s, ours, tv, state, images, targets, tag, add, notes, log)
 
     log("RoIAlign ...")
     for sr, aligned in ((2, False), (0, True)):
@@ -598,7 +632,7 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
                  "torchvision_mb": mem["torchvision"]["peak_mb"],
                  "ratio": mem["ours"]["peak_mb"] / mem["torchvision"]["peak_mb"], "target": 1.1, "detail": mem})
     log(f"  memory: ours {mem['ours']['peak_mb']:.0f} MB, torchvision {mem['torchvision']['peak_mb']:.0f} MB")
-    return {"settings": asdict(s), "rows": rows, "environment": environment(s)}
+    return {"cpu": cpu, "settings": asdict(s), "rows": rows, "notes": notes, "environment": environment(s)}
 
 
 def environment(s: Settings) -> dict:
@@ -613,7 +647,8 @@ def environment(s: Settings) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'benchmark':<78} {'ours':>10} {'torchvision':>12} {'ratio':>6} {'target':>7}"]
+    lines = [cpu_line(result["cpu"]),
+             f"{'benchmark':<78} {'ours':>10} {'torchvision':>12} {'ratio':>6} {'target':>7}"]
     for r in result["rows"]:
         if "ours_mb" in r:
             ours, theirs = f"{r['ours_mb']:.0f} MB", f"{r['torchvision_mb']:.0f} MB"
@@ -627,6 +662,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['name']:<78} {ours:>10} {theirs:>12} {r['ratio']:>6.2f} {target:>7}")
         if "ours_img_s" in r:
             lines.append(f"{'   images / s':<78} {r['ours_img_s']:>10.2f} {r['torchvision_img_s']:>12.2f}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     env = result["environment"]
     lines.append(f"torch {env['torch']}, torchvision {env['torchvision']}, device {env['device']}, "
                  f"{env['threads']} threads" + (f", load average {env['load_average'][0]:.1f} on "
@@ -643,7 +679,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA too")
     p.add_argument("--channels-last", action="store_true", help="both models in channels-last memory format")
-    p.add_argument("--no-bf16", action="store_true", help="CPU: skip the rows of ours under bf16 autocast")
+    p.add_argument("--bf16", choices=["auto", "always", "never"], default="auto",
+                   help="CPU: the rows of ours under bf16 autocast. auto (default): where the CPU computes bfloat16 "
+                   "natively (skipped with a note elsewhere: emulated, 5-13x slower); always: measured anyway "
+                   "(emulated: one warm-up, one repeat); never")
+    p.add_argument("--no-bf16", action="store_true", help="the same as --bf16 never")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -678,7 +718,7 @@ def main(argv=None) -> dict:
         print(f"error: --device {device} but no CUDA device is available (use auto or cpu)", file=sys.stderr)
         sys.exit(2)
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
-                 bf16=not args.no_bf16)
+                 bf16="never" if args.no_bf16 else args.bf16)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:
@@ -688,6 +728,7 @@ def main(argv=None) -> dict:
         s.mask_target_size, s.mask_objects, s.mask_fg_rois = (128, 160), 3, 8
     if args.repeats:
         s.repeats = args.repeats
+    print(cpu_line(cpu_header()), flush=True)
     print(f"benchmark: {asdict(s)}")
     result = run(s, memory_steps=1 if args.quick else 2, memory_runs=1 if args.quick else 3,
                  coco_size_ann=args.coco_size_ann)

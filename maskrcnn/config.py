@@ -14,9 +14,13 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
+
+# A precision switch: true, false, or auto (mixed precision where the device runs it natively; see
+# maskrcnn.model.precision.choose_precision).
+Switch = Union[bool, Literal["auto"]]
 
 
 class ConfigError(ValueError):
@@ -187,8 +191,9 @@ class TrainConfig:
     name: str = ""  # run name (empty: <stage>[-noise]-<time>)
     seed: int = 0  # seeds data order, augmentation and initialisation
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    amp: bool = True  # mixed precision on CUDA: fp16 autocast and a grad scaler
-    cpu_amp: bool = False  # bf16 autocast when training on a CPU (about 2x faster with AVX-512 BF16 or AMX)
+    amp: Switch = True  # mixed precision when training on CUDA: fp16 autocast and a grad scaler (auto: the same)
+    cpu_amp: Switch = False  # bf16 autocast when training on a CPU: auto (where the CPU computes bf16 natively,
+    # AVX-512 BF16 or AMX: 1.6x faster; elsewhere emulated and 5-13x slower, so fp32), true or false
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
     channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA,
     # and ~10% faster training on CPU with oneDNN)
@@ -207,7 +212,8 @@ class TrainConfig:
 class TestConfig:
     ims_per_batch: int = 2  # inference batch
     max_images: int = 0  # evaluate on at most this many val images (0: all)
-    amp: bool = False  # fp16 autocast on CUDA in the end-of-run evaluation (off: evaluated in fp32)
+    amp: Switch = False  # mixed precision in the end-of-run evaluation: fp16 on CUDA, bf16 on a CPU; auto: where
+    # the device computes it natively (false: fp32)
 
 
 @dataclass
@@ -227,14 +233,35 @@ def _closest(key: str, options: list[str]) -> str:
     return f" (closest valid key: '{match[0]}')" if match else ""
 
 
+def _describe(tp: Any) -> str:
+    """A type in the words of an error message: Switch is 'true, false or auto'."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Union:
+        words = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+    return {bool: "true, false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotated type `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _coerce(value, args[0], path)
+        if len(args) == 1:  # Optional[X]
+            return _coerce(value, args[0], path)
+        for arg in args:  # the first type that takes the value
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -339,5 +366,8 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | Path, comment: Optional[str] = None) -> None:
+    """The config as YAML; `comment` (lines of what the run made of it, e.g. the precision an auto setting
+    chose) goes above it as YAML comments, which loading ignores."""
+    head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    Path(path).write_text(head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -16,12 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_benchmark_writes_table_and_json(tmp_path):
+    """--bf16 always: the bf16 rows on any CPU (emulated ones with one warm-up and one repeat)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "maskrcnn.bench", "--quick", "--threads", "1", "--device", "cpu",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--bf16", "always", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio" in proc.stdout and "training step" in proc.stdout
     result = json.loads(out.read_text())
+    # The printout and the JSON start with what the bf16 rows depend on.
+    native, evidence = bench.cpu_bf16_native()
+    assert list(result)[0] == "cpu" and result["cpu"]["bf16_native"] == native
+    assert result["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert proc.stdout.splitlines()[0] == bench.cpu_line(result["cpu"]) and evidence in proc.stdout.splitlines()[0]
     names = [r["name"] for r in result["rows"]]
     for expected in ("training step", "inference", "RoIAlign fwd+bwd", "anchors + proposal selection",
                      "paste 100 masks", "mask targets", "training memory"):
@@ -39,6 +46,33 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     memory = next(r for r in result["rows"] if r["name"].startswith("training memory"))
     assert memory["ours_mb"] > 100 and memory["torchvision_mb"] > 100  # a real process with a real model
     assert result["settings"]["depth"] == 18 and result["environment"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_rows_follow_the_cpu(monkeypatch, native):
+    """--bf16 auto times the bf16 rows only where bfloat16 is native; elsewhere a note says why they are skipped
+    and how to measure them. never skips them anywhere."""
+    monkeypatch.setattr(bench, "cpu_bf16_native", lambda: (native, "CPU capability TEST"))
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: (1.0, 2.0))
+    monkeypatch.setattr(bench, "fold_batchnorm", lambda m: m)
+    monkeypatch.setattr(bench, "to_torchvision", lambda state: state)
+
+    class Model(torch.nn.Conv2d):  # stands in for both models: nothing here is run
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    model = Model(1, 1, 1)
+    for mode, expect_rows in (("auto", native), ("always", True), ("never", False)):
+        rows, notes = [], []
+        s = bench.Settings(bf16=mode)
+        bench.bf16_rows(s, model, model, {}, [], [], "tag", lambda name, *a, **k: rows.append(name), notes,
+                        lambda line: None)
+        assert (len(rows) == 2) == expect_rows, (mode, rows)
+        assert bool(notes) == (not expect_rows), (mode, notes)
+        if mode == "auto" and not native:
+            assert "no native bfloat16" in notes[0] and "--bf16 always" in notes[0]
+        if mode == "always" and not native:
+            assert all("emulated" in r for r in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")

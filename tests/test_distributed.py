@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WRAPPER = """
 import os, sys
 import torch
-from maskrcnn.engine import distributed, trainer
+from maskrcnn.engine import distributed, step, trainer
 
 OUT = os.environ.get("PARAMS_OUT")
 _train = trainer.Trainer.train
@@ -47,14 +47,14 @@ def train(self):
 
 trainer.Trainer.train = train
 if "FAIL_RANK" in os.environ:  # this process fails with a user error in its first step
-    _loss = trainer.total_loss
+    _loss = step.total_loss
 
     def total_loss(losses, weights):
         if distributed.rank() == int(os.environ["FAIL_RANK"]):
             raise ValueError(f"rank {distributed.rank()} cannot go on (a failure made by the test)")
         return _loss(losses, weights)
 
-    trainer.total_loss = total_loss
+    step.total_loss = total_loss
 import runpy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -415,11 +415,12 @@ def test_evaluate_corruption_options_are_one_line_errors(checkpoints, tmp_path, 
     assert len(err.splitlines()) == 1 and needle in err
 
 
-def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
-    """evaluate.py infers in fp32 unless --amp; the end-of-run evaluation follows test.amp (default false), not
-    train.amp (fp16 training)."""
+def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch, capsys):
+    """evaluate.py infers in fp32 unless --amp; --amp true forces mixed precision, --amp (auto) takes it where the
+    device computes it natively; the end-of-run evaluation follows test.amp (default false), not train.amp."""
     from maskrcnn.config import TestConfig, TrainConfig
     from maskrcnn.evaluation import coco_eval
+    from maskrcnn.model.precision import cpu_bf16_native
 
     seen = []
 
@@ -428,11 +429,19 @@ def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
         return [], []
 
     monkeypatch.setattr(coco_eval, "run_inference", spy)
-    report, _ = run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress"])
-    run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--amp"])
-    assert seen == [False, True] and report["precision"] == "fp32"
+    base = ["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    report, text = run_evaluate(base)
+    run_evaluate(base + ["--amp", "true"])
+    auto, _ = run_evaluate(base + ["--amp"])
+    native, _ = cpu_bf16_native()
+    assert seen == [False, True, native] and report["precision"] == "fp32"
+    assert auto["precision"] == ("bf16 autocast" if native else "fp32") and "--amp=auto" in auto["precision_reason"]
+    assert "precision: fp32 (--amp=false)" in text  # the choice and its reason, one line at the start
     assert TestConfig().amp is False and TrainConfig().amp is True
-    # On a CPU, --amp is bf16 autocast (fp16 is for CUDA); without it there is no autocast at all.
+    with pytest.raises(SystemExit) as exc:
+        __import__("evaluate").main(base + ["--amp", "maybe"])
+    assert exc.value.code == 2 and "--amp: expected true, false or auto" in capsys.readouterr().err
+    # On a CPU, --amp true is bf16 autocast (fp16 is for CUDA); without it there is no autocast at all.
     from maskrcnn.model.mask_rcnn import MaskRCNN
 
     monkeypatch.undo()
@@ -444,8 +453,9 @@ def test_evaluation_is_fp32_unless_asked(checkpoints, tmp_path, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(MaskRCNN, "forward", record_autocast)
-    for extra in ([], ["--amp"]):
-        report, _ = run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress",
-                                  "--max-images", "1", "--device", "cpu", *extra])
+    for extra in ([], ["--amp", "true"]):
+        report, _ = run_evaluate(base + ["--max-images", "1", *extra])
     assert autocast[0][0] is False and autocast[1] == (True, torch.bfloat16)
     assert report["precision"] == "bf16 autocast"
+
+

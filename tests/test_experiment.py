@@ -60,6 +60,30 @@ def test_every_phase_writes_its_files(demo):
     assert out["table"] == table.rstrip("\n") or out["table"] in table
 
 
+def test_the_schedule_follows_the_precision(demo, monkeypatch):
+    """The trainings' precision is chosen once (auto: bf16 where the CPU computes it natively) and picks the
+    schedule; both are printed and kept in experiment.json. tiny.yaml trains in fp32 (train.cpu_amp false)."""
+    from maskrcnn.config import load_config
+    from maskrcnn.model import precision
+
+    root, _ = demo
+    summary = json.loads((root / "experiment.json").read_text())
+    assert summary["precision"]["name"] == "fp32" and summary["schedule"]["name"] == "fp32"
+    assert summary["schedule"]["rpn_iters"] == 3 and summary["schedule"]["corruption_images"] == 2
+    cfg = load_config(ROOT / "configs" / "shapes.yaml", ["train.device=cpu"])
+    assert cfg.train.cpu_amp == "auto"  # the demo's preset
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (native, "CPU capability TEST"))
+        chosen, sched = experiment.choose_schedule(cfg, None)
+        assert chosen.autocast is native and chosen.name == ("bf16 autocast" if native else "fp32")
+        assert sched is experiment.SCHEDULES["mixed" if native else "fp32"]
+        chosen, sched = experiment.choose_schedule(cfg, "false", "mixed")  # both asked for explicitly
+        assert not chosen.autocast and sched is experiment.SCHEDULES["mixed"]
+    # the fp32 schedule trains and evaluates smaller images; the mixed one is the config as written
+    assert any(x.startswith("model.transform.min_size_test=") for x in experiment.SCHEDULES["fp32"].sets)
+    assert experiment.SCHEDULES["mixed"].sets == ()
+
+
 def test_the_noise_arm_has_noise_and_the_baseline_none(demo):
     import yaml
     root, _ = demo

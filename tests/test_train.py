@@ -326,3 +326,27 @@ def test_cpu_amp_trains_in_bf16_and_evaluates(tmp_path):
     summary = trainer.train()
     assert all(math.isfinite(v) for v in summary["last_losses"].values())
     assert "bbox" in summary["val"]
+    assert summary["precision"]["train"]["name"] == summary["precision"]["eval"]["name"] == "bf16 autocast"
+
+
+def test_the_run_prints_and_keeps_its_precision(tmp_path, capsys):
+    """train.cpu_amp=auto: one line at the start says what was chosen and why; the run's config.yaml says it too
+    (as comments above the config, which still reads back unchanged) and so does metrics.json."""
+    from maskrcnn.engine.trainer import Trainer
+    from maskrcnn.model.precision import cpu_bf16_native
+
+    cfg = load_config("configs/tiny.yaml", ["stage=rpn", "train.cpu_amp=auto", "solver.max_iter=1",
+                                            f"train.output_dir={tmp_path}", "train.eval_at_end=false",
+                                            "train.device=cpu"])
+    trainer = Trainer(cfg, tmp_path / "auto", progress=False)
+    native, evidence = cpu_bf16_native()
+    name = "bf16 autocast" if native else "fp32"
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("precision: "))
+    assert line.startswith(f"precision: {name} (train.cpu_amp=auto") and evidence in line
+    assert trainer.amp is native
+    text = (tmp_path / "auto" / "config.yaml").read_text()
+    assert text.startswith(f"# training precision: {name} (train.cpu_amp=auto")
+    assert load_config(tmp_path / "auto" / "config.yaml").train.cpu_amp == "auto"
+    summary = trainer.train()
+    assert summary["precision"]["train"]["name"] == name and summary["precision"]["eval"]["name"] == "fp32"
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["precision"] == summary["precision"]

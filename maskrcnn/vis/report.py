@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..evaluation.coco_eval import proposals_kept
+from ..model.precision import Precision
 from . import anchor_fit as af
 from . import html as H
 from . import views
@@ -534,7 +535,8 @@ def first_day(side: Side, train_set, minutes: float, timing_steps: int, tick: Ca
         anchors = af.set_line(sizes, suggestion["ratios"]).split(" ", 1)[1].split()
     heads = [f"model.roi_heads.detections_per_image={detections}",
              f"model.rpn.post_nms_topk_test={proposals}", f"model.rpn.post_nms_topk_train={proposals}"]
-    seconds = seconds_per_iteration(side, train_set, timing_steps, tick) if timing_steps > 0 else None
+    seconds, precision = (seconds_per_iteration(side, train_set, timing_steps, tick) if timing_steps > 0
+                          else (None, None))
     schedule = []
     if seconds:
         s = cfg.solver
@@ -549,25 +551,34 @@ def first_day(side: Side, train_set, minutes: float, timing_steps: int, tick: Ca
         "detections_rule": "max(20, 1.25 x the most objects in an image, rounded up to 10); proposals: "
                            "max(300, 10 x detections)",
         "seconds_per_iteration": seconds, "minutes": minutes, "timing_steps": timing_steps,
+        "timing_precision": precision.as_dict() if precision else None,
         "set": "--set " + " ".join(size + anchors + heads + schedule)}
 
 
-def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> float:
+def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> tuple[float, "Precision"]:
     """Median time of `steps` real training steps (data, forward, backward, update) of a freshly built model
-    on real batches, after one warm-up step that is not counted."""
+    on real batches, after one warm-up step that is not counted: the trainer's own step
+    (maskrcnn.engine.step.train_step) in the precision the run would choose on this machine, which is returned
+    with the seconds."""
     from ..data.loader import build_loader
     from ..data.transforms import Compose, RandomHorizontalFlip
     from ..engine.device import select_device
-    from ..engine.trainer import build_optimizer, total_loss
+    from ..engine.step import train_step
+    from ..engine.trainer import build_optimizer
     from ..model.build import build_model
+    from ..model.precision import choose_precision
 
     cfg = side.cfg
     device = select_device(cfg.train.device)
+    cuda = device.type == "cuda"
+    precision = choose_precision(device, cfg.train.amp if cuda else cfg.train.cpu_amp,
+                                 "train.amp" if cuda else "train.cpu_amp")
     model = build_model(cfg, load_weights=False).to(device)  # weights do not change the time
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.solver)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.autocast and cuda)
     was = train_set.transforms
     train_set.transforms = Compose([RandomHorizontalFlip(cfg.data.flip_prob)])
     loader = iter(build_loader(train_set, cfg.solver.ims_per_batch, shuffle=True, num_workers=0,
@@ -576,20 +587,15 @@ def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> 
     try:
         for _ in range(steps + 1):
             start = time.perf_counter()
-            images, targets = next(loader)
-            images = [img.to(device) for img in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in tg.items()} for tg in targets]
-            loss = total_loss(model(images, targets), cfg.loss_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
+            train_step(model, [next(loader)], optimizer, amp=precision.autocast, scaler=scaler,
+                       loss_weights=cfg.loss_weights, clip_grad_norm=cfg.solver.clip_grad_norm)
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             tick()
     finally:
         train_set.transforms = was
-    return float(np.median(times[1:]))
+    return float(np.median(times[1:])), precision
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -831,7 +837,8 @@ def write_page(sides: Sequence[Side], rows: list[dict], out: Path, losses: Optio
                                                  f"{d['detections_rule']})"],
             ["seconds per training iteration (this machine)",
              "not measured" if d["seconds_per_iteration"] is None else
-             f"{d['seconds_per_iteration']:.3f} (median of {d['timing_steps']} steps after a warm-up step)"],
+             f"{d['seconds_per_iteration']:.3f} (median of {d['timing_steps']} steps after a warm-up step, in "
+             f"{d['timing_precision']['name']}: {d['timing_precision']['reason']})"],
         ]))
         body.append(H.para(f"the settings to start with ({d['minutes']:g} minutes of training):")
                     + H.code_block(d["set"]))

@@ -1,0 +1,90 @@
+"""One optimiser step of training: the function the trainer runs, the first-day report times and the benchmark
+measures, so that all three time and train the same thing in the same precision.
+
+    values = train_step(model, [(images, targets)], optimizer, amp=True)
+
+A step is: zero the gradients; per micro-batch, the forward under autocast (when `amp`: bf16 on a CPU, fp16 on
+CUDA), the losses in fp32, their weighted sum (`total_loss`: the one place loss weights are applied), and the
+backward (through the grad scaler, which is a no-op unless enabled); then gradient clipping and the update.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..model.precision import autocast
+
+Batch = tuple[list[Tensor], list[dict]]
+
+
+def total_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """The one place loss weights are applied: a loss not named in `weights` weighs 1.0."""
+    unknown = sorted(set(weights) - set(losses))
+    if unknown:
+        raise ValueError(f"loss_weights names {unknown[0]!r}, which the model does not return "
+                         f"(its losses: {', '.join(losses)})")
+    return sum(weights.get(name, 1.0) * value for name, value in losses.items())
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Images and target tensors moved to `device` (non-blocking: pinned memory overlaps the copy on CUDA)."""
+    images, targets = batch
+    return ([img.to(device, non_blocking=True) for img in images],
+            [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+             for t in targets])
+
+
+def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torch.optim.Optimizer, *, amp: bool,
+               scaler: Optional[torch.amp.GradScaler] = None, loss_weights: Optional[dict[str, float]] = None,
+               clip_grad_norm: float = 0.0, accumulate: int = 1, record: Optional[dict] = None,
+               no_sync: Optional[Callable[[], ContextManager]] = None,
+               reduce: Optional[Callable[[Tensor], Tensor]] = None,
+               check: Optional[Callable[[dict[str, float]], None]] = None) -> dict[str, float]:
+    """One optimiser step over `accumulate` micro-batches (each loss divided by their number, so the gradient is
+    that of their mean); returns the named losses and "total_loss", averaged over the micro-batches.
+
+    model: the training forward, model(images, targets[, record]) -> {loss name: scalar} (a DDP wrapper works).
+    micro_batches: `accumulate` (images, targets) pairs, moved to the device of the model's parameters here.
+    amp: autocast on the images' device (bf16 on a CPU, fp16 on CUDA); `scaler` scales fp16 losses on CUDA.
+    record: filled by the last micro-batch's forward (the model's probe record), when given.
+    no_sync: a context in which the backward of every micro-batch but the last does not synchronise gradients
+        (DDP's no_sync). reduce: the averaged values -> their average over processes (all_reduce).
+    check: called with the values before the backward (e.g. the trainer's stop on a non-finite loss)."""
+    weights = loss_weights or {}
+    device = next(model.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    totals, result = None, {}
+    for m, batch in enumerate(micro_batches):
+        last = m == accumulate - 1
+        images, targets = to_device(batch, device)
+        sync = nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast(device, amp):
+                losses = model(images, targets) if record is None or not last else model(images, targets, record)
+            losses = {name: v.float() for name, v in losses.items()}  # fp32 whatever autocast made of them
+            loss = total_loss(losses, weights)
+            values = torch.stack([v.detach() for v in losses.values()] + [loss.detach()])
+            totals = values if totals is None else totals + values
+            if last:
+                mean = totals / accumulate if accumulate > 1 else totals
+                if reduce is not None:
+                    mean = reduce(mean)
+                result = dict(zip([*losses, "total_loss"], mean.tolist()))
+                if check is not None:
+                    check(result)
+            loss = loss / accumulate if accumulate > 1 else loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    if clip_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return result
