@@ -53,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "<out>/corrupted when the dataset folder is not writable)")
     p.add_argument("--no-cache", action="store_true", help="corrupt every image afresh, keep nothing on disk")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
-    p.add_argument("--batch-size", type=int, help="inference batch (default: test.ims_per_batch)")
+    p.add_argument("--batch-size", type=int, help="images per inference batch (default: test.ims_per_batch, 1 in "
+                   "the COCO presets: a batched image is padded to its partner's size, which can change its "
+                   "detections)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (under torchrun: each process its own GPU)")
     p.add_argument("--amp", nargs="?", const="auto", default="false", metavar="auto|true|false",
                    help="mixed precision: fp16 autocast on CUDA, bf16 on a CPU. auto (also --amp alone): where the "

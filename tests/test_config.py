@@ -314,3 +314,13 @@ def test_image_rules_and_grouping_per_config():
     assert load_config(CONFIGS / "shapes.yaml").data.aspect_ratio_grouping is False
     with pytest.raises(ConfigError, match="model.transform.mask_resize: expected a string"):
         load_config(None, ["model.transform.mask_resize=1"])
+
+
+@pytest.mark.parametrize("preset", ["coco_r50_fpn_1x.yaml", "torchvision_compat.yaml"])
+def test_published_presets_evaluate_one_image_per_batch(preset):
+    """The presets compared with published AP infer one image at a time (detectron2 and torchvision's reference
+    evaluate so): in a batch of two, an image is padded to its partner's size and its detections can change.
+    The default (2) is left as it is; --set still overrides."""
+    assert load_config(CONFIGS / preset).test.ims_per_batch == 1
+    assert Config().test.ims_per_batch == 2
+    assert load_config(CONFIGS / preset, ["test.ims_per_batch=4"]).test.ims_per_batch == 4

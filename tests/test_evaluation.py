@@ -44,9 +44,14 @@ def quiet(fn, *args):
 
 def by_hand(ann_file: str, results_file: Path, iou_type: str, image_ids, cat_ids=None, use_cats=True,
             max_dets=None) -> COCOeval:
-    """pycocotools as its README uses it: COCO(gt json), loadRes(results json), evaluate/accumulate/summarize."""
+    """pycocotools as its README uses it: COCO(gt json), loadRes(results json), evaluate/accumulate/summarize.
+    For segm the records lose their 'bbox' first, as in pycocotools' own segm results files (and detectron2):
+    with one, loadRes would give each detection its box's area instead of its mask's."""
     gt = quiet(COCO, ann_file)
-    dt = quiet(gt.loadRes, str(results_file))
+    records = json.loads(Path(results_file).read_text())
+    if iou_type == "segm":
+        records = [{k: v for k, v in r.items() if k != "bbox"} for r in records]
+    dt = quiet(gt.loadRes, records)
     ev = COCOeval(gt, dt, iou_type)
     ev.params.imgIds = sorted(image_ids)
     if cat_ids is not None:
@@ -165,6 +170,45 @@ def test_coco_evaluate_matches_pycocotools_by_hand(val, tmp_path, iou_type):
     # the results passed in are not modified (loadRes adds keys to what it is given)
     assert json.loads(path.read_text()) == results
     assert "summary" in ours and "Average Precision" in ours["summary"]
+
+
+def test_mask_ap_by_size_uses_mask_area(tmp_path):
+    """A false positive whose thin L-shaped mask (591 px: small) fills a large 100x100 box counts by its mask's
+    area in the segm evaluation and by its box's in the bbox one. It is scored above two perfect detections, a
+    large square A and a small square S, and overlaps neither, so it halves AP in the one size bucket it counts
+    in (precision 1/2 at every recall) and is ignored in the other."""
+    h = w = 256
+    masks = torch.zeros(3, h, w)
+    masks[0, 10:110, 10:110] = 1  # A: 100x100 = 10000 px, large (>= 96^2)
+    masks[1, 20:40, 150:170] = 1  # S: 20x20 = 400 px, small (< 32^2)
+    masks[2, 217:220, 120:220] = 1  # D: an L of 3 px thick bars in the box (120, 120)-(220, 220)
+    masks[2, 120:220, 120:123] = 1
+    boxes = torch.tensor([[10.0, 10.0, 110.0, 110.0], [150.0, 20.0, 170.0, 40.0], [120.0, 120.0, 220.0, 220.0]])
+    rles = [mask_util.encode(np.asfortranarray(m.numpy().astype(np.uint8))) for m in masks[:2]]
+    gt = {"images": [{"id": 1, "height": h, "width": w, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "thing"}],
+          "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                           "area": float(mask_util.area(r)), "bbox": mask_util.toBbox(r).tolist(),
+                           "segmentation": {"size": r["size"], "counts": r["counts"].decode("ascii")}}
+                          for i, r in enumerate(rles)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    coco_gt = quiet(COCO, str(tmp_path / "gt.json"))
+    det = {"boxes": boxes, "labels": torch.tensor([1, 1, 1]), "scores": torch.tensor([0.8, 0.7, 0.9]),
+           "masks": masks[:, None]}
+    results = detections_to_coco(det, 1, {1: 1})
+    d_mask_area = float(mask_util.area({**results[2]["segmentation"],
+                                        "counts": results[2]["segmentation"]["counts"].encode("ascii")}))
+    assert d_mask_area == 591 < 32 ** 2 and results[2]["bbox"][2] * results[2]["bbox"][3] == 10000 >= 96 ** 2
+    segm = coco_evaluate(coco_gt, results, "segm", [1])["stats"]
+    bbox = coco_evaluate(coco_gt, results, "bbox", [1])["stats"]
+    assert (segm["APs"], segm["APl"]) == (pytest.approx(0.5), pytest.approx(1.0))  # D is small by mask area
+    assert (bbox["APs"], bbox["APl"]) == (pytest.approx(1.0), pytest.approx(0.5))  # D is large by box area
+    assert segm["APm"] == bbox["APm"] == -1.0  # no medium ground truth
+    # over all sizes D counts in both: precision 1/2 at recall 1/2, 2/3 at recall 1
+    assert segm["AP"] == pytest.approx(2 / 3) and bbox["AP"] == pytest.approx(2 / 3)
+    assert all("bbox" in r for r in results)  # the caller's records keep their boxes
+    with pytest.raises(ValueError, match="record 0 .*'segmentation'"):
+        coco_evaluate(coco_gt, [{k: v for k, v in results[0].items() if k != "segmentation"}], "segm", [1])
 
 
 def test_coco_evaluate_without_results_is_zero(val):

@@ -120,13 +120,27 @@ def _quiet(fn, *args):
     return out, buf.getvalue()
 
 
+def _records_for(results: list[dict], iou_type: str) -> list[dict]:
+    """Copies of the result records for loadRes (which adds keys to what it is given). For 'segm' the copies have
+    no 'bbox': loadRes takes its box branch whenever the first record has one and then sets every record's area
+    to the box's w*h, so APs/APm/APl of masks would bucket detections by box size. Without it loadRes gives each
+    the mask's area (maskUtils.area of the RLE), as detectron2 does by dropping 'bbox' too."""
+    if iou_type != "segm":
+        return [dict(r) for r in results]
+    for i, r in enumerate(results):
+        if "segmentation" not in r:
+            raise ValueError(f"segm evaluation: result record {i} (image_id {r.get('image_id')}) has no "
+                             "'segmentation'")
+    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
 def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
                   cat_ids: Optional[list[int]] = None, verbose: bool = False) -> dict:
     """The 12-number COCO summary (as fractions) and per-category AP for iou_type 'bbox' or 'segm'."""
     stats = {name: 0.0 for name in STAT_NAMES}
     if not results:
         return {"stats": stats, "per_category": {}, "summary": "no detections"}
-    coco_dt, _ = _quiet(coco_gt.loadRes, [dict(r) for r in results])  # loadRes mutates records: copies
+    coco_dt, _ = _quiet(coco_gt.loadRes, _records_for(results, iou_type))
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = sorted(image_ids)
     if cat_ids is not None:  # only the categories the model was trained on
