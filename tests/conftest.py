@@ -8,10 +8,16 @@ for this suite is several GB; `pytest.ini` has it delete the directory of a pass
 `train.main` run inside the test process applies the run's `train.num_threads` to the whole process; the
 thread count is restored after every test, so that no test runs with what an earlier one left (module
 fixtures that train in-process restore it themselves).
+
+`offline_hub` gives a test its own torch.hub cache with downloads failing as they do offline, and places a
+state dict there as a torchvision weights file would be (a name carrying its SHA-256 prefix).
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
+import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +38,39 @@ def _restore_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+class OfflineHub:
+    def __init__(self, root: Path, monkeypatch):
+        self.root, self._monkeypatch = root, monkeypatch
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def place(self, enum, state, **save_kwargs) -> str:
+        """torch.save `state` as the cached file of torchvision weights `enum` (see place_file)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoints / "placing.tmp"
+        torch.save(state, tmp, **save_kwargs)
+        return self.place_file(enum, tmp)
+
+    def place_file(self, enum, src: Path) -> str:
+        """Move `src` into the cache as the file of torchvision weights `enum`: the enum's URL is changed (for
+        this test) to a name carrying the real SHA-256 prefix of the file. Returns the file name."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        stem = enum.url.rsplit("/", 1)[-1].split("-")[0]
+        name = f"{stem}-{hashlib.sha256(Path(src).read_bytes()).hexdigest()[:8]}.pth"
+        Path(src).rename(self.checkpoints / name)
+        self._monkeypatch.setattr(enum.value, "url", f"https://download.invalid/models/{name}")
+        return name
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> OfflineHub:
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.get_dir(), undone after
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return OfflineHub(tmp_path / "hub", monkeypatch)

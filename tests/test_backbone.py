@@ -1,8 +1,6 @@
 """Tests for maskrcnn.model.backbone: outputs, freezing, FrozenBatchNorm2d, and loading weights offline."""
 from __future__ import annotations
 
-import urllib.error
-
 import pytest
 import torch
 import torchvision
@@ -124,13 +122,7 @@ def test_frozen_bn_no_grad_to_stats_but_grad_to_input():
 
 
 # ------------------------------------------------------------------------------------ load_pretrained
-def _raise_url_error(*args, **kwargs):
-    raise urllib.error.URLError("no network (test)")
-
-
-def test_imagenet_offline_raises_weights_unavailable(monkeypatch, tmp_path, r18):
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", _raise_url_error)
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # torch.hub.get_dir() -> tmp_path, undone after
+def test_imagenet_offline_raises_weights_unavailable(offline_hub, r18):
     filename = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     with pytest.raises(WeightsUnavailable) as info:
         load_pretrained(r18, "imagenet")
@@ -138,17 +130,17 @@ def test_imagenet_offline_raises_weights_unavailable(monkeypatch, tmp_path, r18)
     assert "\n" not in msg
     assert filename in msg
     assert "model.backbone.weights=none" in msg
-    assert str(tmp_path) in msg  # says where to place the file
+    assert str(offline_hub.checkpoints / filename) in msg  # says where to place the file
 
 
-def test_imagenet_loads_through_torchvision(monkeypatch):
-    """The online path, with torchvision's download replaced by a local state dict (with its fc head)."""
+def test_imagenet_loads_from_the_hub_cache(offline_hub):
+    """The path once the file is in torch.hub's cache: a torchvision state dict (with its fc head) under a
+    name carrying its hash, loaded weights-only."""
     torch.manual_seed(4)
     tv = torchvision.models.resnet18(weights=None)
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", lambda *a, **k: tv.state_dict())
+    filename = offline_hub.place(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, tv.state_dict())
     net = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
     desc = load_pretrained(net, "imagenet")
-    filename = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     assert filename in desc
     assert torch.equal(net.layer2[0].downsample[0].weight, tv.layer2[0].downsample[0].weight)
     assert torch.equal(net.layer1[0].bn2.running_mean, tv.layer1[0].bn2.running_mean)

@@ -136,25 +136,22 @@ def test_model_that_does_not_fit_is_a_clear_error(tv_state):
         load_torchvision_state(model, tv_state, num_classes=90)
 
 
-def test_load_torchvision_coco_offline_names_file_and_place(monkeypatch, tmp_path):
-    def offline(self, *args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+def test_load_torchvision_coco_offline_names_file_and_place(offline_hub):
     model, _ = _ours(4, stage="rpn")
     with pytest.raises(WeightsUnavailable) as e:
         load_torchvision_coco(model, num_classes=4)
     msg = str(e.value)
     assert "\n" not in msg
     assert "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth" in msg
-    assert str(tmp_path / "checkpoints") in msg
+    assert str(offline_hub.checkpoints) in msg
 
 
-def test_load_torchvision_coco_with_cached_weights(monkeypatch, tv_state):
-    """What `--init torchvision` does once the file is in torch.hub's cache (faked here)."""
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: tv_state)
+def test_load_torchvision_coco_with_cached_weights(offline_hub, tv_state):
+    """What `--init torchvision` does once the file is in torch.hub's cache (a random-weights stand-in,
+    named by its own hash)."""
+    offline_hub.place(torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1, tv_state)
     model, cfg = _ours(4)
     report = load_torchvision_coco(model, num_classes=4, cfg=cfg)
     assert "COCO_V1" in report.source and report.reinitialised
+    assert torch.equal(model.bottom_up.layer1[0].conv1.weight, tv_state["backbone.body.layer1.0.conv1.weight"])
     assert cfg.model.backbone.frozen_bn_eps == 0.0

@@ -172,13 +172,12 @@ TV_ON_TINY = ["--config", "configs/torchvision_compat.yaml", "--stage", "full", 
               "model.roi_heads.batch_size_per_image=64", "model.backbone.weights=none"]
 
 
-def test_init_torchvision_loads_coco_weights_and_new_predictors(tmp_path, monkeypatch, capsys):
-    import torchvision
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
+def test_init_torchvision_loads_coco_weights_and_new_predictors(tmp_path, offline_hub, capsys):
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 
     torch.manual_seed(0)
     tv_state = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", lambda self, *a, **k: tv_state)
+    offline_hub.place(MaskRCNN_ResNet50_FPN_Weights.COCO_V1, tv_state)  # as if in torch.hub's cache
     summary = train.main(["--name", "tv"] + TV_ON_TINY + [f"train.output_dir={tmp_path}"])
     out = capsys.readouterr().out
     assert "COCO_V1" in out and "re-initialised" in out and "cls_score" in out
@@ -190,13 +189,7 @@ def test_init_torchvision_loads_coco_weights_and_new_predictors(tmp_path, monkey
     assert "frozen_bn_eps: 0.0" in (tmp_path / "tv" / "config.yaml").read_text()
 
 
-def test_init_torchvision_offline_is_one_line(tmp_path, monkeypatch, capsys):
-    import torchvision
-
-    def offline(self, *args, **kwargs):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+def test_init_torchvision_offline_is_one_line(tmp_path, offline_hub, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--name", "tv-offline"] + TV_ON_TINY + [f"train.output_dir={tmp_path}"])
     assert e.value.code == 2

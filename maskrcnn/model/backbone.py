@@ -8,8 +8,12 @@ weights load key for key.
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
+import re
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -107,22 +111,70 @@ class ResNetBottomUp(nn.Module):
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
-def fetch_torchvision_weights(enum, what: str, alternative: str = "") -> tuple[dict, str]:
-    """(state dict, file name) of a torchvision weights enum, through torchvision's own download and cache.
-    Offline without a cached file: WeightsUnavailable, one line naming the file and where to place it."""
-    filename = enum.url.rsplit("/", 1)[-1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+# torch.hub's naming convention: "<name>-<first hex digits of the file's SHA-256>.<ext>".
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]+)\.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_hub_file(path: Path, url: str = "") -> dict[str, Tensor]:
+    """The state dict in a torch.hub cache file, checked before use: the SHA-256 prefix its name carries must
+    match, and it is unpickled weights-only (tensors, containers, numbers: nothing that runs code) and must be
+    a plain {name: tensor} dict. Any failure is a WeightsUnavailable with one line saying what to do."""
+    # The cache is writable by hand (the README tells offline users to place files there), so nothing in it
+    # is trusted: torch.hub itself would unpickle it with weights_only=False and check no hash once cached.
+    redo = f"delete it and run again to download it, or place the right file ({url or path.name}) there"
+    named = _HASH_IN_NAME.search(path.name)
+    if named:
+        expected = named.group(1)
+        actual = _sha256(path)[: len(expected)]
+        if actual != expected:
+            raise WeightsUnavailable(f"{path} fails its hash check: the name says SHA-256 {expected}..., the "
+                                     f"file's is {actual}... (truncated or a different file); {redo}")
     try:
-        return enum.get_state_dict(progress=False, check_hash=False), filename
-    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
-        raise WeightsUnavailable(f"{what} could not be downloaded ({type(e).__name__}); "
-                                 f"place {filename} ({enum.url}) at {cached}{alternative}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a global or object outside the weights-only allow-list: never executed
+        raise WeightsUnavailable(f"{path} is not a plain state dict of tensors (weights-only loading refused "
+                                 f"an object in it; nothing in it was run); {redo}") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise WeightsUnavailable(f"{path} could not be read ({type(e).__name__}); {redo}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                              for k, v in state.items()):
+        raise WeightsUnavailable(f"{path} is not a plain state dict of tensors ({type(state).__name__}); {redo}")
+    return dict(state)
+
+
+def fetch_torchvision_weights(enum, what: str, alternative: str = "") -> tuple[dict, str]:
+    """(state dict, file name) of a torchvision weights enum, from torch.hub's cache (<hub dir>/checkpoints,
+    where torchvision keeps it too), downloaded there with torch.hub's downloader when missing. Loaded by
+    load_hub_file: hash-checked and weights-only. Offline without a cached file: WeightsUnavailable, one line
+    naming the file and where to place it."""
+    filename = Path(urlparse(enum.url).path).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.is_file():
+        named = _HASH_IN_NAME.search(filename)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {enum.url} to {cached}", flush=True)
+            # Writes to a temporary file and moves it into place only after the hash matched.
+            torch.hub.download_url_to_file(enum.url, str(cached), named.group(1) if named else None, progress=False)
+        except Exception as e:  # URLError, socket errors, HTTP errors, a hash mismatch: "could not download"
+            detail = " ".join(str(e).split())[:160]
+            raise WeightsUnavailable(f"{what} could not be downloaded ({type(e).__name__}: {detail}); "
+                                     f"place {filename} ({enum.url}) at {cached}{alternative}") from None
+    return load_hub_file(cached, enum.url), filename
 
 
 def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
-    """Load ImageNet weights ("imagenet", through torchvision) or a local state dict (path). Returns a
-    description of what was loaded. Offline without a cached file it raises WeightsUnavailable with one
-    line saying which file to place where."""
+    """Load ImageNet weights ("imagenet": torchvision's file, see fetch_torchvision_weights) or a local state
+    dict (path, also weights-only). Returns a description of what was loaded. Offline without a cached file,
+    or with a cached file that fails its checks, it raises WeightsUnavailable with one line saying what to do."""
     if weights in ("", "none"):
         return "random initialisation"
     if weights == "imagenet":
