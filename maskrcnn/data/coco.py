@@ -36,6 +36,8 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from .exif import apply_orientation, exif_orientation
+
 __all__ = [
     "DatasetError",
     "CocoInstances",
@@ -495,14 +497,18 @@ def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
     if not Path(path).is_file():
         return None, Problem("image-missing", f"{source}: {where}: image file {os.fspath(path)!r} not found")
     try:
-        image = read_image(path)
+        image, orientation = _read_image(path)
     except DatasetError as e:
         return None, Problem("image-unreadable", f"{source}: {where}: {e}")
     h, w = image.shape[:2]
     if (h, w) != (info["height"], info["width"]):
+        # A JSON written from the stored pixels of a photo that is displayed turned by 90 degrees.
+        hint = (f"; its EXIF orientation {orientation} turns it by 90 degrees: the JSON's size and "
+                "annotations must refer to the image as displayed"
+                if orientation >= 5 and (w, h) == (info["height"], info["width"]) else "")
         return image, Problem("image-size-mismatch",
                               f"{source}: {where} ({info['file_name']!r}): image on disk is {w}x{h} (width x "
-                              f"height) but the JSON says width={info['width']}, height={info['height']}")
+                              f"height) but the JSON says width={info['width']}, height={info['height']}{hint}")
     return image, None
 
 
@@ -607,16 +613,24 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as uint8 RGB HxWx3 (grayscale, RGBA and 16-bit handled), or raise DatasetError.
+    """Read an image as uint8 RGB HxWx3 as displayed (EXIF orientation applied), or raise DatasetError.
 
-    Pixels are read as stored, without applying EXIF orientation, which is the
-    frame COCO's ``width``/``height`` and annotations refer to.
+    Grayscale, RGBA and 16-bit files are handled.  Annotation tools (VIA, labelme) and detectron2 work on the
+    image as displayed, so a photo stored sideways with an EXIF Orientation tag is turned here, and COCO's
+    ``width``/``height`` refer to the turned image.
     """
+    return _read_image(path)[0]
+
+
+def _read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """:func:`read_image` and the file's EXIF orientation (1: none)."""
     # imdecode(fromfile) instead of imread: works with non-ASCII paths everywhere.
     try:
         buf = np.fromfile(os.fspath(path), dtype=np.uint8)
     except OSError as e:
         raise DatasetError(f"{os.fspath(path)}: cannot read image ({e.strerror})") from None
+    # IMREAD_UNCHANGED (-1) includes IMREAD_IGNORE_ORIENTATION: pixels come as stored (TIFF aside, see
+    # exif.py), and the orientation is applied below by one rule for every OpenCV build.
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise DatasetError(f"{os.fspath(path)}: cannot decode image (corrupt or unsupported format)")
@@ -627,10 +641,13 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 2:  # grey + alpha
         img = img[:, :, 0]
     if img.ndim == 2 or img.shape[2] == 1:
-        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
+    else:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    orientation = exif_orientation(buf)
+    return apply_orientation(rgb, orientation), orientation
 
 
 def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
