@@ -144,8 +144,8 @@ def test_crowd_dropped_from_targets(tmp_path: Path) -> None:
     img_dir, ann = _write(tmp_path, data)
     _, target = CocoInstances(img_dir, ann)[0]
     assert target["labels"].tolist() == [1]
-    assert target["masks"].shape[0] == 1 and target["boxes"].shape == (1, 4)
-    assert target["crowd_boxes"].tolist() == [[0.0, 10.0, 10.0, 20.0]]
+    assert target["masks"].shape[0] == 1 and target["boxes"].tolist() == [[5.0, 4.0, 15.0, 12.0]]
+    assert set(target) == {"boxes", "labels", "masks", "image_id", "orig_size"}  # no trace of the crowd region
 
 
 def test_crowd_only_image_dropped(tmp_path: Path) -> None:
@@ -234,20 +234,16 @@ def _mask_box(mask: torch.Tensor) -> list[float]:
 def test_flip_consistency(tmp_path: Path) -> None:
     data = _base()
     data["annotations"].append(_square_ann(18, 1, 2, x=0, y=1, w=4, h=6))
-    data["annotations"].append({"id": 19, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 10,
-                                "segmentation": _uncompressed_rle(np.ones((H, W), np.uint8)),
-                                "bbox": [22, 3, 8, 5]})
     img_dir, ann = _write(tmp_path, data)
     image, target = CocoInstances(img_dir, ann)[0]
     fimage, ftarget = hflip(image, target)
     assert torch.equal(fimage, image.flip(-1))
     assert ftarget["boxes"].tolist() == [[15.0, 4.0, 25.0, 12.0], [26.0, 1.0, 30.0, 7.0]]
-    assert ftarget["crowd_boxes"].tolist() == [[0.0, 3.0, 8.0, 8.0]]
     for mask, box in zip(ftarget["masks"], ftarget["boxes"]):
         assert _mask_box(mask) == box.tolist()  # mask and box flipped together
     image2, target2 = hflip(fimage, ftarget)
     assert torch.equal(image2, image)
-    for key in ("boxes", "masks", "crowd_boxes", "labels"):
+    for key in ("boxes", "masks", "labels"):
         assert torch.equal(target2[key], target[key])
     assert target["boxes"].tolist()[0] == [5.0, 4.0, 15.0, 12.0]  # input not mutated
 

@@ -667,8 +667,6 @@ class CocoInstances(torch.utils.data.Dataset):
     * ``boxes``: float32 ``[N, 4]`` xyxy pixels (COCO ``bbox`` clipped to the image);
     * ``labels``: int64 ``[N]`` contiguous ids ``1..K`` (0 is background);
     * ``masks``: uint8 ``[N, H, W]`` with values 0/1;
-    * ``crowd_boxes``: float32 ``[M, 4]`` boxes of ``iscrowd=1`` regions
-      (not training targets, exposed e.g. to ignore proposals inside them);
     * ``image_id``: the COCO image id (int); ``orig_size``: ``(H, W)``.
 
     Contiguous labels follow the order of the sorted COCO ids of the kept
@@ -780,16 +778,14 @@ class CocoInstances(torch.utils.data.Dataset):
         boxes: list[tuple[float, float, float, float]] = []
         labels: list[int] = []
         masks: list[np.ndarray] = []
-        crowd_boxes: list[tuple[float, float, float, float]] = []
         for ann in self.coco.imgToAnns.get(image_id, ()):
-            if ann["category_id"] not in self.cat_id_to_contiguous:
+            # Crowd annotations are no targets: their regions train as background, as in detectron2, whose
+            # mapper drops them too (COCO evaluation reads iscrowd from the JSON itself).
+            if ann["category_id"] not in self.cat_id_to_contiguous or ann.get("iscrowd", 0):
                 continue
             box = instance_box(ann["bbox"], w, h, self.min_box_size)
             if box is None:
                 continue  # degenerate (or entirely outside the image)
-            if ann.get("iscrowd", 0):
-                crowd_boxes.append(box)
-                continue
             mask, problem = decode_instance(ann, h, w, self._source)
             if problem is not None:
                 raise DatasetError(problem.message)
@@ -803,7 +799,6 @@ class CocoInstances(torch.utils.data.Dataset):
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)),
-            "crowd_boxes": torch.tensor(crowd_boxes, dtype=torch.float32).reshape(-1, 4),
             "image_id": int(image_id),
             "orig_size": (h, w),
         }
