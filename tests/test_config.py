@@ -314,3 +314,13 @@ def test_image_rules_and_grouping_per_config():
     assert load_config(CONFIGS / "shapes.yaml").data.aspect_ratio_grouping is False
     with pytest.raises(ConfigError, match="model.transform.mask_resize: expected a string"):
         load_config(None, ["model.transform.mask_resize=1"])
+
+
+def test_min_box_size_per_config():
+    """The COCO presets keep boxes down to detectron2's 1e-5 px; the default and the shapes presets drop boxes
+    under 1 px."""
+    assert Config().data.min_box_size == 1.0
+    for name in ("coco_r50_fpn_1x.yaml", "torchvision_compat.yaml"):
+        assert load_config(CONFIGS / name).data.min_box_size == 1e-5
+    for name in ("shapes.yaml", "tiny.yaml"):
+        assert load_config(CONFIGS / name).data.min_box_size == 1.0

@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -100,7 +100,7 @@ def _is_int(v: Any) -> bool:
 #   check_image_file image file vs its record     -> pixels, Problem
 #   decode_instance  segmentation -> mask          -> mask, Problem
 #   mask_problem     mask vs its box              -> Problem (a warning means: skip it)
-#   all_degenerate_problem  every box too small   -> Problem
+#   all_degenerate_problem  every box too small   -> Problem or None
 # An error is something training stops on; a warning is something it repairs
 # silently (drops or clips), counted by the checker so nothing is lost unseen.
 # --------------------------------------------------------------------------- #
@@ -478,13 +478,27 @@ def validate_coco(data: Any, source: str) -> None:
             raise DatasetError(problem.message)
 
 
-def all_degenerate_problem(source: str, candidates: list[dict[str, Any]], min_box_size: float) -> Problem:
-    """Every non-crowd box is degenerate: a unit mistake (normalised coordinates), not an empty dataset."""
+def all_degenerate_problem(source: str, candidates: Sequence[dict[str, Any]], sizes: Mapping[int, tuple[int, int]],
+                           min_box_size: float) -> Problem | None:
+    """Every non-crowd box is degenerate: a unit mistake (normalised coordinates), not an empty dataset.
+
+    ``candidates``: the non-crowd annotations of kept categories; ``sizes``: image id -> (height, width).
+    Boxes are measured against ``min_box_size`` or 1 px, whichever is larger: boxes all under a pixel are
+    the mistake's signature even where a smaller ``min_box_size`` (detectron2's 1e-5) would keep them.
+    """
+    floor = max(min_box_size, 1.0)
+    for ann in candidates:  # stops at the first usable box: one step on a sound dataset
+        h, w = sizes[ann["image_id"]]
+        if instance_box(ann["bbox"], w, h, floor) is not None:
+            return None
+    if not candidates:
+        return None
     first = candidates[0]
+    limit = f"min_box_size={min_box_size}" if min_box_size >= 1.0 else "1"
     return Problem("all-boxes-degenerate",
-                   f"{source}: all {len(candidates)} annotations have boxes smaller than "
-                   f"min_box_size={min_box_size} px (e.g. annotation id {first['id']} bbox "
-                   f"{_short(first['bbox'])}); are coordinates normalised to 0..1 instead of pixels?")
+                   f"{source}: all {len(candidates)} annotations have boxes smaller than {limit} px (e.g. "
+                   f"annotation id {first['id']} bbox {_short(first['bbox'])}); are coordinates normalised to "
+                   "0..1 instead of pixels?")
 
 
 def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
@@ -681,7 +695,7 @@ class CocoInstances(torch.utils.data.Dataset):
             training and False for evaluation.
         transforms: callable ``(image, target) -> (image, target)``.
         min_box_size: instances whose clipped box is narrower or shorter than
-            this (pixels) are removed.
+            this (pixels, > 0) are removed; detectron2 keeps every box over 1e-5.
     """
 
     def __init__(
@@ -697,6 +711,8 @@ class CocoInstances(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.min_box_size = float(min_box_size)
+        if not self.min_box_size > 0:  # a zero-width box has no regression target (log of 0)
+            raise ValueError(f"min_box_size must be > 0 px, got {min_box_size}")
         self._source = os.fspath(ann_file)
         if not self.image_dir.is_dir():
             raise DatasetError(f"{os.fspath(image_dir)}: image directory not found (for {self._source})")
@@ -732,8 +748,10 @@ class CocoInstances(torch.utils.data.Dataset):
             image_ids = [i for i in image_ids if any(self._is_target(a) for a in self.coco.imgToAnns.get(i, ()))]
             kept_anns = [a for a in data["annotations"] if a["category_id"] in self.cat_id_to_contiguous
                          and not a.get("iscrowd", 0)]
-            if not image_ids and kept_anns:
-                raise DatasetError(all_degenerate_problem(self._source, kept_anns, self.min_box_size).message)
+            sizes = {i: (info["height"], info["width"]) for i, info in self.coco.imgs.items()}
+            problem = all_degenerate_problem(self._source, kept_anns, sizes, self.min_box_size)
+            if problem is not None:
+                raise DatasetError(problem.message)
         self.image_ids: list[int] = image_ids
 
     # ------------------------------------------------------------------ #
