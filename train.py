@@ -56,7 +56,8 @@ def check_data(cfg, progress: bool) -> None:
     paths = dataset_paths(cfg)
     for split in ("train", "val"):
         report = check_dataset_files(paths[f"{split}_ann"], paths[f"{split}_images"],
-                                     workers=cfg.data.num_workers or None, progress=progress)
+                                     workers=cfg.data.num_workers or None, progress=progress,
+                                     min_box_size=cfg.data.min_box_size)
         print(f"{split}: {report.summary()}")
         if not report.ok:
             raise DatasetError(f"--check-data: the {split} split has {len(report.errors)} error(s) (listed above); "

@@ -161,6 +161,7 @@ class DataConfig:
     val_ann: str = ""  # coco: annotation JSON of the validation split
     categories: list[str] = field(default_factory=list)  # keep only these category names (empty: all)
     remove_images_without_annotations: bool = True  # drop images with no (non-crowd) object from training
+    min_box_size: float = 1.0  # instances whose clipped box is narrower or shorter (px) are dropped (detectron2: 1e-5)
     flip_prob: float = 0.5  # horizontal flip in training
     aspect_ratio_grouping: bool = False  # training batches of only landscape or only portrait images (COCO: true)
     num_workers: int = 2  # DataLoader workers

@@ -324,3 +324,13 @@ def test_published_presets_evaluate_one_image_per_batch(preset):
     assert load_config(CONFIGS / preset).test.ims_per_batch == 1
     assert Config().test.ims_per_batch == 2
     assert load_config(CONFIGS / preset, ["test.ims_per_batch=4"]).test.ims_per_batch == 4
+
+
+def test_min_box_size_per_config():
+    """The COCO presets keep boxes down to detectron2's 1e-5 px; the default and the shapes presets drop boxes
+    under 1 px."""
+    assert Config().data.min_box_size == 1.0
+    for name in ("coco_r50_fpn_1x.yaml", "torchvision_compat.yaml"):
+        assert load_config(CONFIGS / name).data.min_box_size == 1e-5
+    for name in ("shapes.yaml", "tiny.yaml"):
+        assert load_config(CONFIGS / name).data.min_box_size == 1.0

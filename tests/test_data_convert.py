@@ -127,6 +127,38 @@ def test_via_round_trip(tmp_path: Path) -> None:
     assert check_dataset_files(tmp_path / "ann.json", images, progress=False).ok
 
 
+def test_via_exif_rotated_photo(tmp_path: Path) -> None:
+    """VIA shows a photo as displayed, EXIF orientation applied: sizes and regions are in that frame."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored W x H, displayed turned 90 degrees clockwise: H x W
+    Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(images / "p.jpg", exif=exif.tobytes())
+    # A region near the bottom of the displayed (portrait) image: outside the stored (landscape) frame.
+    via = {"p": {"filename": "p.jpg", "regions": [_via_region([2, 12, 12, 2], [22, 22, 28, 28], kind="cat")]}}
+    (tmp_path / "via.json").write_text(json.dumps(via))
+    data = via_to_coco(tmp_path / "via.json", images, out_file=tmp_path / "ann.json")
+    assert data["images"] == [{"id": 1, "file_name": "p.jpg", "height": W, "width": H}]
+    assert _targets_by_name(CocoInstances(images, tmp_path / "ann.json"))["boxes"] == [[2.0, 22.0, 12.0, 28.0]]
+    assert check_dataset_files(tmp_path / "ann.json", images, progress=False).ok
+
+
+def test_label_image_exif_orientation_applied(tmp_path: Path) -> None:
+    """A label image carrying an orientation tag is turned like its photo."""
+    images, labels = _label_case(tmp_path, palette=False)
+    stored = np.array(Image.open(labels / "FudanPed1_mask.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # 180 degrees, for both files
+    for path, pixels in ((images / "FudanPed1.png", cv2.cvtColor(cv2.imread(str(images / "FudanPed1.png")),
+                                                                 cv2.COLOR_BGR2RGB)),
+                         (labels / "FudanPed1_mask.png", stored)):
+        Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    data = label_images_to_coco(images, labels, category="person")
+    boxes = sorted(a["bbox"] for a in data["annotations"])
+    # Stored boxes x 3..9, y 2..6 and x 12..20, y 10..15 in a 30 x 20 image, turned 180 degrees.
+    assert boxes == sorted([[W - 9, H - 6, 6, 4], [W - 20, H - 15, 8, 5]])
+
+
 def test_via_errors(tmp_path: Path) -> None:
     via, images = _via_case(tmp_path, regions_b=[_via_region([1, 9], [1, 9], kind="dog")])
     with pytest.raises(DatasetError, match=r"via\.json: entry 'b\.png99' \('b\.png'\): region 0: polygon has 2 "

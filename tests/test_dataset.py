@@ -144,8 +144,8 @@ def test_crowd_dropped_from_targets(tmp_path: Path) -> None:
     img_dir, ann = _write(tmp_path, data)
     _, target = CocoInstances(img_dir, ann)[0]
     assert target["labels"].tolist() == [1]
-    assert target["masks"].shape[0] == 1 and target["boxes"].shape == (1, 4)
-    assert target["crowd_boxes"].tolist() == [[0.0, 10.0, 10.0, 20.0]]
+    assert target["masks"].shape[0] == 1 and target["boxes"].tolist() == [[5.0, 4.0, 15.0, 12.0]]
+    assert set(target) == {"boxes", "labels", "masks", "image_id", "orig_size"}  # no trace of the crowd region
 
 
 def test_crowd_only_image_dropped(tmp_path: Path) -> None:
@@ -223,6 +223,48 @@ def test_degenerate_box_removed(tmp_path: Path) -> None:
     assert target["labels"].tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("preset, kept", [(None, [1]), ("configs/coco_r50_fpn_1x.yaml", [1, 2])])
+def test_min_box_size_from_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], preset: str | None,
+                                      kept: list[int]) -> None:
+    """data.min_box_size reaches the datasets and the data check: the COCO preset keeps a 0.5 px wide box as
+    detectron2 does (its threshold 1e-5), the default (1 px) drops it."""
+    import train
+    from maskrcnn.config import load_config
+    from maskrcnn.data.build import build_datasets
+
+    data = _base()
+    data["annotations"].append({"id": 30, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 3.5,
+                                "segmentation": [[20, 2, 20.5, 2, 20.5, 9, 20, 9]], "bbox": [20, 2, 0.5, 7]})
+    img_dir, ann = _write(tmp_path, data)
+    cfg = load_config(preset, ["data.dataset=coco", f"data.train_ann={ann}", f"data.train_images={img_dir}",
+                               f"data.val_ann={ann}", f"data.val_images={img_dir}"])
+    assert cfg.data.min_box_size == (1.0 if preset is None else 1e-5)
+    train_set, val_set = build_datasets(cfg)
+    train_set.transforms = None  # no flip: labels in annotation order
+    assert train_set[0][1]["labels"].tolist() == kept and val_set[0][1]["labels"].tolist() == kept
+    assert train_set[0][1]["boxes"].tolist()[1:] == ([[20.0, 2.0, 20.5, 9.0]] if len(kept) == 2 else [])
+    # train.py --check-data: the dropped box is a warning under the default only.
+    train.check_data(cfg, progress=False)
+    assert ("degenerate-box" in capsys.readouterr().out) == (len(kept) == 1)
+
+
+def test_min_box_size_must_be_positive_and_unit_mistakes_still_stop(tmp_path: Path) -> None:
+    data = _base()
+    img_dir, ann = _write(tmp_path, data)
+    with pytest.raises(ValueError, match="min_box_size must be > 0 px, got 0"):
+        CocoInstances(img_dir, ann, min_box_size=0)
+    # Boxes all under a pixel (normalised coordinates) stop training under detectron2's 1e-5 too.
+    data["annotations"][0]["bbox"] = [0.1, 0.2, 0.3, 0.3]
+    data["annotations"][0]["segmentation"] = [[0.1, 0.2, 0.4, 0.2, 0.4, 0.5, 0.1, 0.5]]
+    img_dir, ann = _write(tmp_path, data)
+    with pytest.raises(DatasetError, match=r"all 1 annotations have boxes smaller than 1 px \(e\.g\. annotation "
+                                           r"id 17 bbox \[0\.1, 0\.2, 0\.3, 0\.3\]\); are coordinates normalised"):
+        CocoInstances(img_dir, ann, min_box_size=1e-5)
+    from maskrcnn.data.check import check_dataset_files
+    report = check_dataset_files(ann, img_dir, progress=False, min_box_size=1e-5)
+    assert "all-boxes-degenerate" in [p.kind for p in report.errors]
+
+
 # --------------------------------------------------------------------------- #
 # flips
 # --------------------------------------------------------------------------- #
@@ -234,20 +276,16 @@ def _mask_box(mask: torch.Tensor) -> list[float]:
 def test_flip_consistency(tmp_path: Path) -> None:
     data = _base()
     data["annotations"].append(_square_ann(18, 1, 2, x=0, y=1, w=4, h=6))
-    data["annotations"].append({"id": 19, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 10,
-                                "segmentation": _uncompressed_rle(np.ones((H, W), np.uint8)),
-                                "bbox": [22, 3, 8, 5]})
     img_dir, ann = _write(tmp_path, data)
     image, target = CocoInstances(img_dir, ann)[0]
     fimage, ftarget = hflip(image, target)
     assert torch.equal(fimage, image.flip(-1))
     assert ftarget["boxes"].tolist() == [[15.0, 4.0, 25.0, 12.0], [26.0, 1.0, 30.0, 7.0]]
-    assert ftarget["crowd_boxes"].tolist() == [[0.0, 3.0, 8.0, 8.0]]
     for mask, box in zip(ftarget["masks"], ftarget["boxes"]):
         assert _mask_box(mask) == box.tolist()  # mask and box flipped together
     image2, target2 = hflip(fimage, ftarget)
     assert torch.equal(image2, image)
-    for key in ("boxes", "masks", "crowd_boxes", "labels"):
+    for key in ("boxes", "masks", "labels"):
         assert torch.equal(target2[key], target[key])
     assert target["boxes"].tolist()[0] == [5.0, 4.0, 15.0, 12.0]  # input not mutated
 

@@ -76,6 +76,28 @@ def test_single_category(tmp_path: Path) -> None:
     assert ann["bbox"] == [4, 3, 8, 6] and ann["area"] == 48 and ann["category_id"] == 1
 
 
+def test_exif_rotated_photo_and_mask(tmp_path: Path) -> None:
+    """Photos are read as displayed (EXIF orientation applied), masks by the same rule."""
+    from PIL import Image
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 30 x 20, displayed 20 x 30
+    Image.fromarray(np.full((20, 30, 3), 100, np.uint8)).save(images / "a.jpg", exif=exif.tobytes())
+    mask = np.zeros((30, 20), np.uint8)  # drawn on the displayed image
+    mask[22:28, 2:12] = 255
+    cv2.imwrite(str(masks / "a_1.png"), mask)
+    exif[0x0112] = 3
+    stored = np.zeros((30, 20), np.uint8)
+    stored[2:8, 8:18] = 255  # the same region stored turned 180 degrees, with the tag saying so
+    Image.fromarray(stored).save(masks / "a_2.png", exif=exif.tobytes())
+    data = masks_to_coco(images, masks, category="cell")
+    assert data["images"] == [{"id": 1, "file_name": "a.jpg", "height": 30, "width": 20}]
+    assert [a["bbox"] for a in data["annotations"]] == [[2, 22, 10, 6], [2, 22, 10, 6]]
+
+
 def test_colour_mask_error(tmp_path: Path) -> None:
     mask = np.zeros((20, 30, 3), np.uint8)
     mask[2:8, 2:8] = (0, 0, 255)  # a red instance and a green one in one label image

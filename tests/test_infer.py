@@ -85,3 +85,22 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, case):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+def test_exif_rotated_photo_is_read_as_displayed(checkpoints, tmp_path):
+    """A photo stored sideways with an EXIF orientation tag gives the detections of the image as displayed."""
+    from PIL import Image
+
+    _, full, _ = checkpoints
+    folder, (src,) = _images(tmp_path, n=1)
+    shown = cv2.cvtColor(cv2.imread(str(src)), cv2.COLOR_BGR2RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed = stored turned 90 degrees clockwise; lossless PNG: the very same pixels
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))).save(folder / "sideways.png", exif=exif.tobytes())
+    out = tmp_path / "out"
+    infer.main(["--checkpoint", full, "--input", str(folder), "--out", str(out), "--score-thresh", "0"])
+    plain = json.loads((out / f"{src.stem}_det.json").read_text())
+    turned = json.loads((out / "sideways_det.json").read_text())
+    assert (turned["height"], turned["width"]) == shown.shape[:2] != shown.shape[1::-1]
+    assert turned["detections"] and turned["detections"] == plain["detections"]
+    assert np.array_equal(cv2.imread(str(out / "sideways_det.png")), cv2.imread(str(out / f"{src.stem}_det.png")))

@@ -29,7 +29,8 @@ def build_eval_dataset(cfg: Config, split: str = "val", transforms=None) -> Coco
         raise ValueError(f"split must be train or val, got '{split}'")
     paths = dataset_paths(cfg)
     return CocoInstances(paths[f"{split}_images"], paths[f"{split}_ann"], categories=list(cfg.data.categories) or None,
-                         remove_images_without_annotations=False, transforms=transforms)
+                         remove_images_without_annotations=False, transforms=transforms,
+                         min_box_size=cfg.data.min_box_size)
 
 
 def build_datasets(cfg: Config, train: bool = True):
@@ -41,5 +42,6 @@ def build_datasets(cfg: Config, train: bool = True):
     if train:
         train_set = CocoInstances(paths["train_images"], paths["train_ann"], categories=categories,
                                   remove_images_without_annotations=d.remove_images_without_annotations,
-                                  transforms=Compose([RandomHorizontalFlip(d.flip_prob)]))
+                                  transforms=Compose([RandomHorizontalFlip(d.flip_prob)]),
+                                  min_box_size=d.min_box_size)
     return train_set, build_eval_dataset(cfg, "val")

@@ -139,8 +139,9 @@ def check_coco_data(
         box = instance_box(ann["bbox"], w, h, min_box_size)
         if box is not None:
             instances.setdefault(ann["image_id"], []).append((ann, box))
-    if candidates and not instances:
-        report.problems.append(all_degenerate_problem(source, candidates, min_box_size))
+    problem = all_degenerate_problem(source, candidates, scan.sizes, min_box_size)
+    if problem is not None:
+        report.problems.append(problem)
     if image_dir is None:
         return report
 
@@ -210,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="parallel image checks (default: min(8, CPUs))")
     p.add_argument("--processes", action="store_true", help="a process pool instead of threads")
     p.add_argument("--min-box-size", type=float, default=1.0,
-                   help="boxes smaller than this (px, after clipping) are dropped by training: a warning")
+                   help="boxes smaller than this (px, after clipping) are dropped by training: a warning "
+                        "(the config's data.min_box_size: 1.0, the COCO preset 1e-5)")
     p.add_argument("--examples", type=int, default=3, help="messages shown per kind of problem")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

@@ -28,13 +28,15 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from .exif import apply_orientation, exif_orientation
 
 __all__ = [
     "DatasetError",
@@ -98,7 +100,7 @@ def _is_int(v: Any) -> bool:
 #   check_image_file image file vs its record     -> pixels, Problem
 #   decode_instance  segmentation -> mask          -> mask, Problem
 #   mask_problem     mask vs its box              -> Problem (a warning means: skip it)
-#   all_degenerate_problem  every box too small   -> Problem
+#   all_degenerate_problem  every box too small   -> Problem or None
 # An error is something training stops on; a warning is something it repairs
 # silently (drops or clips), counted by the checker so nothing is lost unseen.
 # --------------------------------------------------------------------------- #
@@ -476,13 +478,27 @@ def validate_coco(data: Any, source: str) -> None:
             raise DatasetError(problem.message)
 
 
-def all_degenerate_problem(source: str, candidates: list[dict[str, Any]], min_box_size: float) -> Problem:
-    """Every non-crowd box is degenerate: a unit mistake (normalised coordinates), not an empty dataset."""
+def all_degenerate_problem(source: str, candidates: Sequence[dict[str, Any]], sizes: Mapping[int, tuple[int, int]],
+                           min_box_size: float) -> Problem | None:
+    """Every non-crowd box is degenerate: a unit mistake (normalised coordinates), not an empty dataset.
+
+    ``candidates``: the non-crowd annotations of kept categories; ``sizes``: image id -> (height, width).
+    Boxes are measured against ``min_box_size`` or 1 px, whichever is larger: boxes all under a pixel are
+    the mistake's signature even where a smaller ``min_box_size`` (detectron2's 1e-5) would keep them.
+    """
+    floor = max(min_box_size, 1.0)
+    for ann in candidates:  # stops at the first usable box: one step on a sound dataset
+        h, w = sizes[ann["image_id"]]
+        if instance_box(ann["bbox"], w, h, floor) is not None:
+            return None
+    if not candidates:
+        return None
     first = candidates[0]
+    limit = f"min_box_size={min_box_size}" if min_box_size >= 1.0 else "1"
     return Problem("all-boxes-degenerate",
-                   f"{source}: all {len(candidates)} annotations have boxes smaller than "
-                   f"min_box_size={min_box_size} px (e.g. annotation id {first['id']} bbox "
-                   f"{_short(first['bbox'])}); are coordinates normalised to 0..1 instead of pixels?")
+                   f"{source}: all {len(candidates)} annotations have boxes smaller than {limit} px (e.g. "
+                   f"annotation id {first['id']} bbox {_short(first['bbox'])}); are coordinates normalised to "
+                   "0..1 instead of pixels?")
 
 
 def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
@@ -495,14 +511,18 @@ def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
     if not Path(path).is_file():
         return None, Problem("image-missing", f"{source}: {where}: image file {os.fspath(path)!r} not found")
     try:
-        image = read_image(path)
+        image, orientation = _read_image(path)
     except DatasetError as e:
         return None, Problem("image-unreadable", f"{source}: {where}: {e}")
     h, w = image.shape[:2]
     if (h, w) != (info["height"], info["width"]):
+        # A JSON written from the stored pixels of a photo that is displayed turned by 90 degrees.
+        hint = (f"; its EXIF orientation {orientation} turns it by 90 degrees: the JSON's size and "
+                "annotations must refer to the image as displayed"
+                if orientation >= 5 and (w, h) == (info["height"], info["width"]) else "")
         return image, Problem("image-size-mismatch",
                               f"{source}: {where} ({info['file_name']!r}): image on disk is {w}x{h} (width x "
-                              f"height) but the JSON says width={info['width']}, height={info['height']}")
+                              f"height) but the JSON says width={info['width']}, height={info['height']}{hint}")
     return image, None
 
 
@@ -607,16 +627,24 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as uint8 RGB HxWx3 (grayscale, RGBA and 16-bit handled), or raise DatasetError.
+    """Read an image as uint8 RGB HxWx3 as displayed (EXIF orientation applied), or raise DatasetError.
 
-    Pixels are read as stored, without applying EXIF orientation, which is the
-    frame COCO's ``width``/``height`` and annotations refer to.
+    Grayscale, RGBA and 16-bit files are handled.  Annotation tools (VIA, labelme) and detectron2 work on the
+    image as displayed, so a photo stored sideways with an EXIF Orientation tag is turned here, and COCO's
+    ``width``/``height`` refer to the turned image.
     """
+    return _read_image(path)[0]
+
+
+def _read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """:func:`read_image` and the file's EXIF orientation (1: none)."""
     # imdecode(fromfile) instead of imread: works with non-ASCII paths everywhere.
     try:
         buf = np.fromfile(os.fspath(path), dtype=np.uint8)
     except OSError as e:
         raise DatasetError(f"{os.fspath(path)}: cannot read image ({e.strerror})") from None
+    # IMREAD_UNCHANGED (-1) includes IMREAD_IGNORE_ORIENTATION: pixels come as stored (TIFF aside, see
+    # exif.py), and the orientation is applied below by one rule for every OpenCV build.
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise DatasetError(f"{os.fspath(path)}: cannot decode image (corrupt or unsupported format)")
@@ -627,10 +655,13 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if img.ndim == 3 and img.shape[2] == 2:  # grey + alpha
         img = img[:, :, 0]
     if img.ndim == 2 or img.shape[2] == 1:
-        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
+    else:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    orientation = exif_orientation(buf)
+    return apply_orientation(rgb, orientation), orientation
 
 
 def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -650,8 +681,6 @@ class CocoInstances(torch.utils.data.Dataset):
     * ``boxes``: float32 ``[N, 4]`` xyxy pixels (COCO ``bbox`` clipped to the image);
     * ``labels``: int64 ``[N]`` contiguous ids ``1..K`` (0 is background);
     * ``masks``: uint8 ``[N, H, W]`` with values 0/1;
-    * ``crowd_boxes``: float32 ``[M, 4]`` boxes of ``iscrowd=1`` regions
-      (not training targets, exposed e.g. to ignore proposals inside them);
     * ``image_id``: the COCO image id (int); ``orig_size``: ``(H, W)``.
 
     Contiguous labels follow the order of the sorted COCO ids of the kept
@@ -666,7 +695,7 @@ class CocoInstances(torch.utils.data.Dataset):
             training and False for evaluation.
         transforms: callable ``(image, target) -> (image, target)``.
         min_box_size: instances whose clipped box is narrower or shorter than
-            this (pixels) are removed.
+            this (pixels, > 0) are removed; detectron2 keeps every box over 1e-5.
     """
 
     def __init__(
@@ -682,6 +711,8 @@ class CocoInstances(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.min_box_size = float(min_box_size)
+        if not self.min_box_size > 0:  # a zero-width box has no regression target (log of 0)
+            raise ValueError(f"min_box_size must be > 0 px, got {min_box_size}")
         self._source = os.fspath(ann_file)
         if not self.image_dir.is_dir():
             raise DatasetError(f"{os.fspath(image_dir)}: image directory not found (for {self._source})")
@@ -717,8 +748,10 @@ class CocoInstances(torch.utils.data.Dataset):
             image_ids = [i for i in image_ids if any(self._is_target(a) for a in self.coco.imgToAnns.get(i, ()))]
             kept_anns = [a for a in data["annotations"] if a["category_id"] in self.cat_id_to_contiguous
                          and not a.get("iscrowd", 0)]
-            if not image_ids and kept_anns:
-                raise DatasetError(all_degenerate_problem(self._source, kept_anns, self.min_box_size).message)
+            sizes = {i: (info["height"], info["width"]) for i, info in self.coco.imgs.items()}
+            problem = all_degenerate_problem(self._source, kept_anns, sizes, self.min_box_size)
+            if problem is not None:
+                raise DatasetError(problem.message)
         self.image_ids: list[int] = image_ids
 
     # ------------------------------------------------------------------ #
@@ -763,16 +796,14 @@ class CocoInstances(torch.utils.data.Dataset):
         boxes: list[tuple[float, float, float, float]] = []
         labels: list[int] = []
         masks: list[np.ndarray] = []
-        crowd_boxes: list[tuple[float, float, float, float]] = []
         for ann in self.coco.imgToAnns.get(image_id, ()):
-            if ann["category_id"] not in self.cat_id_to_contiguous:
+            # Crowd annotations are no targets: their regions train as background, as in detectron2, whose
+            # mapper drops them too (COCO evaluation reads iscrowd from the JSON itself).
+            if ann["category_id"] not in self.cat_id_to_contiguous or ann.get("iscrowd", 0):
                 continue
             box = instance_box(ann["bbox"], w, h, self.min_box_size)
             if box is None:
                 continue  # degenerate (or entirely outside the image)
-            if ann.get("iscrowd", 0):
-                crowd_boxes.append(box)
-                continue
             mask, problem = decode_instance(ann, h, w, self._source)
             if problem is not None:
                 raise DatasetError(problem.message)
@@ -786,7 +817,6 @@ class CocoInstances(torch.utils.data.Dataset):
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)),
-            "crowd_boxes": torch.tensor(crowd_boxes, dtype=torch.float32).reshape(-1, 4),
             "image_id": int(image_id),
             "orig_size": (h, w),
         }

@@ -35,6 +35,7 @@ a missing image file.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -48,6 +49,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .coco import DatasetError, read_image
+from .exif import apply_orientation, exif_orientation
 from .from_masks import IMAGE_EXTENSIONS
 
 __all__ = ["CocoWriter", "label_images_to_coco", "via_to_coco", "labelme_to_coco", "main"]
@@ -157,11 +159,15 @@ def _read_json(path: Path) -> Any:
 # Label images (PennFudan style)
 # --------------------------------------------------------------------------- #
 def read_label_image(path: Path) -> np.ndarray:
-    """A label image as an integer HxW array (palette indices for palette PNGs), or a one-line error."""
+    """A label image as an integer HxW array (palette indices for palette PNGs), or a one-line error.
+
+    An EXIF orientation is applied, as to the photos (:func:`~maskrcnn.data.coco.read_image`).
+    """
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             mode = im.mode
-            arr = np.array(im)
+            arr = apply_orientation(np.array(im), exif_orientation(data))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read label image ({e})") from None
     if arr.ndim == 3:

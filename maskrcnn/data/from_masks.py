@@ -42,6 +42,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .coco import DatasetError, read_image
+from .exif import apply_orientation, exif_orientation
 
 __all__ = ["IMAGE_EXTENSIONS", "masks_to_coco", "read_binary_mask"]
 
@@ -51,7 +52,10 @@ _INSTANCE_RE = re.compile(r"^(\d+)(?:_(.+))?$")
 
 
 def read_binary_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a per-instance mask as uint8 0/1, or raise DatasetError saying what was found."""
+    """Read a per-instance mask as uint8 0/1, or raise DatasetError saying what was found.
+
+    An EXIF orientation is applied, as to the photos (:func:`~maskrcnn.data.coco.read_image`).
+    """
     name = os.fspath(path)
     buf = np.fromfile(name, dtype=np.uint8)
     m = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
@@ -76,7 +80,7 @@ def read_binary_mask(path: str | os.PathLike[str]) -> np.ndarray:
             f"{name}: mask has {len(values)} distinct values ({shown}); expected a binary mask with values "
             "{0, 1} or {0, 255} (anti-aliased, JPEG-compressed or label-map masks are not binary)"
         )
-    return (m > 0).astype(np.uint8)
+    return apply_orientation((m > 0).astype(np.uint8), exif_orientation(buf))
 
 
 def _list_images(images_dir: Path) -> dict[str, Path]:

@@ -57,12 +57,11 @@ def _flip_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
-    """Mirror image ``[C, H, W]``, ``boxes``, ``masks`` and ``crowd_boxes`` left-right."""
+    """Mirror image ``[C, H, W]``, ``boxes`` and ``masks`` left-right."""
     width = image.shape[-1]
     target = dict(target)  # never mutate the caller's dict
-    for key in ("boxes", "crowd_boxes"):
-        if key in target:
-            target[key] = _flip_boxes(target[key], width)
+    if "boxes" in target:
+        target["boxes"] = _flip_boxes(target["boxes"], width)
     if "masks" in target:
         target["masks"] = _flip_last(target["masks"])
     return _flip_last(image), target
