@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import cv2
@@ -476,16 +477,55 @@ def test_frost_source_choice(monkeypatch):
     assert Corrupt("frost", 2, frost="auto").frost == "procedural"
 
 
-def test_procedural_frost_has_the_photographs_statistics():
-    from maskrcnn.evaluation.corruptions import _FROST_STATS, _procedural_frost
+def test_procedural_frost_has_the_photographs_size_and_statistics():
+    from maskrcnn.evaluation.corruptions import _FROST_FILES, _FROST_SIZES, _FROST_STATS, _procedural_frost_texture
 
     for index, (mean, std) in enumerate(_FROST_STATS):
-        t = _procedural_frost(index, 120, 160, np.random.default_rng(index))
-        assert t.shape == (120, 160, 3) and t.dtype == np.float32
-        np.testing.assert_allclose(t.mean(axis=(0, 1)), mean, atol=0.03)
-        np.testing.assert_allclose(t.std(axis=(0, 1)), std, rtol=0.25)
-    a = _procedural_frost(1, 50, 60, np.random.default_rng(0))
-    assert not np.array_equal(a, _procedural_frost(1, 50, 60, np.random.default_rng(1)))
+        t = _procedural_frost_texture(index, np.random.default_rng(index))
+        assert t.shape == (*_FROST_SIZES[index], 3) and t.dtype == np.float32
+        np.testing.assert_allclose(t.mean(axis=(0, 1)), mean, atol=0.01)
+        # frost2/3's bright texture (mean 0.8-0.84, std 0.09) clips at 1 on 4 % of its pixels: std 4-11 % low
+        np.testing.assert_allclose(t.std(axis=(0, 1)), std, rtol=0.12 if index in (1, 2) else 0.03)
+    assert not np.array_equal(_procedural_frost_texture(1, np.random.default_rng(0)),
+                              _procedural_frost_texture(1, np.random.default_rng(1)))
+    folder = frost_photo_dir()
+    if folder is not None:  # the stand-in is made at the photographs' sizes
+        assert [cv2.imread(str(folder / f)).shape[:2] for f in _FROST_FILES] == list(_FROST_SIZES)
+
+
+def test_frost_sources_draw_the_same_photograph_and_crop():
+    """A seed picks the same photograph and crop window for both textures (the procedural one draws its texture
+    after them), with the reference's ranges: the crop's corner anywhere but the last row / column of the
+    photograph once scaled to 1.1x what covers the image."""
+    if frost_photo_dir() is None:
+        pytest.skip("frost photographs need the imagecorruptions package (pip install imagecorruptions)")
+    from maskrcnn.evaluation.corruptions import _FROST_SIZES, _frost
+
+    class Recorder:
+        def __init__(self, seed):
+            self.rng, self.calls = np.random.default_rng(seed), []
+
+        def integers(self, *args, **kw):
+            v = self.rng.integers(*args, **kw)
+            self.calls.append((args, int(v)))
+            return v
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    for h, w in ((96, 128), (480, 640), (40, 1000)):
+        x = np.zeros((h, w, 3), np.float32)
+        for seed in range(8):
+            draws = {}
+            for source in ("photos", "procedural"):
+                r = Recorder(seed)
+                _frost(x, (0.0, 1.0), r, source)
+                draws[source] = r.calls[:3]
+            assert draws["photos"] == draws["procedural"], (h, w, seed)
+            (_, index), (top_range, _), (left_range, _) = draws["photos"]
+            fh, fw = _FROST_SIZES[index]
+            scale = max(1.0, h / fh, w / fw) * 1.1
+            assert (top_range[0], left_range[0]) == (math.ceil(fh * scale) - h, math.ceil(fw * scale) - w)
 
 
 @pytest.mark.parametrize("frost", ["procedural", "photos"])
@@ -718,6 +758,124 @@ def test_frost_matches_reference_statistics(reference):
         ref, ours = np.stack(ref), np.stack(ours)
         assert ours.mean() == pytest.approx(ref.mean(), rel=0.02), index
         assert ours.std() == pytest.approx(ref.std(), rel=0.02), index
+
+
+# Frost's first draw picks one of five photographs, whose crops differ in mean grey level by up to 85 (frost5
+# about 117, frost2/3 about 202; x the frost weight 0.4-0.75), the next two a crop. A few draws compare photographs,
+# not implementations: seed 0 always takes frost5, the darkest, so a check of corrupt(x, "frost", s) against one
+# reference draw reads 30-60 grey levels low whenever the reference drew frost2 or frost3. Both sides therefore
+# draw the same number of crops of every photograph (seeds whose first draw picks it), of the image and of its
+# 180-degree rotation: the photographs have a fixed layout (frost2/3 bright to the top left) whose covariance with
+# the test image's (bright to the bottom right) lowers the spread of a corrupted 640x480 image by 7-13 %, and
+# raises it as much rotated; the rotation cancels it for the procedural texture, which has no fixed layout.
+FROST_CROPS = {  # per photograph and orientation
+    "reference": {(480, 640): 2, (96, 128): 6},
+    "photos": {(480, 640): 2, (96, 128): 6},
+    "procedural": {(480, 640): 2, (96, 128): 3},  # 35 ms a draw at any size (made at the photograph's)
+}
+
+
+def frost_seeds(first_draw, per_photo: int, start: int = 0) -> list[int]:
+    """``per_photo`` seeds from ``start`` on for each of the five photographs, by the photograph their first
+    draw picks."""
+    found: dict[int, list[int]] = {i: [] for i in range(5)}
+    k = start
+    while min(len(v) for v in found.values()) < per_photo:
+        i = first_draw(k)
+        if len(found[i]) < per_photo:
+            found[i].append(k)
+        k += 1
+    return [k for i in range(5) for k in found[i]]
+
+
+def reference_first_draw(k: int) -> int:
+    np.random.seed(k)
+    return int(np.random.randint(5))
+
+
+def our_first_draw(k: int) -> int:
+    return int(np.random.default_rng(k).integers(5))
+
+
+def frost_statistics(draw, seeds: list[int], u8: np.ndarray) -> np.ndarray:
+    """Grey-level mean, pooled std (all pixels of all draws), mean per-image std (the spread within an image)
+    and the R, G, B means of ``draw(image_u8, seed) -> corrupted uint8-valued HxWx3`` over the seeds, on the
+    image and its 180-degree rotation."""
+    grey_w = np.array([0.299, 0.587, 0.114])
+    rows = []
+    for img in (u8, np.ascontiguousarray(u8[::-1, ::-1])):
+        for k in seeds:
+            out = draw(img, k).astype(np.float64)
+            g = out @ grey_w
+            rows.append((g.mean(), g.var(), *out.mean(axis=(0, 1))))
+    rows = np.array(rows)
+    pooled_std = np.sqrt(rows[:, 1].mean() + rows[:, 0].var())
+    return np.array([rows[:, 0].mean(), pooled_std, np.sqrt(rows[:, 1]).mean(), *rows[:, 2:].mean(axis=0)])
+
+
+FROST_STATISTICS = ("grey mean", "grey std", "per-image grey std", "R mean", "G mean", "B mean")
+
+
+def reference_frost_draw(reference, s: int):
+    def draw(img: np.ndarray, k: int) -> np.ndarray:
+        np.random.seed(k)  # the reference draws from numpy's global generator
+        return reference.corrupt(img, corruption_name="frost", severity=s)
+    return draw
+
+
+def our_frost_draw(s: int, source: str):
+    def draw(img: np.ndarray, k: int) -> np.ndarray:
+        x = torch.from_numpy(img.transpose(2, 0, 1) / 255.0).float()
+        return as_reference_u8(corrupt(x, "frost", s, seed=k, frost=source), "frost")
+    return draw
+
+
+# Largest relative difference (%) of each statistic between the two sides over the severities and 20 (photos) /
+# 10 (procedural) disjoint seed sets, this test's among them; the tolerances are about 1.4x that. A 96x128 crop
+# is a small part of a photograph, so few crops estimate its level and contrast roughly (the pooled std also
+# includes how much the crops' levels vary). With these tolerances the test fails, at 640x480 at every severity, on the
+# photographs' channels swapped (R, B means 6-13 % off), frost6 drawn for frost5 (640x480 grey std +10 %) or
+# frost weights 10 % low (grey mean -6 %).
+#                      grey mean   grey std   per-image std   R, G, B means
+#   photos     640x480   0.52        1.9          1.6             0.70
+#              96x128    2.0         6.6          5.8             2.6
+#   procedural 640x480   0.88        3.4          5.7             0.96
+#              96x128    3.3        10.7          6.4             3.5
+FROST_TOLERANCE = {
+    "photos": {(480, 640): (0.01, 0.03, 0.025, 0.01, 0.01, 0.01),
+               (96, 128): (0.03, 0.09, 0.08, 0.035, 0.035, 0.035)},
+    "procedural": {(480, 640): (0.015, 0.05, 0.08, 0.015, 0.015, 0.015),
+                   (96, 128): (0.045, 0.14, 0.09, 0.045, 0.045, 0.045)},
+}
+
+
+@pytest.fixture(scope="module")
+def reference_frost(reference):
+    """Reference statistics per (image size, severity), computed once for both textures' tests."""
+    cache: dict = {}
+
+    def get(size: tuple[int, int], s: int) -> tuple[np.ndarray, np.ndarray]:
+        if (size, s) not in cache:
+            u8, _ = u8_image(*size)
+            seeds = frost_seeds(reference_first_draw, FROST_CROPS["reference"][size])
+            cache[size, s] = u8, frost_statistics(reference_frost_draw(reference, s), seeds, u8)
+        return cache[size, s]
+    return get
+
+
+@pytest.mark.parametrize("source", ["photos", "procedural"])
+@pytest.mark.parametrize("size", [(480, 640), (96, 128)])
+def test_frost_matches_reference_statistics_at_every_severity(reference_frost, source, size):
+    if source == "photos" and frost_photo_dir() is None:
+        pytest.skip("the imagecorruptions package has no frost photographs here")
+    seeds = frost_seeds(our_first_draw, FROST_CROPS[source][size])
+    for s in SEVERITIES:
+        u8, ref = reference_frost(size, s)
+        ours = frost_statistics(our_frost_draw(s, source), seeds, u8)
+        rel = np.abs(ours / ref - 1)
+        bad = [f"{n} {o:.1f} vs {r:.1f}" for n, o, r, d, t in
+               zip(FROST_STATISTICS, ours, ref, rel, FROST_TOLERANCE[source][size]) if d > t]
+        assert not bad, (source, size, s, bad)
 
 
 def test_spatter_matches_reference_on_the_same_liquid_field(reference):

@@ -415,6 +415,10 @@ _FROST_STATS = (
     ((0.540, 0.599, 0.648), (0.112, 0.112, 0.117)),
     ((0.441, 0.484, 0.528), (0.174, 0.170, 0.163)),
 )
+# (height, width) of frost1..frost5: the procedural stand-in is made at a photograph's size and then scaled and
+# cropped as the photograph would be, so a crop sees as much of the texture's large-scale variation as the
+# reference's crop sees of the photograph's (a small image's crop is a small part of it: less contrast).
+_FROST_SIZES = ((600, 900), (315, 560), (315, 560), (350, 527), (495, 660))
 _FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
 FROST_SOURCES = ("auto", "photos", "procedural")
 
@@ -449,6 +453,18 @@ def frost_source(frost: str = "auto") -> str:
     return "photos"
 
 
+def _frost_cover_size(fh: int, fw: int, h: int, w: int) -> Tuple[int, int]:
+    """(height, width) the reference scales an fh x fw frost texture to for an h x w image: up by the ratio
+    of the dimension that is too small (the larger ratio if both are), then 1.1x more, so random crops vary."""
+    scale = max(1.0, h / fh, w / fw) * 1.1
+    return int(math.ceil(fh * scale)), int(math.ceil(fw * scale))
+
+
+def _cover(texture: np.ndarray, h: int, w: int) -> np.ndarray:
+    th, tw = _frost_cover_size(texture.shape[0], texture.shape[1], h, w)
+    return cv2.resize(texture, (tw, th), interpolation=cv2.INTER_CUBIC)
+
+
 @functools.lru_cache(maxsize=16)
 def _frost_photo(index: int, h: int, w: int) -> np.ndarray:
     """Frost photograph ``index`` (RGB float32) scaled as the reference does to cover an h x w image."""
@@ -456,22 +472,24 @@ def _frost_photo(index: int, h: int, w: int) -> np.ndarray:
     img = cv2.imread(str(folder / _FROST_FILES[index]), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"cannot read frost photograph {folder / _FROST_FILES[index]}")
-    fh, fw = img.shape[:2]
-    scale = max(1.0, h / fh, w / fw) * 1.1
-    img = cv2.resize(img, (int(math.ceil(fw * scale)), int(math.ceil(fh * scale))), interpolation=cv2.INTER_CUBIC)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+    # scaled as uint8 (saturating), then the channels reversed, as the reference does
+    return cv2.cvtColor(_cover(img, h, w), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
-def _procedural_frost(index: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """Stand-in for frost photograph ``index``: cloudy plasma plus short bright ice needles, scaled to
+def _procedural_frost_texture(index: int, rng: np.random.Generator) -> np.ndarray:
+    """Stand-in for frost photograph ``index`` at its size: cloudy plasma plus short bright ice needles, with
     that photograph's per-channel mean and standard deviation (see :data:`_FROST_STATS`)."""
-    size = 1 << (max(h, w, 2) - 1).bit_length()
-    cloud = _plasma_fractal(size, 2.0, rng)[:h, :w].astype(np.float32)
-    needles = np.zeros((h, w), dtype=np.float32)
-    n = max(1, h * w // 120)
-    centre = rng.random((n, 2)) * (w, h)
+    fh, fw = _FROST_SIZES[index]
+    # the cloud at half resolution, then enlarged: its finest octave carries < 1 % of its variance, and the
+    # diamond-square is most of the cost
+    size = 1 << (max(fh, fw) // 2).bit_length()
+    cloud = _plasma_fractal(size, 2.0, rng)[:(fh + 1) // 2, :(fw + 1) // 2].astype(np.float32)
+    cloud = cv2.resize(cloud, (fw, fh), interpolation=cv2.INTER_LINEAR)
+    needles = np.zeros((fh, fw), dtype=np.float32)
+    n = fh * fw // 120
+    centre = rng.random((n, 2)) * (fw, fh)
     angle = rng.uniform(0.0, np.pi, n)
-    length = rng.uniform(2.0, 15.0, n)  # half-length in pixels: crystals keep their size, as in the photos
+    length = rng.uniform(2.0, 15.0, n)  # half-length in pixels of the photograph
     ends = np.stack((np.cos(angle), np.sin(angle)), 1) * length[:, None]
     p0 = np.rint(centre - ends).astype(np.int32)
     p1 = np.rint(centre + ends).astype(np.int32)
@@ -479,24 +497,35 @@ def _procedural_frost(index: int, h: int, w: int, rng: np.random.Generator) -> n
     for a, b, v in zip(p0.tolist(), p1.tolist(), level.tolist()):
         cv2.line(needles, tuple(a), tuple(b), v, 1, cv2.LINE_AA)
     needles = cv2.GaussianBlur(needles, (3, 3), 0.6)
-    pattern = (cloud - cloud.mean()) / (cloud.std() + 1e-6) * 0.6 + (needles - needles.mean()) / (needles.std() + 1e-6)
+    # cloud : needles = 0.9 : 1 in standard deviation: then a 128x96 crop keeps, on average over the five, the
+    # share of the texture's variance that such a crop keeps of the photographs' (about half; 0.6 kept 70 %)
+    pattern = (cloud - cloud.mean()) / (cloud.std() + 1e-6) * 0.9 + (needles - needles.mean()) / (needles.std() + 1e-6)
     pattern = (pattern - pattern.mean()) / (pattern.std() + 1e-6)
     mean, std = (np.asarray(v, dtype=np.float32) for v in _FROST_STATS[index])
     return np.clip(mean + std * pattern[..., None], 0.0, 1.0)
 
 
 def _frost(x: np.ndarray, c: Tuple[float, float], rng: np.random.Generator, source: str = "auto") -> np.ndarray:
+    """keep * image + amount * a random h x w crop of one of the five frost textures, scaled to cover the image.
+
+    The reference draws the photograph and the crop's top-left corner from numpy's global generator; here the
+    first three draws of ``rng`` do, with the same ranges, so ``seed`` picks one photograph (seed 0: frost5, the
+    darkest): compare single draws with the reference only photograph by photograph.  The procedural texture
+    goes through the same choice, scaling and crop, drawn after them (a seed crops both sources alike)."""
     keep, amount = c
     h, w = x.shape[:2]
     index = int(rng.integers(5))
-    if frost_source(source) == "photos":
-        photo = _frost_photo(index, h, w)
-        top = int(rng.integers(max(1, photo.shape[0] - h)))
-        left = int(rng.integers(max(1, photo.shape[1] - w)))
-        layer = photo[top:top + h, left:left + w]
+    photos = frost_source(source) == "photos"
+    if photos:
+        texture = _frost_photo(index, h, w)
+        th, tw = texture.shape[:2]
     else:
-        layer = _procedural_frost(index, h, w, rng)
-    return keep * x + amount * layer
+        th, tw = _frost_cover_size(*_FROST_SIZES[index], h, w)
+    top = int(rng.integers(max(1, th - h)))
+    left = int(rng.integers(max(1, tw - w)))
+    if not photos:
+        texture = np.clip(_cover(_procedural_frost_texture(index, rng), h, w), 0.0, 1.0)
+    return keep * x + amount * texture[top:top + h, left:left + w]
 
 
 def _gaussian_filter_2d(x: np.ndarray, sigma_y: float, sigma_x: float, truncate: float) -> np.ndarray:
@@ -606,8 +635,9 @@ RANDOM_CORRUPTIONS: Tuple[str, ...] = (
 #: Cache folders this process could not write to (see :meth:`Corrupt._store`).
 _UNWRITABLE_CACHES: set = set()
 
-#: Bump when a corruption's output changes: part of every cache key.
-IMPLEMENTATION_VERSION = 1
+#: Bump when a corruption's output changes: part of every cache key (2: procedural frost scaled and cropped
+#: as the photographs).
+IMPLEMENTATION_VERSION = 2
 
 
 def _check(name: str, severity: int) -> int:
