@@ -112,6 +112,25 @@ def resolve_config(args):
     return cfg
 
 
+def trainer_hooks(init_torchvision: bool = False):
+    """What the trainer calls but does not import (maskrcnn.engine.trainer.Hooks): the end-of-run evaluation,
+    TensorBoard pictures (drawing code loaded only when a picture is due) and, for --init torchvision,
+    torchvision's COCO weights."""
+    from maskrcnn.engine.trainer import Hooks
+    from maskrcnn.evaluation.coco_eval import end_of_run_evaluation
+
+    def log_images(*args, **kwargs) -> None:
+        from maskrcnn.vis.tensorboard import log_training_images
+        log_training_images(*args, **kwargs)
+
+    def initialise(model, cfg, class_names) -> str:
+        from maskrcnn.torchvision_weights import load_torchvision_coco
+        return load_torchvision_coco(model, cfg.model.num_classes, class_names, cfg).summary()
+
+    return Hooks(evaluate=end_of_run_evaluation, log_images=log_images,
+                 initialise=initialise if init_torchvision else None)
+
+
 def run(args, cfg) -> dict:
     from maskrcnn.data.coco import DatasetError
     from maskrcnn.engine import distributed
@@ -134,8 +153,9 @@ def run(args, cfg) -> dict:
             raise DatasetError(problem) if main else SystemExit(2)
     if main:
         print(f"run directory: {run_dir}")
-    trainer = Trainer(cfg, run_dir, init=args.init, resume=args.resume, progress=not args.no_progress,
-                      overwrite=args.overwrite)
+    from_torchvision = args.init == "torchvision"
+    trainer = Trainer(cfg, run_dir, init=None if from_torchvision else args.init, resume=args.resume,
+                      progress=not args.no_progress, overwrite=args.overwrite, hooks=trainer_hooks(from_torchvision))
     summary = trainer.train()
     if main:
         print(f"checkpoint: {summary['checkpoint']}")

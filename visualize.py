@@ -110,7 +110,7 @@ def load_model(args):
     from maskrcnn.engine.checkpoint import model_from_checkpoint
     from maskrcnn.model.build import build_model
 
-    overrides = list(args.set) + (["model.noise.enabled=true"] if args.what == "features" else [])
+    overrides = list(args.set)
     if args.checkpoint:
         model, cfg = model_from_checkpoint(args.checkpoint, args.config, overrides, args.device)
         return cfg, model, model.class_names
@@ -197,11 +197,11 @@ def draw(args) -> tuple[Path, list[str]]:
     elif args.what == "detections":
         view = views.detections_view(to_uint8_image(image), record["output"][0], class_names, args.score_thresh,
                                      cfg.model.roi_heads.mask_threshold)
-    else:  # features: the same image without and with the configured LatentNoise
+    else:  # features: the same image without and with the configured LatentNoise (probe switches it on)
         torch.manual_seed(args.seed)
         clean = model.probe([image], noise=False)
         torch.manual_seed(args.seed)
-        view = views.features_view(clean, model.probe([image], noise=True), 0, model.noise.extra_repr())
+        view = views.features_view(clean, model.probe([image], noise=True), 0, views.noise_text(model))
     path = Path(args.out) / f"{args.what.replace('-', '_')}_{stem}.png"
     save_png(view.picture, path, args.palette)
     return path, head + ([f"{source}: {view.lines[0]}"] if not head else view.lines[:1]) + view.lines[1:]

@@ -229,7 +229,8 @@ def roi_align_fns(s: Settings, sampling_ratio: int, aligned: bool) -> tuple[Call
     grad = torch.randn(s.batch * rois_per_image, 256, 7, 7, generator=g).to(device)
 
     def make(impl: str) -> Callable[[], None]:
-        pooler = MultiScaleRoIAlign(7, (4, 8, 16, 32), sampling_ratio, aligned, impl=impl, level_mapper="torchvision")
+        pooler = MultiScaleRoIAlign(output_size=7, strides=(4, 8, 16, 32), sampling_ratio=sampling_ratio,
+                                    aligned=aligned, impl=impl, level_mapper="torchvision")
 
         def run() -> None:
             out = pooler(feats, boxes)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from maskrcnn.model.anchors import AnchorGenerator, cell_anchors, level_of_box_size
+from maskrcnn.model.anchors import AnchorGenerator, cell_anchors
 
 # Size 32, ratios (0.5, 1, 2), worked out by hand: w * h = 32^2 and h / w = r give
 #   r = 0.5: w = 32 * sqrt(2) = 45.2548, h = 32 / sqrt(2) = 22.6274
@@ -139,13 +139,6 @@ def test_big_map_fast_and_right_shape():
     assert elapsed < 1.0, f"200x300 anchors took {elapsed:.2f}s: a Python loop?"
     # the last location (y=199, x=299), ratio 1, size 32 at stride 4: centre (1196, 796)
     torch.testing.assert_close(anchors[-2], torch.tensor([1180.0, 780.0, 1212.0, 812.0]), atol=1e-3, rtol=0)
-
-
-def test_level_of_box_size():
-    assert level_of_box_size(224) == 4
-    assert level_of_box_size(112) == 3
-    assert level_of_box_size(448) == 5
-    assert level_of_box_size(223) == 3
 
 
 def test_cache_is_bounded_lru():

@@ -12,13 +12,13 @@ from maskrcnn.model.backbone import FrozenBatchNorm2d, ResNetBottomUp, WeightsUn
 @pytest.fixture(scope="module")
 def r18():
     torch.manual_seed(0)
-    return ResNetBottomUp(18, norm="frozen_bn", freeze_at=2).eval()
+    return ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2).eval()
 
 
 @pytest.fixture(scope="module")
 def r50():
     torch.manual_seed(0)
-    return ResNetBottomUp(50, norm="frozen_bn", freeze_at=2).eval()
+    return ResNetBottomUp(depth=50, norm="frozen_bn", freeze_at=2).eval()
 
 
 @pytest.mark.parametrize("depth,channels", [(18, (64, 128, 256, 512)), (50, (256, 512, 1024, 2048))])
@@ -37,9 +37,9 @@ def test_outputs_keys_channels_strides(depth, channels, request):
 
 def test_bad_depth_and_norm():
     with pytest.raises(ValueError):
-        ResNetBottomUp(19)
+        ResNetBottomUp(depth=19)
     with pytest.raises(ValueError):
-        ResNetBottomUp(18, norm="layernorm")
+        ResNetBottomUp(depth=18, norm="layernorm")
 
 
 def _frozen_names(net: nn.Module) -> set[str]:
@@ -48,7 +48,7 @@ def _frozen_names(net: nn.Module) -> set[str]:
 
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
 def test_freeze_at_2_freezes_stem_and_res2(norm):
-    net = ResNetBottomUp(18, norm=norm, freeze_at=2)
+    net = ResNetBottomUp(depth=18, norm=norm, freeze_at=2)
     for name, p in net.named_parameters():
         top = name.split(".")[0]
         should_freeze = top in ("conv1", "bn1", "layer1")
@@ -61,7 +61,7 @@ def test_freeze_at_2_with_bn_keeps_frozen_stage_statistics():
     """A frozen stage computes the same function before and after a training-mode forward (detectron2
     converts the BatchNorm of frozen stages to FrozenBatchNorm2d)."""
     torch.manual_seed(0)
-    net = ResNetBottomUp(18, norm="bn", freeze_at=2)
+    net = ResNetBottomUp(depth=18, norm="bn", freeze_at=2)
     frozen_before = {k: v.clone() for k, v in net.state_dict().items() if k.split(".")[0] in ("bn1", "layer1")}
     net.train()
     net(torch.randn(2, 3, 32, 32) * 3 + 1)
@@ -71,12 +71,12 @@ def test_freeze_at_2_with_bn_keeps_frozen_stage_statistics():
 
 
 def test_freeze_at_0_nothing_frozen():
-    net = ResNetBottomUp(18, norm="bn", freeze_at=0)
+    net = ResNetBottomUp(depth=18, norm="bn", freeze_at=0)
     assert _frozen_names(net) == set()
 
 
 def test_freeze_at_1_only_stem():
-    net = ResNetBottomUp(18, norm="bn", freeze_at=1)
+    net = ResNetBottomUp(depth=18, norm="bn", freeze_at=1)
     # the stem's BatchNorm became a FrozenBatchNorm2d (buffers only), so its conv is the one frozen parameter
     assert _frozen_names(net) == {"conv1.weight"}
     assert isinstance(net.bn1, FrozenBatchNorm2d)
@@ -84,7 +84,7 @@ def test_freeze_at_1_only_stem():
 
 
 def test_freeze_at_5_everything():
-    net = ResNetBottomUp(18, norm="bn", freeze_at=5)
+    net = ResNetBottomUp(depth=18, norm="bn", freeze_at=5)
     assert all(not p.requires_grad for p in net.parameters())
 
 
@@ -104,7 +104,7 @@ def test_frozen_bn_equals_batchnorm_eval():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.1, 3.0)
     bn.eval()
-    frozen = FrozenBatchNorm2d(c)
+    frozen = FrozenBatchNorm2d(num_features=c)
     frozen.load_state_dict(bn.state_dict())  # includes num_batches_tracked, which must be accepted
     x = torch.randn(3, c, 5, 7)
     torch.testing.assert_close(frozen(x), bn(x), atol=1e-5, rtol=1e-5)
@@ -114,7 +114,7 @@ def test_frozen_bn_equals_batchnorm_eval():
 
 
 def test_frozen_bn_no_grad_to_stats_but_grad_to_input():
-    frozen = FrozenBatchNorm2d(3)
+    frozen = FrozenBatchNorm2d(num_features=3)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     frozen(x).sum().backward()
     assert x.grad is not None
@@ -139,7 +139,7 @@ def test_imagenet_loads_from_the_hub_cache(offline_hub):
     torch.manual_seed(4)
     tv = torchvision.models.resnet18(weights=None)
     filename = offline_hub.place(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, tv.state_dict())
-    net = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    net = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     desc = load_pretrained(net, "imagenet")
     assert filename in desc
     assert torch.equal(net.layer2[0].downsample[0].weight, tv.layer2[0].downsample[0].weight)
@@ -156,7 +156,7 @@ def test_none_weights_is_noop(r18):
 
 def test_local_path_loads(tmp_path):
     torch.manual_seed(1)
-    src = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    src = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     with torch.no_grad():  # distinguishable buffers too
         for name, b in src.named_buffers():
             if name.endswith("running_var"):
@@ -164,7 +164,7 @@ def test_local_path_loads(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(src.state_dict(), path)
     torch.manual_seed(2)
-    dst = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    dst = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     assert not torch.equal(dst.conv1.weight, src.conv1.weight)
     desc = load_pretrained(dst, str(path))
     assert str(path) in desc
@@ -178,7 +178,7 @@ def test_local_torchvision_resnet_state_dict_loads(tmp_path):
     tv = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(tv.state_dict(), path)
-    dst = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    dst = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     load_pretrained(dst, str(path))
     torch.testing.assert_close(dst.layer3[0].conv1.weight, tv.layer3[0].conv1.weight)
     torch.testing.assert_close(dst.bn1.running_var, tv.bn1.running_var)
@@ -191,10 +191,10 @@ def test_local_torchvision_resnet_state_dict_loads(tmp_path):
 
 
 def test_checkpoint_with_model_key_loads(tmp_path):
-    src = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    src = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": src.state_dict()}, path)
-    dst = ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    dst = ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
     load_pretrained(dst, str(path))
     assert torch.equal(dst.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
 

@@ -20,7 +20,7 @@ def random_boxes(n: int, seed: int, max_xy: float = 500.0, min_wh: float = 10.0,
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
 def test_encode_decode_round_trip(weights):
-    coder = BoxCoder(weights)
+    coder = BoxCoder(weights=weights)
     ref = random_boxes(200, seed=0)
     tgt = random_boxes(200, seed=1)
     deltas = coder.encode(ref, tgt)
@@ -35,21 +35,21 @@ def test_encode_by_hand():
     ref = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), w 10, h 20
     tgt = torch.tensor([[2.0, 4.0, 22.0, 24.0]])  # centre (12, 14), w 20, h 20
     expected = torch.tensor([[0.7, 0.2, math.log(2.0), 0.0]])
-    torch.testing.assert_close(BoxCoder((1, 1, 1, 1)).encode(ref, tgt), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(BoxCoder((10, 10, 5, 5)).encode(ref, tgt),
+    torch.testing.assert_close(BoxCoder(weights=(1, 1, 1, 1)).encode(ref, tgt), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(BoxCoder(weights=(10, 10, 5, 5)).encode(ref, tgt),
                                expected * torch.tensor([10.0, 10.0, 5.0, 5.0]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
 def test_decode_zero_deltas_gives_reference(weights):
     ref = random_boxes(50, seed=2)
-    out = BoxCoder(weights).decode(torch.zeros(50, 4), ref)
+    out = BoxCoder(weights=weights).decode(torch.zeros(50, 4), ref)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_encode_identity_is_zero():
     ref = random_boxes(30, seed=3)
-    torch.testing.assert_close(BoxCoder((10, 10, 5, 5)).encode(ref, ref), torch.zeros(30, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(BoxCoder(weights=(10, 10, 5, 5)).encode(ref, ref), torch.zeros(30, 4), atol=1e-5, rtol=0)
 
 
 def test_default_clamp_value():
@@ -58,7 +58,7 @@ def test_default_clamp_value():
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
 def test_huge_deltas_clamped_and_finite(weights):
-    coder = BoxCoder(weights)
+    coder = BoxCoder(weights=weights)
     ref = torch.tensor([[10.0, 20.0, 26.0, 52.0]])  # w 16, h 32
     deltas = torch.tensor([[0.0, 0.0, 1e4, 1e4]])
     out = coder.decode(deltas, ref)
@@ -73,7 +73,7 @@ def test_huge_deltas_clamped_and_finite(weights):
 
 
 def test_huge_deltas_fp16_input_decoded_in_fp32():
-    coder = BoxCoder((1, 1, 1, 1))
+    coder = BoxCoder(weights=(1, 1, 1, 1))
     ref = random_boxes(8, seed=4)
     deltas = torch.full((8, 4), 60000.0, dtype=torch.float16)
     out = coder.decode(deltas, ref)
@@ -83,7 +83,7 @@ def test_huge_deltas_fp16_input_decoded_in_fp32():
 
 def test_class_specific_deltas_shape_and_values():
     k = 5
-    coder = BoxCoder((10, 10, 5, 5))
+    coder = BoxCoder(weights=(10, 10, 5, 5))
     ref = random_boxes(7, seed=5)
     targets = [random_boxes(7, seed=10 + j) for j in range(k)]
     deltas = torch.cat([coder.encode(ref, t) for t in targets], dim=1)  # [R, 4k], class j at 4j:4j+4
@@ -95,13 +95,13 @@ def test_class_specific_deltas_shape_and_values():
 
 
 def test_empty_decode():
-    out = BoxCoder((1, 1, 1, 1)).decode(torch.zeros(0, 8), torch.zeros(0, 4))
+    out = BoxCoder(weights=(1, 1, 1, 1)).decode(torch.zeros(0, 8), torch.zeros(0, 4))
     assert out.shape == (0, 8)
 
 
 def test_decode_is_fp32_under_bf16_autocast_and_from_bf16_deltas():
     """Box decoding in fp32 whatever autocast and the deltas' dtype: bf16 deltas decode as their fp32 values."""
-    coder = BoxCoder((10, 10, 5, 5))
+    coder = BoxCoder(weights=(10, 10, 5, 5))
     ref = random_boxes(50, seed=7)
     deltas = torch.randn(50, 8, generator=torch.Generator().manual_seed(8))
     expected = coder.decode(deltas, ref)

@@ -22,7 +22,7 @@ def bottom_up(n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("out_channels", [256, 16])
 def test_keys_channels_strides(out_channels):
-    fpn = FPN(IN_CHANNELS, IN_FEATURES, out_channels)
+    fpn = FPN(in_channels=IN_CHANNELS, in_features=IN_FEATURES, out_channels=out_channels)
     assert fpn.out_features == ["p2", "p3", "p4", "p5", "p6"]
     assert fpn.out_channels == out_channels
     out = fpn(bottom_up())
@@ -36,7 +36,7 @@ def test_keys_channels_strides(out_channels):
 
 
 def test_p6_is_strided_subsample_of_p5():
-    fpn = FPN(IN_CHANNELS, IN_FEATURES, 16)
+    fpn = FPN(in_channels=IN_CHANNELS, in_features=IN_FEATURES, out_channels=16)
     out = fpn(bottom_up())
     torch.testing.assert_close(out["p6"], F.max_pool2d(out["p5"], kernel_size=1, stride=2), atol=0, rtol=0)
     # kernel 1, stride 2 is exactly taking every other cell
@@ -46,7 +46,7 @@ def test_p6_is_strided_subsample_of_p5():
 def test_top_down_matches_reference():
     """P_k = out_k(lat_k(C_k) + nearest_up(top_{k+1})), computed here from the module's own convs."""
     torch.manual_seed(0)
-    fpn = FPN(IN_CHANNELS, IN_FEATURES, 16)
+    fpn = FPN(in_channels=IN_CHANNELS, in_features=IN_FEATURES, out_channels=16)
     with torch.no_grad():  # non-zero biases so a missing bias would show
         for m in fpn.modules():
             if isinstance(m, torch.nn.Conv2d):
@@ -66,7 +66,7 @@ def test_top_down_matches_reference():
 
 def test_odd_sizes():
     """Inputs whose levels do not halve exactly (e.g. an unpadded image) still work."""
-    fpn = FPN(IN_CHANNELS, IN_FEATURES, 8)
+    fpn = FPN(in_channels=IN_CHANNELS, in_features=IN_FEATURES, out_channels=8)
     feats = {"c2": torch.randn(1, 8, 25, 19), "c3": torch.randn(1, 16, 13, 10),
              "c4": torch.randn(1, 24, 7, 5), "c5": torch.randn(1, 32, 4, 3)}
     out = fpn(feats)
@@ -76,7 +76,7 @@ def test_odd_sizes():
 
 
 def test_three_levels_names():
-    fpn = FPN([16, 24, 32], ["c3", "c4", "c5"], 8)
+    fpn = FPN(in_channels=[16, 24, 32], in_features=["c3", "c4", "c5"], out_channels=8)
     assert fpn.out_features == ["p3", "p4", "p5", "p6"]
     feats = bottom_up()
     out = fpn({k: feats[k] for k in ("c3", "c4", "c5")})
@@ -84,7 +84,7 @@ def test_three_levels_names():
 
 
 def test_gradients_reach_all_inputs():
-    fpn = FPN(IN_CHANNELS, IN_FEATURES, 8)
+    fpn = FPN(in_channels=IN_CHANNELS, in_features=IN_FEATURES, out_channels=8)
     feats = {k: v.requires_grad_(True) for k, v in bottom_up(n=1).items()}
     out = fpn(feats)
     sum(v.sum() for v in out.values()).backward()

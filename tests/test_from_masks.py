@@ -12,7 +12,7 @@ import pytest
 from maskrcnn.data.coco import CocoInstances, DatasetError
 from maskrcnn.data.from_masks import masks_to_coco
 from maskrcnn.data.shapes import generate_shapes
-from maskrcnn.data.from_masks import _main
+from maskrcnn.data.from_masks import main
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +168,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mask = np.zeros((20, 30), np.uint8)
     mask[2:8, 2:8] = 1
     images, masks = _write_case(tmp_path, mask)
-    _main(["--images", str(images), "--masks", str(masks), "--category", "cell", "--out", str(tmp_path / "o.json")])
+    main(["--images", str(images), "--masks", str(masks), "--category", "cell", "--out", str(tmp_path / "o.json")])
     assert "1 images, 1 instances" in capsys.readouterr().out
     cv2.imwrite(str(masks / "a_2.png"), np.full((20, 30), 7, np.uint8))
     with pytest.raises(SystemExit, match=r"error: .*a_2\.png: mask has 1 distinct values \(7\)"):
-        _main(["--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "o.json")])
+        main(["--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "o.json")])

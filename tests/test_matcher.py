@@ -13,7 +13,7 @@ def test_constants():
 
 
 def test_thresholds_without_low_quality():
-    m = Matcher(0.7, 0.3, allow_low_quality_matches=False)
+    m = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=False)
     # 2 GT x 6 predictions
     iou = torch.tensor([
         [0.9, 0.7, 0.5, 0.3, 0.29, 0.0],
@@ -27,13 +27,13 @@ def test_thresholds_without_low_quality():
 
 
 def test_threshold_boundaries():
-    m = Matcher(0.5, 0.4)
+    m = Matcher(high_threshold=0.5, low_threshold=0.4)
     iou = torch.tensor([[0.5, 0.4999, 0.4, 0.3999]])
     assert m(iou).tolist() == [0, BETWEEN_THRESHOLDS, BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD]
 
 
 def test_equal_thresholds_no_ignored_band():
-    m = Matcher(0.5, 0.5)  # the RoI-head setting: nothing is ignored
+    m = Matcher(high_threshold=0.5, low_threshold=0.5)  # the RoI-head setting: nothing is ignored
     iou = torch.tensor([[0.5, 0.49, 0.8, 0.0]])
     assert m(iou).tolist() == [0, BELOW_LOW_THRESHOLD, 0, BELOW_LOW_THRESHOLD]
 
@@ -43,9 +43,9 @@ def test_low_quality_match_keeps_best_prediction():
         [0.9, 0.1, 0.0, 0.0],  # GT0: well matched by prediction 0
         [0.0, 0.4, 0.2, 0.0],  # GT1: best IoU only 0.4 (prediction 1)
     ])
-    without = Matcher(0.7, 0.3, allow_low_quality_matches=False)(iou)
+    without = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=False)(iou)
     assert without.tolist() == [0, BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD]
-    with_lq = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    with_lq = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert with_lq.tolist() == [0, 1, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD]
 
 
@@ -53,13 +53,13 @@ def test_low_quality_match_ties_included():
     iou = torch.tensor([
         [0.4, 0.1, 0.4, 0.0, 0.4],  # three predictions tie for GT0's best
     ])
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert got.tolist() == [0, BELOW_LOW_THRESHOLD, 0, BELOW_LOW_THRESHOLD, 0]
 
 
 def test_low_quality_below_low_threshold_still_matched():
     iou = torch.tensor([[0.1, 0.05, 0.0]])  # best IoU below even the low threshold
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert got.tolist() == [0, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD]
 
 
@@ -69,7 +69,7 @@ def test_low_quality_gt_with_zero_overlap_adds_nothing():
         [0.8, 0.0, 0.0],
         [0.0, 0.0, 0.0],
     ])
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert got.tolist() == [0, BELOW_LOW_THRESHOLD, BELOW_LOW_THRESHOLD]
 
 
@@ -80,26 +80,26 @@ def test_low_quality_match_index_is_best_gt_of_prediction():
         [0.6, 0.1],
         [0.5, 0.2],
     ])
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert got[0].item() == 0
     assert got[1].item() == BELOW_LOW_THRESHOLD
 
 
 def test_no_ground_truth_all_background():
     for lq in (False, True):
-        got = Matcher(0.7, 0.3, allow_low_quality_matches=lq)(torch.zeros(0, 5))
+        got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=lq)(torch.zeros(0, 5))
         assert got.shape == (5,)
         assert got.dtype == torch.int64
         assert (got == BELOW_LOW_THRESHOLD).all()
 
 
 def test_no_predictions():
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=False)(torch.zeros(3, 0))
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=False)(torch.zeros(3, 0))
     assert got.shape == (0,)
 
 
 def test_no_predictions_low_quality():
-    got = Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.zeros(3, 0))
+    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(torch.zeros(3, 0))
     assert got.shape == (0,)
 
 
@@ -109,18 +109,18 @@ def test_prediction_with_zero_iou_to_everything():
         [0.75, 0.0],
     ])
     for lq in (False, True):
-        got = Matcher(0.7, 0.3, allow_low_quality_matches=lq)(iou)
+        got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=lq)(iou)
         assert got[1].item() == BELOW_LOW_THRESHOLD
         assert got[0].item() == 0
 
 
 def test_low_greater_than_high_raises():
     with pytest.raises(ValueError):
-        Matcher(0.3, 0.7)
+        Matcher(high_threshold=0.3, low_threshold=0.7)
 
 
 def test_does_not_modify_input():
     iou = torch.tensor([[0.4, 0.9], [0.2, 0.1]])
     before = iou.clone()
-    Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(iou)
     assert torch.equal(iou, before)

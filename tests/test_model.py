@@ -113,9 +113,9 @@ def test_full_training_returns_five_losses_and_detached_proposals(full, monkeypa
     seen = {}
     real_forward = model.roi_heads.forward
 
-    def spy(features, proposals, image_sizes, targets=None, record=None):
+    def spy(features, proposals, *args, **kwargs):
         seen["proposals"] = proposals
-        return real_forward(features, proposals, image_sizes, targets, record)
+        return real_forward(features, proposals, *args, **kwargs)
 
     monkeypatch.setattr(model.roi_heads, "forward", spy)
     losses = model(make_images(), make_targets())

@@ -132,7 +132,7 @@ def test_pooler_matches_per_roi_roi_align(impl, output_size, sampling_ratio, ali
     boxes = make_boxes()
     levels = {fpn_level(bx) for b in boxes for bx in b.tolist()}
     assert levels == {2, 3, 4, 5}  # the case covers every level
-    pooler = MultiScaleRoIAlign(output_size, STRIDES, sampling_ratio, aligned, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=output_size, strides=STRIDES, sampling_ratio=sampling_ratio, aligned=aligned, impl=impl)
     out = pooler(features, boxes)
     ref = reference_pool(features, boxes, output_size, sampling_ratio, aligned)
     assert out.shape == (sum(len(b) for b in boxes), 3, output_size, output_size)
@@ -143,7 +143,7 @@ def test_pooler_matches_per_roi_roi_align(impl, output_size, sampling_ratio, ali
 def test_pooler_keeps_input_roi_order(impl):
     features = make_features()
     boxes = make_boxes()
-    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)
     out = pooler(features, boxes)
     # Permute the RoIs of each image: the output rows follow the same permutation.
     g = torch.Generator().manual_seed(3)
@@ -164,7 +164,7 @@ def test_pooler_keeps_input_roi_order(impl):
 def test_pooler_uses_right_image_of_batch(impl):
     features = make_features()
     box = torch.tensor([square(60, 40, 40)])
-    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)
     on_first = pooler(features, [box, torch.zeros(0, 4)])
     on_second = pooler(features, [torch.zeros(0, 4), box])
     level = fpn_level(box[0].tolist()) - K_MIN
@@ -177,7 +177,7 @@ def test_pooler_uses_right_image_of_batch(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pooler_no_rois(impl):
     features = make_features(c=5)
-    pooler = MultiScaleRoIAlign(7, STRIDES, 0, True, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=0, aligned=True, impl=impl)
     out = pooler(features, [torch.zeros(0, 4), torch.zeros(0, 4)])
     assert out.shape == (0, 5, 7, 7)
     assert out.dtype == features[0].dtype
@@ -187,7 +187,7 @@ def test_pooler_no_rois(impl):
 def test_pooler_gradient_reaches_only_assigned_level(impl):
     features = [f.clone().requires_grad_(True) for f in make_features()]
     box = torch.tensor([square(112, 30, 30)])  # level 3 -> index 1
-    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)
     pooler(features, [box, torch.zeros(0, 4)]).sum().backward()
     for i, f in enumerate(features):
         has_grad = f.grad is not None and f.grad.abs().sum() > 0
@@ -196,7 +196,7 @@ def test_pooler_gradient_reaches_only_assigned_level(impl):
 
 
 def test_pooler_level_range_from_strides():
-    pooler = MultiScaleRoIAlign(7, STRIDES, 0, True, impl="torchvision")
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=0, aligned=True, impl="torchvision")
     assert (pooler.k_min, pooler.k_max) == (2, 5)
     assert pooler.scales == [0.25, 0.125, 0.0625, 0.03125]
 
@@ -215,7 +215,7 @@ def big_image_case(seed: int = 3):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_rois_stay_fp32_with_bf16_features(impl):
     feats, boxes = big_image_case()
-    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)
     seen = []
     inner = pooler._roi_align
 
@@ -234,17 +234,17 @@ def test_rois_stay_fp32_with_bf16_features(impl):
     assert seen and all(d == torch.float32 for d in seen)
     assert out.dtype == torch.bfloat16
     # against the fp32 result on the same (bf16-rounded) features: only the output rounding differs
-    exact = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)([f.float() for f in low], boxes)
+    exact = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)([f.float() for f in low], boxes)
     torch.testing.assert_close(out.float(), exact, atol=2e-2, rtol=1e-2)
     assert (out.float() - ref).abs().max() < 0.1
     # bf16 RoIs instead would move samples by up to 8 px at x > 2048: the results would differ by far more
-    shifted = MultiScaleRoIAlign(7, STRIDES, 2, True, impl=impl)(
+    shifted = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)(
         [f.float() for f in low], [boxes[0].to(torch.bfloat16).float()])
     assert (shifted - exact).abs().max() > 0.2
 
 
 def test_bf16_boxes_are_computed_in_fp32():
     feats, boxes = big_image_case()
-    pooler = MultiScaleRoIAlign(7, STRIDES, 2, True, impl="ours")
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl="ours")
     out = pooler([f.to(torch.bfloat16) for f in feats], [boxes[0].to(torch.bfloat16)])
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from maskrcnn.model.roi_align import RoIAlign, roi_align
+from maskrcnn.model.roi_align import roi_align
 
 ATOL = 1e-5
 
@@ -271,17 +271,6 @@ def test_half_precision(dtype, tol, sampling_ratio):
     out_f.backward(grad)
     assert xh.grad.dtype == dtype
     torch.testing.assert_close(xh.grad.float(), xf.grad, atol=4 * tol, rtol=tol)
-
-
-def test_module_wrapper():
-    m = RoIAlign((7, 5), spatial_scale=0.25, sampling_ratio=2, aligned=True)
-    assert repr(m) == "RoIAlign(output_size=(7, 5), spatial_scale=0.25, sampling_ratio=2, aligned=True)"
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 10, 10, generator=gen)
-    boxes = make_boxes(2, 40, 40, gen)
-    torch.testing.assert_close(m(x, boxes), roi_align(x, boxes, (7, 5), 0.25, 2, True), atol=0, rtol=0)
-    tv = torchvision.ops.RoIAlign((7, 5), 0.25, 2, True)
-    torch.testing.assert_close(m(x, boxes), tv(x, boxes), atol=ATOL, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

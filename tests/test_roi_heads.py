@@ -31,7 +31,7 @@ BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 def box_head_kwargs(score_thresh: float = 0.05, detections_per_image: int = 100) -> dict:
-    return dict(in_channels=C, resolution=7, fc_dim=32, num_classes=K, box_coder=BoxCoder(BOX_WEIGHTS),
+    return dict(in_channels=C, resolution=7, fc_dim=32, num_classes=K, box_coder=BoxCoder(weights=BOX_WEIGHTS),
                 smooth_l1_beta=0.0, score_thresh=score_thresh, nms_thresh=0.5,
                 detections_per_image=detections_per_image)
 
@@ -44,12 +44,12 @@ def make_heads(batch_size_per_image: int = 32, positive_fraction: float = 0.25, 
                score_thresh: float = 0.05, detections_per_image: int = 100, seed: int = 0,
                impl: str = "torchvision") -> RoIHeads:
     torch.manual_seed(seed)
-    box_pooler = MultiScaleRoIAlign(7, STRIDES, 0, True, impl=impl)
-    mask_pooler = MultiScaleRoIAlign(14, STRIDES, 0, True, impl=impl)
+    box_pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=0, aligned=True, impl=impl)
+    mask_pooler = MultiScaleRoIAlign(output_size=14, strides=STRIDES, sampling_ratio=0, aligned=True, impl=impl)
     return RoIHeads(
         in_features=LEVELS, box_pooler=box_pooler, box_head=BoxHead(**box_head_kwargs(score_thresh, detections_per_image)),
-        mask_pooler=mask_pooler, mask_head=MaskHead(**mask_head_kwargs()), matcher=Matcher(0.5, 0.5, False),
-        sampler=BalancedSampler(batch_size_per_image, positive_fraction), add_gt_as_proposals=add_gt)
+        mask_pooler=mask_pooler, mask_head=MaskHead(**mask_head_kwargs()), matcher=Matcher(high_threshold=0.5, low_threshold=0.5),
+        sampler=BalancedSampler(batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction), add_gt_as_proposals=add_gt)
 
 
 def make_features(n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -322,6 +322,12 @@ def test_box_regression_exact_deltas_in_gt_block_give_zero_loss(gt_label):
 
 
 # --------------------------------------------------------------------------------------- mask targets
+def sample(boxes: torch.Tensor, matched_idx: list[int], labels: list[int] | None = None) -> dict:
+    """One image's sampled RoIs as RoIHeads.sample_proposals gives them."""
+    labels = labels if labels is not None else [1] * len(matched_idx)
+    return {"boxes": boxes, "labels": torch.tensor(labels), "matched_idx": torch.tensor(matched_idx)}
+
+
 class FakeMaskHead(MaskHead):
     """A mask head whose layers return logits [F, K+1, S, S] with channel c holding c + offset; its targets,
     loss and inference are the real ones."""
@@ -343,7 +349,7 @@ def test_mask_targets_from_gt_masks():
     t = target([gt_box], [2])
     assert t["masks"][0].sum().item() == 64 * 64
     boxes = torch.tensor([gt_box, [20.0, 30.0, 140.0, 94.0], [20.0, 30.0, 84.0, 150.0]])
-    tg = heads.mask_head.targets([boxes], [torch.tensor([0, 0, 0])], [t["masks"]], 28)
+    tg = heads.mask_head.targets([sample(boxes, [0, 0, 0])], [t], 28)
     assert tg.shape == (3, 28, 28) and tg.dtype == torch.float32
     assert torch.equal(tg[0], torch.ones(28, 28))
     # Wide box: the GT covers x in [20, 84) of [20, 140) -> the first 64/120 * 28 = 14.9 columns.
@@ -357,20 +363,39 @@ def test_mask_targets_follow_matched_index_and_soft_option():
     heads = make_heads()
     t = target([[10.0, 10.0, 40.0, 40.0], [60.0, 20.0, 100.0, 80.0]], [1, 2])
     box = torch.tensor([[50.0, 20.0, 100.0, 80.0]])  # covers GT 1 partly, GT 0 not at all
-    tg1 = heads.mask_head.targets([box], [torch.tensor([1])], [t["masks"]], 28)
-    tg0 = heads.mask_head.targets([box], [torch.tensor([0])], [t["masks"]], 28)
+    tg1 = heads.mask_head.targets([sample(box, [1])], [t], 28)
+    tg0 = heads.mask_head.targets([sample(box, [0])], [t], 28)
     assert tg1.sum() > 0 and tg0.sum() == 0
     heads.mask_head.soft_targets = True
-    soft = heads.mask_head.targets([box], [torch.tensor([1])], [t["masks"]], 28)
+    soft = heads.mask_head.targets([sample(box, [1])], [t], 28)
     assert ((soft > 0) & (soft < 1)).any()  # the boundary column is partly covered
 
 
 def test_mask_loss_uses_logits_of_gt_class():
+    """The mask head names its own loss; it is computed on the logits of each RoI's ground-truth class."""
     head = FakeMaskHead()
     logits = head(torch.zeros(1, C, 14, 14))
-    loss = head.loss(logits, torch.tensor([3]), torch.ones(1, 28, 28))
+    gt_box = [20.0, 30.0, 84.0, 94.0]  # the RoI is its GT box, whose mask fills it: an all-ones target
+    losses = head.losses(logits, [sample(torch.tensor([gt_box]), [0], labels=[3])], [target([gt_box], [3])])
     # All-ones target, logit 3 everywhere: BCE = log(1 + exp(-3)).
-    assert loss.item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)
+    assert set(losses) == {"loss_mask"}
+    assert losses["loss_mask"].item() == pytest.approx(math.log1p(math.exp(-3.0)), rel=1e-5)
+
+
+def test_each_head_selects_its_rois_and_names_its_losses():
+    """The box head learns from every sampled RoI, the mask head from the foreground ones; each returns its
+    losses named (RoIHeads only routes)."""
+    heads = make_heads()
+    s = sample(torch.tensor([[0.0, 0, 10, 10], [5.0, 5, 20, 20], [1.0, 1, 30, 30]]), [0, 0, 0], labels=[2, 0, 1])
+    assert torch.equal(heads.box_head.select([s])[0]["labels"], s["labels"])
+    fg = heads.mask_head.select([s])[0]
+    assert fg["labels"].tolist() == [2, 1] and torch.equal(fg["boxes"], s["boxes"][[0, 2]])
+    heads.train()
+    t = target([[10.0, 10.0, 60.0, 60.0]], [2])
+    _, losses = heads(make_features(1), [random_boxes(20, 1)], [PAD], [t])
+    assert set(losses) == {"loss_cls", "loss_box", "loss_mask"}
+    from maskrcnn.model.roi_heads import RoIHead
+    assert isinstance(heads.box_head, RoIHead) and isinstance(heads.mask_head, RoIHead)
 
 
 @pytest.mark.parametrize("size", [20, 28])

@@ -250,8 +250,8 @@ def test_head_layout_matches_anchor_order():
     moved by the deltas the head put at channels 4a..4a+3 of that cell (detectron2's [N, A*4, H, W])."""
     sizes, strides, ratios = [16, 32, 64, 128, 256], [4, 8, 16, 32, 64], [0.5, 1.0, 2.0]
     rpn = RPN(in_features=["p2", "p3", "p4", "p5", "p6"], in_channels=8,
-              anchor_generator=AnchorGenerator(sizes, ratios, strides), box_coder=BoxCoder((1, 1, 1, 1)),
-              matcher=Matcher(0.7, 0.3, True), sampler=BalancedSampler(64, 0.5), pre_nms_topk=(200, 200),
+              anchor_generator=AnchorGenerator(sizes=sizes, ratios=ratios, strides=strides), box_coder=BoxCoder(weights=(1, 1, 1, 1)),
+              matcher=Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True), sampler=BalancedSampler(batch_size_per_image=64, positive_fraction=0.5), pre_nms_topk=(200, 200),
               post_nms_topk=(100, 100), nms_thresh=0.7)
     rpn.eval()
     H, W = 64, 80

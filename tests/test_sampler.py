@@ -25,7 +25,7 @@ def check_sample(labels: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
 
 def test_plenty_of_both_fills_fraction():
     labels = make_labels(300, 1000, 200)
-    pos, neg = BalancedSampler(256, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
     check_sample(labels, pos, neg)
     assert pos.numel() == 128
     assert neg.numel() == 128
@@ -33,7 +33,7 @@ def test_plenty_of_both_fills_fraction():
 
 def test_positive_fraction_quarter():
     labels = make_labels(500, 2000, 0)
-    pos, neg = BalancedSampler(512, 0.25)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=512, positive_fraction=0.25)(labels)
     check_sample(labels, pos, neg)
     assert pos.numel() == 128
     assert neg.numel() == 384
@@ -41,7 +41,7 @@ def test_positive_fraction_quarter():
 
 def test_fewer_positives_more_negatives():
     labels = make_labels(10, 1000, 50)
-    pos, neg = BalancedSampler(256, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
     check_sample(labels, pos, neg)
     assert pos.numel() == 10
     assert neg.numel() == 246  # negatives fill the rest of the batch
@@ -49,7 +49,7 @@ def test_fewer_positives_more_negatives():
 
 def test_few_of_both_takes_all():
     labels = make_labels(5, 20, 30)
-    pos, neg = BalancedSampler(256, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
     check_sample(labels, pos, neg)
     assert pos.numel() == 5 and neg.numel() == 20
     assert set(pos.tolist()) == set(torch.nonzero(labels >= 1).squeeze(1).tolist())
@@ -59,7 +59,7 @@ def test_few_of_both_takes_all():
 def test_ignored_never_sampled():
     labels = make_labels(3, 4, 5000)
     for _ in range(5):
-        pos, neg = BalancedSampler(256, 0.5)(labels)
+        pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
         check_sample(labels, pos, neg)
         assert (labels[torch.cat((pos, neg))] != -1).all()
 
@@ -67,7 +67,7 @@ def test_ignored_never_sampled():
 def test_labels_above_one_are_positive():
     labels = make_labels(40, 100, 10, pos_value=7)
     labels[:5] = torch.tensor([2, 3, 0, -1, 80])
-    pos, neg = BalancedSampler(64, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=64, positive_fraction=0.5)(labels)
     check_sample(labels, pos, neg)
     num_pos_available = int((labels >= 1).sum())
     assert pos.numel() == min(32, num_pos_available)
@@ -76,21 +76,21 @@ def test_labels_above_one_are_positive():
 
 def test_all_labels_multiclass_positive_set_matches():
     labels = torch.tensor([0, 3, 0, 1, -1, 2, 0])
-    pos, neg = BalancedSampler(100, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=100, positive_fraction=0.5)(labels)
     assert sorted(pos.tolist()) == [1, 3, 5]
     assert sorted(neg.tolist()) == [0, 2, 6]
 
 
 def test_no_positives():
     labels = make_labels(0, 500, 10)
-    pos, neg = BalancedSampler(256, 0.5)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
     assert pos.numel() == 0
     assert neg.numel() == 256
     check_sample(labels, pos, neg)
 
 
 def test_empty_labels():
-    pos, neg = BalancedSampler(256, 0.5)(torch.zeros(0, dtype=torch.int64))
+    pos, neg = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(torch.zeros(0, dtype=torch.int64))
     assert pos.numel() == 0 and neg.numel() == 0
 
 
@@ -99,7 +99,7 @@ def test_random_counts_invariants(seed):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(-1, 3, (400,), generator=g)
     batch, frac = 128, 0.25
-    pos, neg = BalancedSampler(batch, frac)(labels)
+    pos, neg = BalancedSampler(batch_size_per_image=batch, positive_fraction=frac)(labels)
     check_sample(labels, pos, neg)
     n_pos, n_neg = int((labels >= 1).sum()), int((labels == 0).sum())
     assert pos.numel() == min(n_pos, int(batch * frac))
@@ -110,6 +110,6 @@ def test_random_counts_invariants(seed):
 def test_sampling_is_random_subset():
     labels = make_labels(1000, 1000, 0)
     torch.manual_seed(0)
-    a, _ = BalancedSampler(256, 0.5)(labels)
-    b, _ = BalancedSampler(256, 0.5)(labels)
+    a, _ = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
+    b, _ = BalancedSampler(batch_size_per_image=256, positive_fraction=0.5)(labels)
     assert set(a.tolist()) != set(b.tolist())  # a random subset, not the first 128

@@ -278,7 +278,7 @@ def test_anchors_with_strides_from_image_match_torchvision(padded):
     tv_anchors = TVAnchors(tuple((s,) for s in sizes), (ratios,) * 5)
     feats = [torch.empty(1, 1, fh, fw) for fh, fw in feature_sizes]
     expected = tv_anchors(ImageList(torch.empty(1, 3, hp, wp), [(hp, wp)]), feats)[0]
-    ours = AnchorGenerator(sizes, ratios, (4, 8, 16, 32, 64), round_base=True, stride_from_image=True)
+    ours = AnchorGenerator(sizes=sizes, ratios=ratios, strides=(4, 8, 16, 32, 64), round_base=True, stride_from_image=True)
     got = torch.cat(ours(feature_sizes, (hp, wp)))
     assert torch.equal(got, expected)
 

@@ -314,7 +314,7 @@ def test_cpu_amp_trains_in_bf16_and_evaluates(tmp_path):
 
     cfg = load_config("configs/tiny.yaml", ["stage=full", "train.cpu_amp=true", "test.amp=true", "solver.max_iter=2",
                                             f"train.output_dir={tmp_path}", "test.max_images=2", "train.device=cpu"])
-    trainer = Trainer(cfg, tmp_path / "amp", progress=False)
+    trainer = Trainer(cfg, tmp_path / "amp", progress=False, hooks=train.trainer_hooks())
     assert trainer.amp and not trainer.scaler.is_enabled()
     summary = trainer.train()
     assert all(math.isfinite(v) for v in summary["last_losses"].values())

@@ -128,4 +128,4 @@ def test_missing_file_is_downloaded_into_the_cache_with_its_hash(offline_hub, mo
 @pytest.fixture
 def r18_net():
     from maskrcnn.model.backbone import ResNetBottomUp
-    return ResNetBottomUp(18, norm="frozen_bn", freeze_at=2)
+    return ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)

@@ -396,7 +396,7 @@ def _classes(text: str | None) -> list[str] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "masks":  # one converter, one set of options: from_masks owns them
-        from .from_masks import _main as masks_main
+        from .from_masks import main as masks_main
 
         masks_main(argv[1:], prog="python -m maskrcnn.data.convert masks")
         return 0

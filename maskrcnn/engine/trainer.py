@@ -8,6 +8,9 @@ history, so a resumed run continues exactly where the checkpointed one was (bit-
 SIGTERM or SIGINT finishes the current step, writes a checkpoint, prints how to resume and exits with
 128 + the signal number (143, 130); a second signal exits at once.
 
+The trainer depends on nothing above the engine: the end-of-run evaluation, the TensorBoard pictures and weights
+from elsewhere (torchvision's COCO model) reach it as `Hooks` from the entry point (train.py).
+
 Under torchrun the model is wrapped in DistributedDataParallel; each process loads its shard of the global
 order (maskrcnn.data.loader); rank 0 alone writes the run directory (config, TensorBoard, pictures,
 checkpoints of the unwrapped model, metrics) and shows the progress bar. `resolve_batch` adapts the recipe to
@@ -24,8 +27,9 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -41,7 +45,6 @@ from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint
 from ..config import Config, TrainConfig, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
-from ..evaluation.coco_eval import evaluate_model, format_metrics
 from . import distributed
 from .step import train_step
 
@@ -223,11 +226,31 @@ def build_optimizer(params, solver) -> torch.optim.Optimizer:
     raise ValueError(f"solver.optimizer: expected sgd or adamw, got {solver.optimizer!r}")
 
 
+@dataclass
+class Hooks:
+    """What the trainer calls but does not define: train.py passes them in (train.trainer_hooks), so that the
+    engine imports nothing of the evaluation, the drawing or other projects' weights."""
+    # evaluate(model, dataset, device, *, batch_size, max_images, amp, mask_threshold, progress) -> (metrics for
+    # metrics.json, a one-line summary, TensorBoard scalars): the end-of-run evaluation (train.eval_at_end)
+    evaluate: Optional[Callable[..., tuple[dict, str, dict[str, float]]]] = None
+    # log_images(writer, record, iteration, *, class_names, logits): pictures of a step (train.vis_period)
+    log_images: Optional[Callable[..., None]] = None
+    # initialise(model, cfg, class_names) -> report line: weights from elsewhere (train.py --init torchvision);
+    # it may change cfg (the run's config.yaml is written again after it)
+    initialise: Optional[Callable[..., str]] = None
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, init: Optional[str] = None, resume: bool = False,
-                 progress: bool = True, overwrite: bool = False):
+                 progress: bool = True, overwrite: bool = False, hooks: Optional[Hooks] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.hooks = hooks = hooks or Hooks()
+        for key, on, hook in (("train.eval_at_end", cfg.train.eval_at_end, hooks.evaluate),
+                              ("train.vis_period", cfg.train.vis_period > 0, hooks.log_images)):
+            if on and hook is None:
+                raise ValueError(f"{key} is set but this Trainer was given no hook for it (train.py passes "
+                                 "train.trainer_hooks())")
         # Under torchrun (maskrcnn.engine.distributed.init already called): rank 0 writes, every rank trains.
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
@@ -267,15 +290,13 @@ class Trainer:
             self._print(line)
         if self.main:
             save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
-        from_coco = init == "torchvision" and state is None
-        self.model = build_model(cfg, load_weights=state is None and not from_coco)
-        if from_coco:  # torchvision's COCO Mask R-CNN; new class predictors when the classes differ
-            from ..torchvision_weights import load_torchvision_coco
-            report = load_torchvision_coco(self.model, cfg.model.num_classes,
-                                           getattr(self.train_set, "class_names", None), cfg)
-            if self.main:  # frozen-BN eps changed with these weights
+        from_elsewhere = hooks.initialise is not None and state is None
+        self.model = build_model(cfg, load_weights=state is None and not from_elsewhere)
+        if from_elsewhere:  # e.g. torchvision's COCO Mask R-CNN
+            report = hooks.initialise(self.model, cfg, getattr(self.train_set, "class_names", None))
+            if self.main:  # the weights may come with settings (torchvision's: the frozen-BN eps)
                 save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
-            self._print(report.summary())
+            self._print(report)
         elif init and state is None:
             report = partial_load(self.model, init)
             self._print(report.summary())
@@ -550,9 +571,8 @@ class Trainer:
                     writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
                     writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
                 if record is not None:
-                    from ..vis.tensorboard import log_training_images  # drawing only when asked for
-                    log_training_images(writer, record, it, class_names=getattr(self.train_set, "class_names", None),
-                                        logits=not self.model.rpn.sigmoid_scores)
+                    self.hooks.log_images(writer, record, it, class_names=getattr(self.train_set, "class_names", None),
+                                          logits=not self.model.rpn.sigmoid_scores)
                 if it % t.checkpoint_period == 0 and it < s.max_iter:
                     self.checkpoint(it)
                 if self._stop_requested():
@@ -577,13 +597,13 @@ class Trainer:
             summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]}
             summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]}
         if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
-            metrics, results = evaluate_model(self.model, self.val_set, self.device, cfg.test.ims_per_batch,
-                                              cfg.test.max_images, self.eval_precision.autocast,
-                                              cfg.model.roi_heads.mask_threshold, self.progress, "evaluate val")
-            summary["val"] = _strip_summaries(metrics)
-            self._print(f"val: {format_metrics(metrics)}")
+            summary["val"], line, scalars = self.hooks.evaluate(
+                self.model, self.val_set, self.device, batch_size=cfg.test.ims_per_batch,
+                max_images=cfg.test.max_images, amp=self.eval_precision.autocast,
+                mask_threshold=cfg.model.roi_heads.mask_threshold, progress=self.progress)
+            self._print(f"val: {line}")
             if writer is not None:
-                for k, v in _flat_scalars(metrics).items():
+                for k, v in scalars.items():
                     writer.add_scalar(f"val/{k}", v, it)
         if writer is not None:
             writer.close()
@@ -622,13 +642,3 @@ def update_bn_stats(model: torch.nn.Module, loader, num_batches: int, device: to
     model.train(was_training)
     return len(bns)
 
-
-def _strip_summaries(metrics: dict) -> dict:
-    return {k: ({kk: vv for kk, vv in v.items() if kk != "summary"} if isinstance(v, dict) else v)
-            for k, v in metrics.items()}
-
-
-def _flat_scalars(metrics: dict) -> dict[str, float]:
-    if "AR@100" in metrics:
-        return dict(metrics)
-    return {f"{t}_{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t]["stats"].items()}

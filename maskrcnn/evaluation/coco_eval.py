@@ -200,6 +200,21 @@ def evaluate_model(model, dataset, device: torch.device, batch_size: int = 2, ma
     return distributed.broadcast_object(metrics), results
 
 
+def end_of_run_evaluation(model, dataset, device: torch.device, *, batch_size: int, max_images: int, amp: bool,
+                          mask_threshold: float, progress: bool) -> tuple[dict, str, dict[str, float]]:
+    """A training's evaluation of its val split (the trainer's Hooks.evaluate): (the metrics without
+    pycocotools' printed summaries, for metrics.json; one line; TensorBoard scalars)."""
+    metrics, _ = evaluate_model(model, dataset, device, batch_size, max_images, amp, mask_threshold, progress,
+                                "evaluate val")
+    stripped = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"} if isinstance(v, dict) else v)
+                for k, v in metrics.items()}
+    if "AR@100" in metrics:
+        scalars = dict(metrics)
+    else:
+        scalars = {f"{t}_{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t]["stats"].items()}
+    return stripped, format_metrics(metrics), scalars
+
+
 def format_metrics(metrics: dict) -> str:
     if "AR@100" in metrics:
         return " ".join(f"{k} {v:.3f}" for k, v in metrics.items())

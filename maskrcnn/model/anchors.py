@@ -14,7 +14,6 @@ levels of an 800x1333 batch on a CPU, so only the few most recent are worth keep
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -35,7 +34,7 @@ def cell_anchors(size: float, ratios: Sequence[float], round_base: bool = False)
 
 
 class AnchorGenerator(nn.Module):
-    def __init__(self, sizes: Sequence[float], ratios: Sequence[float], strides: Sequence[int],
+    def __init__(self, *, sizes: Sequence[float], ratios: Sequence[float], strides: Sequence[int],
                  round_base: bool = False, offset: float = 0.0, stride_from_image: bool = False,
                  cache_size: int = 16):
         super().__init__()
@@ -93,7 +92,3 @@ class AnchorGenerator(nn.Module):
         return (f"sizes={self.sizes}, ratios={self.ratios}, strides={self.strides}, offset={self.offset}, "
                 f"stride_from_image={self.stride_from_image}, cache_size={self.cache_size}")
 
-
-def level_of_box_size(size: float, canonical: float = 224.0, k0: int = 4) -> int:
-    """FPN level of a box of side `size` px (Lin et al. eq. 1), unclamped."""
-    return int(math.floor(k0 + math.log2(size / canonical + 1e-8)))

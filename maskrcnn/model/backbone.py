@@ -32,7 +32,7 @@ class WeightsUnavailable(RuntimeError):
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters (buffers, not parameters)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, *, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.register_buffer("weight", torch.ones(num_features))
@@ -54,9 +54,10 @@ class FrozenBatchNorm2d(nn.Module):
         return f"FrozenBatchNorm2d({self.weight.shape[0]}, eps={self.eps})"
 
 
-def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+def _norm_layer(norm: str, frozen_bn_eps: float = 1e-5) -> Callable[[int], nn.Module]:
+    """The norm layer torchvision's ResNet builds as norm_layer(channels)."""
     if norm == "frozen_bn":
-        return FrozenBatchNorm2d
+        return lambda c: FrozenBatchNorm2d(num_features=c, eps=frozen_bn_eps)
     if norm == "bn":
         return nn.BatchNorm2d
     if norm == "gn":
@@ -64,26 +65,29 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"unknown norm '{norm}' (frozen_bn | bn | gn)")
 
 
-def _freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """BatchNorm layers of a frozen stage become FrozenBatchNorm2d, so their statistics stop moving too."""
+def _freeze_batchnorm(module: nn.Module, eps: float) -> nn.Module:
+    """BatchNorm layers of a frozen stage become FrozenBatchNorm2d (with `eps`), so their statistics stop moving
+    too."""
     if isinstance(module, nn.BatchNorm2d):
-        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+        frozen = FrozenBatchNorm2d(num_features=module.num_features, eps=eps)
         frozen.load_state_dict(module.state_dict())
         return frozen
     for name, child in module.named_children():
-        new = _freeze_batchnorm(child)
+        new = _freeze_batchnorm(child, eps)
         if new is not child:
             setattr(module, name, new)
     return module
 
 
 class ResNetBottomUp(nn.Module):
-    def __init__(self, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2):
+    def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, frozen_bn_eps: float = 1e-5):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
-        net = getattr(torchvision.models, _RESNETS[depth])(weights=None, norm_layer=_norm_layer(norm))
+        net = getattr(torchvision.models, _RESNETS[depth])(weights=None,
+                                                          norm_layer=_norm_layer(norm, frozen_bn_eps))
         self.depth = depth
+        self.frozen_bn_eps = frozen_bn_eps  # eps of every FrozenBatchNorm2d (torchvision's COCO weights use 0.0)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if depth >= 50 else 1
@@ -96,7 +100,7 @@ class ResNetBottomUp(nn.Module):
         stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
         for stage in stages[: max(0, freeze_at)]:
             for name in stage:
-                module = _freeze_batchnorm(getattr(self, name))
+                module = _freeze_batchnorm(getattr(self, name), self.frozen_bn_eps)
                 setattr(self, name, module)
                 for p in module.parameters():
                     p.requires_grad_(False)

@@ -14,7 +14,7 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 class BoxCoder:
-    def __init__(self, weights: tuple[float, float, float, float], scale_clamp: float = DEFAULT_SCALE_CLAMP):
+    def __init__(self, *, weights: tuple[float, float, float, float], scale_clamp: float = DEFAULT_SCALE_CLAMP):
         self.weights = tuple(float(w) for w in weights)
         self.scale_clamp = scale_clamp
 

@@ -1,5 +1,5 @@
 """The Fast R-CNN box head: two shared FC layers, class scores and class-specific box deltas, with its own
-loss and its own inference (class-specific decoding, per-class NMS, top-k).
+training targets, losses and inference (class-specific decoding, per-class NMS, top-k): a RoIHead.
 
 Shapes: R RoIs over the batch (Ri per image); K classes (labels 1..K, 0 background); S pool size (7);
 D detections per image.
@@ -16,9 +16,10 @@ from .box_coder import BoxCoder
 from .box_ops import clip_boxes, nonempty
 from .losses import smooth_l1_sum
 from .precision import fp32
+from .roi_heads import RoIHead, Samples
 
 
-class BoxHead(nn.Module):
+class BoxHead(RoIHead):
     def __init__(self, *, in_channels: int, resolution: int, fc_dim: int, num_classes: int, box_coder: BoxCoder,
                  smooth_l1_beta: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_image: int = 100, min_box_size: float = 1e-2):
@@ -54,26 +55,50 @@ class BoxHead(nn.Module):
         # fp32 under autocast: the scores rank detections for NMS and the deltas become pixels (precision.py)
         return fp32(self.cls_score, x), fp32(self.bbox_pred, x)
 
-    def losses(self, scores: Tensor, deltas: Tensor, rois: Tensor, labels: Tensor, gt_boxes: Tensor
+    def select(self, samples: Samples) -> Samples:
+        """Every sampled RoI: the classifier learns from background RoIs too."""
+        return samples
+
+    @torch.no_grad()
+    def targets(self, samples: Samples, targets: list[dict]) -> tuple[Tensor, Tensor]:
+        """(labels [R] 0..K, regression deltas [R, 4]) of the sampled RoIs: each foreground RoI encoded against
+        its matched ground-truth box; zeros for background RoIs (no box loss there)."""
+        labels = torch.cat([s["labels"] for s in samples])
+        rois = torch.cat([s["boxes"] for s in samples]).float()
+        matched = torch.cat([t["boxes"][s["matched_idx"]] if t["boxes"].numel() else s["boxes"]
+                             for s, t in zip(samples, targets)])  # [R, 4], any box for background
+        fg = torch.nonzero(labels > 0).squeeze(1)
+        deltas = rois.new_zeros(rois.shape)
+        deltas[fg] = self.box_coder.encode(rois[fg], matched[fg])
+        return labels, deltas
+
+    def losses(self, predictions: tuple[Tensor, Tensor], samples: Samples, targets: list[dict]
                ) -> dict[str, Tensor]:
         """Classification over all sampled RoIs; box regression on the foreground RoIs, on the deltas of
-        their ground-truth class, normalised by all sampled RoIs (detectron2). rois [R, 4], labels [R]
-        (0 background), gt_boxes [R, 4] the matched ground truth (any box for background RoIs)."""
+        their ground-truth class, normalised by all sampled RoIs (detectron2)."""
+        scores, deltas = predictions
+        labels, reg_targets = self.targets(samples, targets)
         if labels.numel() == 0:  # no RoI sampled at all (no proposals, no GT): zero losses, graph kept
             zero = scores.sum() * 0 + deltas.sum() * 0
             return {"loss_cls": zero, "loss_box": zero.clone()}
         loss_cls = F.cross_entropy(scores.float(), labels)
         fg = torch.nonzero(labels > 0).squeeze(1)
-        reg_targets = self.box_coder.encode(rois[fg], gt_boxes[fg])
         fg_deltas = deltas.view(deltas.shape[0], self.num_classes + 1, 4)[fg, labels[fg]]  # [F, 4]
-        loss_box = smooth_l1_sum(fg_deltas, reg_targets, self.smooth_l1_beta) / labels.numel()
+        loss_box = smooth_l1_sum(fg_deltas, reg_targets[fg], self.smooth_l1_beta) / labels.numel()
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
+    def inference_rois(self, results: list[dict]) -> list[Tensor]:
+        """The proposals: the box head makes the detections."""
+        return [r["proposals"] for r in results]
+
     @torch.no_grad()
-    def inference(self, scores: Tensor, deltas: Tensor, proposals: list[Tensor],
-                  image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Per image dict(boxes [D, 4], scores [D], labels [D]): class-specific boxes, score threshold,
-        per-class NMS, the top `detections_per_image`."""
+    def inference(self, predictions: tuple[Tensor, Tensor], results: list[dict]) -> list[dict[str, Tensor]]:
+        """Per image dict(boxes [D, 4], scores [D], labels [D]) from the scores and deltas of the proposals in
+        `results` (dict(proposals, image_size)): class-specific boxes, score threshold, per-class NMS, the top
+        `detections_per_image`."""
+        scores, deltas = predictions
+        proposals = [r["proposals"] for r in results]
+        image_sizes = [r["image_size"] for r in results]
         probs = F.softmax(scores.float(), dim=-1)[:, 1:]  # [R, K], background dropped
         boxes = self.box_coder.decode(deltas, torch.cat(proposals))  # [R, 4(K+1)]
         boxes = boxes.view(-1, self.num_classes + 1, 4)[:, 1:]  # [R, K, 4]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 
 class FPN(nn.Module):
-    def __init__(self, in_channels: Sequence[int], in_features: Sequence[str], out_channels: int = 256):
+    def __init__(self, *, in_channels: Sequence[int], in_features: Sequence[str], out_channels: int = 256):
         super().__init__()
         self.in_features = list(in_features)  # fine to coarse, e.g. c2..c5
         # Output names follow the input level numbers: c2 -> p2, ... plus one extra max-pooled level.

@@ -80,7 +80,3 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
             setattr(parent, bn_name, nn.Identity())
     return model
 
-
-def count_batchnorms(model: nn.Module) -> int:
-    """BatchNorm layers (frozen or not) left in `model`."""
-    return sum(isinstance(m, _BN_TYPES) for m in model.modules())

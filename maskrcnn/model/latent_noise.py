@@ -1,9 +1,12 @@
-"""LatentNoise: a pluggable perturbation of the bottom-up features before the FPN ("prior to the RPN").
+"""LatentNoise: a pluggable perturbation of a dict of feature tensors. The model applies it at one site
+(`MaskRCNN.noise_site`): the bottom-up features before the FPN ("prior to the RPN", the default), the FPN's
+outputs, or the pooled RoI features before the box and mask heads.
 
-Identity unless enabled. Seed 000's rule is the preset `LatentNoise.seed000()`: c5 multiplied by
-U(0.8, 1.2), one value per spatial position shared over batch and channels, in training only.
+Identity unless enabled. Seed 000's rule is the preset `LatentNoise.uniform_c5_per_position()`: c5 multiplied
+by U(0.8, 1.2), one value per spatial position shared over batch and channels, in training only.
 
-Shapes: features {"c2".."c5"}: [N, C, H, W] each; noise tensors broadcast to these:
+Shapes: features {name: [N, C, H, W]} (bottom-up c2..c5, FPN p2..p6, or pooled RoIs {"box": [R, C, 7, 7],
+"mask": [F, C, 14, 14]}, where N counts RoIs); noise tensors broadcast to these:
 element [N, C, H, W] | position [1, 1, H, W] | channel [1, C, 1, 1].
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ SHAPES = ("element", "position", "channel")
 class LatentNoise(nn.Module):
     def __init__(
         self,
+        *,
         enabled: bool = False,
         levels: Sequence[str] = ("c5",),
         mode: str = "multiplicative",
@@ -48,8 +52,8 @@ class LatentNoise(nn.Module):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @classmethod
-    def seed000(cls, seed: Optional[int] = None) -> "LatentNoise":
-        """c5 x U(0.8, 1.2), one value per position, training only."""
+    def uniform_c5_per_position(cls, seed: Optional[int] = None) -> "LatentNoise":
+        """Seed 000's rule: c5 x U(0.8, 1.2), one value per position, training only."""
         return cls(enabled=True, levels=("c5",), mode="multiplicative", distribution="uniform",
                    strength=0.2, shape="position", train_only=True, seed=seed)
 
@@ -95,13 +99,14 @@ class LatentNoise(nn.Module):
         return self.enabled and self.strength > 0 and (self.training or not self.train_only)
 
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        """{"c2".."c5"} -> the same keys and shapes; only `levels` are perturbed."""
+        """{name: [N, C, H, W]} -> the same keys and shapes; the ones among `levels` are perturbed. (Which names a
+        site passes is checked when the model is built: the RoI site passes "box" and "mask" in separate calls.)"""
         if not self.active():
             return features
         out = dict(features)
         for level in self.levels:
             if level not in features:
-                raise KeyError(f"LatentNoise level '{level}' not among the features {list(features)}")
+                continue
             x = features[level]
             noise = self.sample(x)
             if self.mode == "multiplicative":
@@ -110,8 +115,10 @@ class LatentNoise(nn.Module):
                 out[level] = x + noise.to(x.dtype) * x.detach().float().std().to(x.dtype)
         return out
 
-    def extra_repr(self) -> str:
-        if not self.enabled:
-            return "enabled=False (identity)"
+    def describe(self) -> str:
+        """The settings, whether or not it is enabled (what probe(noise=True) switches on)."""
         return (f"levels={self.levels}, mode={self.mode}, distribution={self.distribution}, "
                 f"strength={self.strength}, shape={self.shape}, train_only={self.train_only}, seed={self.seed}")
+
+    def extra_repr(self) -> str:
+        return self.describe() if self.enabled else "enabled=False (identity)"

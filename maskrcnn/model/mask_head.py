@@ -1,5 +1,5 @@
 """The mask head: num_convs x (3x3 conv, ReLU), a 2x2 stride-2 deconv, a 1x1 conv giving one mask logit map
-per class; with its own targets, loss and inference.
+per class; with its own choice of RoIs (the foreground ones), targets, loss and inference: a RoIHead.
 
 Shapes: F foreground RoIs over the batch; K classes; Sm mask-pool size (14); M mask size (28, whatever the
 layers make of Sm: it is read from the logits, never assumed).
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .mask_targets import mask_targets
+from .roi_heads import RoIHead, Samples
 
 
-class MaskHead(nn.Module):
+class MaskHead(RoIHead):
     def __init__(self, *, in_channels: int, conv_dim: int, num_convs: int, num_classes: int,
                  aligned: bool = True, soft_targets: bool = False):
         super().__init__()
@@ -45,28 +46,42 @@ class MaskHead(nn.Module):
             x = F.relu(conv(x), inplace=True)  # in place: a conv's backward does not need its output
         return self.predictor(F.relu(self.deconv(x), inplace=True))
 
-    @torch.no_grad()
-    def targets(self, boxes: list[Tensor], matched_idx: list[Tensor], gt_masks: list[Tensor], size: int
-                ) -> Tensor:
-        """[F, size, size] float targets: per image, each RoI box [Fi, 4] cut from its matched ground-truth
-        mask (gt_masks [Mi, H, W], index matched_idx [Fi]) as RoIAlign would (mask_targets.py computes it
-        inside each box only); thresholded at 0.5 unless soft."""
-        return torch.cat([mask_targets(masks, idx, b, size, self.aligned, self.soft_targets)
-                          for b, idx, masks in zip(boxes, matched_idx, gt_masks)])
+    def select(self, samples: Samples) -> Samples:
+        """The foreground RoIs of each image (a mask is learnt only where there is an object)."""
+        return [{k: v[s["labels"] > 0] for k, v in s.items()} for s in samples]
 
-    def loss(self, logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
-        """Per-pixel binary cross-entropy on the logits of each RoI's ground-truth class. logits [F, K+1, M, M],
-        labels [F] 1..K, targets [F, M, M]."""
+    @torch.no_grad()
+    def targets(self, samples: Samples, targets: list[dict], size: int = 28) -> Tensor:
+        """[F, size, size] float targets: per image, each foreground RoI box cut from its matched ground-truth
+        mask (targets[i]["masks"] [Mi, H, W]) as RoIAlign would (mask_targets.py computes it inside each box
+        only); thresholded at 0.5 unless soft."""
+        return torch.cat([mask_targets(t["masks"], s["matched_idx"], s["boxes"], size, self.aligned,
+                                       self.soft_targets) for s, t in zip(samples, targets)])
+
+    def losses(self, predictions: Tensor, samples: Samples, targets: list[dict]) -> dict[str, Tensor]:
+        """{"loss_mask": per-pixel binary cross-entropy on the logits [F, K+1, M, M] of each foreground RoI's
+        ground-truth class}, against targets of the logits' own size M."""
+        logits = predictions
+        labels = torch.cat([s["labels"] for s in samples])  # [F] 1..K
         if labels.numel() == 0:
-            return logits.sum() * 0  # keeps the graph connected for DDP/AMP, value 0
+            return {"loss_mask": logits.sum() * 0}  # keeps the graph connected for DDP/AMP, value 0
+        target_masks = self.targets(samples, targets, logits.shape[-1])
         logits = logits[torch.arange(labels.numel(), device=labels.device), labels]  # [F, M, M]
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+        return {"loss_mask": F.binary_cross_entropy_with_logits(logits.float(), target_masks.float())}
+
+    def inference_rois(self, results: list[dict]) -> list[Tensor]:
+        """The detected boxes."""
+        return [r["boxes"] for r in results]
 
     @torch.no_grad()
-    def inference(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Mask probabilities [D, 1, M, M] of each detection's class (labels [D])."""
-        probs = logits[torch.arange(labels.numel(), device=labels.device), labels].float().sigmoid()
-        return probs[:, None]
+    def inference(self, predictions: Tensor, results: list[dict]) -> list[dict]:
+        """Each detection gets "masks" [Di, 1, M, M]: the mask probabilities of its class (pasted into the image
+        by the model's postprocess)."""
+        labels = torch.cat([r["labels"] for r in results])
+        probs = predictions[torch.arange(labels.numel(), device=labels.device), labels].float().sigmoid()[:, None]
+        for r, m in zip(results, probs.split([len(r["boxes"]) for r in results])):
+            r["masks"] = m
+        return results
 
     def extra_repr(self) -> str:
         return f"aligned={self.aligned}, soft_targets={self.soft_targets}"

@@ -16,7 +16,7 @@ bin's gh x gw sample grid is too, so for one RoI
 
 with torchvision's border rules (samples more than a pixel outside dropped, the rest clamped) folded into
 Ay and Ax. Ay is banded (bin p only reads the ~2 gh rows under it), so both products are sparse bag-sums
-(F.embedding_bag, as in maskrcnn.model.roi_align): first over the mask rows the RoIs read (only those rows
+(F.embedding_bag, as in maskrcnn.model.roi_align; the sample positions and weights of maskrcnn.model.sampling): first over the mask rows the RoIs read (only those rows
 are converted to float), giving [F, S, W], then over its columns, giving [F, S, S]. Cost ~2 x RoI height x W
 per RoI, memory F x S x W floats (RoIs processed in chunks above a budget), never an [entries, ...] buffer.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .roi_align import _axis_samples, _exclusive_cumsum, _segment_ids
+from .sampling import axis_samples, exclusive_cumsum, segment_ids
 
 __all__ = ["mask_targets"]
 
@@ -42,11 +42,11 @@ def _axis_entries(start: Tensor, bin_size: Tensor, size: int, length: int) -> tu
     start, bin_size: [F] RoI start and bin size on this axis (mask pixels); length: H or W of the mask.
     Returns pos [E] (mask row / column read), weight [E], roi [E] (the RoI of each entry), offsets [F * size]."""
     grid = torch.ceil(bin_size).clamp(min=0).long()  # adaptive sampling: ceil(roi / S) samples per bin
-    pos, weight = _axis_samples(start, bin_size, grid, size, length, torch.int64)  # [T, 2]: (roi, bin, sample)
+    pos, weight = axis_samples(start, bin_size, grid, size, length, torch.int64)  # [T, 2]: (roi, bin, sample)
     n = grid * size  # samples of each RoI
-    roi = _segment_ids(n, int(n.sum()))
+    roi = segment_ids(n, int(n.sum()))
     weight = weight / grid.index_select(0, roi).clamp(min=1).to(weight.dtype)[:, None]  # the bin's mean
-    offsets = _exclusive_cumsum((2 * grid).repeat_interleave(size))  # 2 neighbours x grid samples per bin
+    offsets = exclusive_cumsum((2 * grid).repeat_interleave(size))  # 2 neighbours x grid samples per bin
     return pos.reshape(-1), weight.reshape(-1), roi.repeat_interleave(2), offsets
 
 

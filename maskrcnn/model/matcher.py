@@ -13,7 +13,7 @@ BETWEEN_THRESHOLDS = -2  # low <= IoU < high: ignored in the loss
 
 
 class Matcher:
-    def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False):
+    def __init__(self, *, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False):
         if low_threshold > high_threshold:
             raise ValueError(f"low_threshold {low_threshold} > high_threshold {high_threshold}")
         self.high = high_threshold

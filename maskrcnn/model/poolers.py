@@ -49,7 +49,7 @@ def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_size: float, 
 
 
 class MultiScaleRoIAlign(nn.Module):
-    def __init__(self, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool,
+    def __init__(self, *, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool,
                  canonical_box_size: float = 224.0, canonical_level: int = 4, impl: str = "ours",
                  level_mapper: str = "detectron2"):
         super().__init__()

@@ -29,10 +29,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align", "RoIAlign"]
+from .sampling import axis_samples, exclusive_cumsum, segment_ids
+
+__all__ = ["roi_align"]
 
 BoxesT = Union[Tensor, Sequence[Tensor]]
 
@@ -62,67 +64,6 @@ def _boxes_to_rois(boxes: BoxesT) -> Tensor:
         return torch.zeros(0, 5)
     ids = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
     return torch.cat([torch.cat(ids, 0), torch.cat(boxes, 0)], dim=1)
-
-
-def _exclusive_cumsum(x: Tensor) -> Tensor:
-    return torch.cumsum(x, 0, dtype=x.dtype) - x
-
-
-def _segment_ids(counts: Tensor, total: int) -> Tensor:
-    """[sum(counts)] segment id of each position, == arange(len(counts)).repeat_interleave(counts)."""
-    if counts.numel() >= 16384:
-        return torch.repeat_interleave(counts, output_size=total)
-    # torch.repeat_interleave opens a parallel region even for tiny inputs,
-    # which costs milliseconds on a busy CPU; for small segment counts mark
-    # the segment starts and take a running sum instead (empty segments just
-    # add more than one mark at the same position).
-    marks = torch.zeros(total + 1, dtype=counts.dtype, device=counts.device)
-    marks.index_add_(0, _exclusive_cumsum(counts), torch.ones_like(counts))
-    return torch.cumsum(marks[:total], 0, dtype=counts.dtype) - 1
-
-
-def _axis_samples(
-    start: Tensor, bin_size: Tensor, grid: Union[int, Tensor], pooled: int, size: int, idt: torch.dtype
-) -> Tuple[Tensor, Tensor]:
-    """Sample coordinates along one axis and their two bilinear neighbours.
-
-    start, bin_size: [K]; grid: an int (fixed sampling ratio) or Tensor[K] of
-    per-RoI grid sizes (adaptive).  Returns ``(pos, weight)``, both [T, 2]:
-    the low/high neighbour pixel (dtype idt) and its 1-D bilinear weight (zero
-    for samples torchvision discards), T = sum_k pooled * grid_k, ordered
-    (roi, bin, sample) -- for a fixed grid simply [K * pooled * grid, 2].
-    """
-    dt, dev = start.dtype, start.device
-    if isinstance(grid, int):
-        p = torch.arange(pooled, device=dev, dtype=dt).view(1, -1, 1)
-        i = (torch.arange(grid, device=dev, dtype=dt) + 0.5).view(1, 1, -1)
-        s, b = start.view(-1, 1, 1), bin_size.view(-1, 1, 1)
-        # Same operation order as torchvision, so sample positions round identically.
-        coord = ((s + p * b) + (i * b) / grid).reshape(-1)
-    else:
-        n = grid * pooled
-        total = int(n.sum())
-        roi = _segment_ids(n, total)
-        local = torch.arange(total, device=dev) - _exclusive_cumsum(n).index_select(0, roi)
-        g = grid.index_select(0, roi)
-        p = torch.div(local, g, rounding_mode="floor")
-        i = local - p * g
-        b = bin_size.index_select(0, roi)
-        coord = (start.index_select(0, roi) + p.to(dt) * b) + ((i.to(dt) + 0.5) * b) / g.to(dt)
-
-    # torchvision drops samples more than one pixel outside the map (NaN
-    # counts as outside here) and clamps the rest onto it.
-    inside = (coord >= -1.0) & (coord <= size)
-    valid = inside.to(dt)
-    c = torch.where(inside, coord.clamp(min=0.0), torch.zeros_like(coord))  # in [0, size]
-    lo = c.to(idt)  # c >= 0, so truncation == floor
-    edge = lo >= size - 1
-    lo = torch.where(edge, torch.full_like(lo, size - 1), lo)
-    hi = torch.where(edge, lo, lo + 1)
-    frac = torch.where(edge, torch.zeros_like(c), c - lo.to(dt))
-    pos = torch.stack([lo, hi], dim=-1)
-    weight = torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
-    return pos, weight
 
 
 class _BagSum(torch.autograd.Function):
@@ -200,8 +141,8 @@ def _build_entries(rois: Tensor, oh: int, ow: int, spatial_scale: float, samplin
     if sampling_ratio > 0:
         g = int(sampling_ratio)
         m = 4 * g * g  # entries per bag: g*g samples x 4 neighbours
-        ypos, yw = _axis_samples(start_h, bin_h, g, oh, H, idt)
-        xpos, xw = _axis_samples(start_w, bin_w, g, ow, W, idt)
+        ypos, yw = axis_samples(start_h, bin_h, g, oh, H, idt)
+        xpos, xw = axis_samples(start_w, bin_w, g, ow, W, idt)
         # [K, oh, 2g] row starts and [K, ow, 2g] columns; broadcast to
         # [K, oh, ow, 2g, 2g]: every (y neighbour, x neighbour) pair of a bin.
         yrow = (base.view(-1, 1, 1) + ypos.view(K, oh, 2 * g) * W).view(K, oh, 1, 2 * g, 1)
@@ -217,14 +158,14 @@ def _build_entries(rois: Tensor, oh: int, ow: int, spatial_scale: float, samplin
     # Adaptive grids differ per RoI, so the entries are ragged. Build them
     # in two ragged levels without any Python loop over RoIs:
     #   bag (k, ph, pw) -> its 2*gh y-neighbour "rows" -> 2*gw x-neighbours.
-    ypos, yw = _axis_samples(start_h, bin_h, gh, oh, H, idt)
-    xpos, xw = _axis_samples(start_w, bin_w, gw, ow, W, idt)
+    ypos, yw = axis_samples(start_h, bin_h, gh, oh, H, idt)
+    xpos, xw = axis_samples(start_w, bin_w, gw, ow, W, idt)
     ypos, yw, xpos, xw = ypos.reshape(-1), yw.reshape(-1), xpos.reshape(-1), xw.reshape(-1)
     gh, gw = gh.to(idt), gw.to(idt)
     inv_count = 1.0 / (gh * gw).clamp(min=1).to(cdt)
     # Where each RoI's block starts in the flat y / x tables.
-    y_start = _exclusive_cumsum(2 * oh * gh)
-    x_start = _exclusive_cumsum(2 * ow * gw)
+    y_start = exclusive_cumsum(2 * oh * gh)
+    x_start = exclusive_cumsum(2 * ow * gw)
 
     # Bag level, [B] in (k, ph, pw) order.
     k_b = torch.arange(K, device=dev, dtype=idt).view(K, 1, 1).expand(K, oh, ow).reshape(-1)
@@ -238,24 +179,24 @@ def _build_entries(rois: Tensor, oh: int, ow: int, spatial_scale: float, samplin
 
     # Row level: one per (bag, y neighbour), R = sum_b 2 * gh_b.
     num_rows = int(2 * oh * ow * gh.sum())
-    bag_r = _segment_ids(2 * gh_b, num_rows)
+    bag_r = segment_ids(2 * gh_b, num_rows)
     # yi = y0 of the bag + position within the bag, folded into one gather.
-    y_shift = y0_b - _exclusive_cumsum(2 * gh_b)
+    y_shift = y0_b - exclusive_cumsum(2 * gh_b)
     yi = torch.arange(num_rows, device=dev, dtype=idt) + y_shift.index_select(0, bag_r)
     row_base = base_b.index_select(0, bag_r) + ypos.index_select(0, yi) * W
     row_wt = yw.index_select(0, yi) * wt_b.index_select(0, bag_r)
     row_len = 2 * gw_b.index_select(0, bag_r)
 
     # Entry level: one per (row, x neighbour), E = sum_r row_len.
-    row_e = _segment_ids(row_len, num_entries)
+    row_e = segment_ids(row_len, num_entries)
     # xi = x0 of the bag + position within the row, folded into one gather.
-    x_shift = x0_b.index_select(0, bag_r) - _exclusive_cumsum(row_len)
+    x_shift = x0_b.index_select(0, bag_r) - exclusive_cumsum(row_len)
     xi = torch.arange(num_entries, device=dev, dtype=idt) + x_shift.index_select(0, row_e)
     index = row_base.index_select(0, row_e) + xpos.index_select(0, xi)
     weight = row_wt.index_select(0, row_e) * xw.index_select(0, xi)
     if need_bag_of:  # only the backward needs it
         bag_of = bag_r.index_select(0, row_e)
-    offsets = _exclusive_cumsum(4 * gh_b * gw_b)
+    offsets = exclusive_cumsum(4 * gh_b * gw_b)
     return index, weight, offsets, bag_of, bag_len
 
 
@@ -395,29 +336,3 @@ def roi_align(
     # copy); the heads' convolutions run fastest on it, and .flatten / .reshape copy where they need to.
     out = out.view(K, oh, ow, C).permute(0, 3, 1, 2)
     return out if out.dtype == input.dtype else out.to(input.dtype)
-
-
-class RoIAlign(nn.Module):
-    """Module wrapper of :func:`roi_align`; forward(input [N,C,H,W], boxes) -> [K, C, oh, ow]."""
-
-    def __init__(
-        self,
-        output_size: Union[int, Tuple[int, int], List[int]],
-        spatial_scale: float,
-        sampling_ratio: int,
-        aligned: bool = False,
-    ) -> None:
-        super().__init__()
-        self.output_size = _pair(output_size)
-        self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio = int(sampling_ratio)
-        self.aligned = bool(aligned)
-
-    def forward(self, input: Tensor, rois: BoxesT) -> Tensor:
-        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})"
-        )

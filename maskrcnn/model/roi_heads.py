@@ -1,32 +1,68 @@
-"""RoI heads: proposal labelling and sampling, and the routing of RoIs through the poolers to the box head
-and the mask head. Each head owns its loss and its inference (box_head.py, mask_head.py).
+"""RoI heads: proposal labelling and sampling, and the routing of RoIs through the poolers to the heads. Each
+head (box_head.py, mask_head.py) owns its training targets, its named losses and its inference; what a head
+must offer is written once, in `RoIHead` below, so another head class is a new file and a line in build.py.
 
 Shapes: N images; R sampled RoIs over the batch (Ri per image); F foreground RoIs; K classes (labels 1..K,
 0 background); D detections.
-  training:  proposals [Pi, 4] (+ GT) -> sample Ri -> box pooler [R, C, S, S] -> box head losses
-             foreground RoIs -> mask pooler [F, C, Sm, Sm] -> mask head loss
-  inference: proposals [Pi, 4] -> box pooler -> box head inference [Di, 4]
-             detections -> mask pooler -> mask head inference [Di, 1, M, M]
+  training:  proposals [Pi, 4] (+ GT) -> sample Ri -> per head: its RoIs (box: all, mask: foreground)
+             -> its pooler [R', C, S, S] -> (the model's RoI noise site) -> the head's losses
+  inference: proposals [Pi, 4] -> box pooler -> box head inference (detections [Di, 4])
+             -> detections -> mask pooler -> mask head inference (masks [Di, 1, M, M])
 """
 from __future__ import annotations
 
-from typing import Optional
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .box_head import BoxHead
 from .box_ops import box_iou
-from .mask_head import MaskHead
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
 from .poolers import MultiScaleRoIAlign
 from .sampler import BalancedSampler
 
+Samples = list[dict[str, Tensor]]  # per image dict(boxes [Ri, 4], labels [Ri] (0 background), matched_idx [Ri])
+
+
+class RoIHead(nn.Module, ABC):
+    """What RoIHeads asks of a head. `results` are per-image dicts: for the first head (the box head) the
+    proposals and image size ({"proposals": [Pi, 4], "image_size": (h, w)}), for the next ones the detections
+    so far ({"boxes", "scores", "labels", ...})."""
+
+    @abstractmethod
+    def select(self, samples: Samples) -> Samples:
+        """The sampled RoIs this head learns from, per image (e.g. all of them, or the foreground ones)."""
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> Any:
+        """Pooled RoI features [R, C, S, S] -> this head's predictions."""
+
+    @abstractmethod
+    def targets(self, samples: Samples, targets: list[dict]) -> Any:
+        """The training targets of the selected RoIs `samples`, from the ground truth `targets`."""
+
+    @abstractmethod
+    def losses(self, predictions: Any, samples: Samples, targets: list[dict]) -> dict[str, Tensor]:
+        """Named losses of the predictions for the selected RoIs (e.g. {"loss_mask": ...})."""
+
+    @abstractmethod
+    def inference_rois(self, results: list[dict]) -> list[Tensor]:
+        """The boxes per image this head pools at inference (proposals, or the detections so far)."""
+
+    @abstractmethod
+    def inference(self, predictions: Any, results: list[dict]) -> list[dict]:
+        """The detections per image with this head's outputs added (or made, by the first head)."""
+
+    @abstractmethod
+    def reset_predictor(self) -> None:
+        """Fresh class-specific predictor layers (fine-tuning on other classes)."""
+
 
 class RoIHeads(nn.Module):
-    def __init__(self, *, in_features: list[str], box_pooler: MultiScaleRoIAlign, box_head: BoxHead,
+    def __init__(self, *, in_features: list[str], box_pooler: MultiScaleRoIAlign, box_head: RoIHead,
                  matcher: Matcher, sampler: BalancedSampler, mask_pooler: Optional[MultiScaleRoIAlign] = None,
-                 mask_head: Optional[MaskHead] = None, add_gt_as_proposals: bool = True):
+                 mask_head: Optional[RoIHead] = None, add_gt_as_proposals: bool = True):
         super().__init__()
         if (mask_pooler is None) != (mask_head is None):
             raise ValueError("the mask head needs its pooler and the pooler its head")
@@ -43,8 +79,15 @@ class RoIHeads(nn.Module):
     def mask_on(self) -> bool:
         return self.mask_head is not None
 
+    def heads(self) -> list[tuple[str, MultiScaleRoIAlign, RoIHead]]:
+        """(name, pooler, head) in the order they run: the box head first (it makes the detections)."""
+        heads = [("box", self.box_pooler, self.box_head)]
+        if self.mask_on:
+            heads.append(("mask", self.mask_pooler, self.mask_head))
+        return heads
+
     @torch.no_grad()
-    def sample_proposals(self, proposals: list[Tensor], targets: list[dict]) -> list[dict[str, Tensor]]:
+    def sample_proposals(self, proposals: list[Tensor], targets: list[dict]) -> Samples:
         """Per image: add GT boxes, match (IoU), sample. Returns dict(boxes [Ri,4], labels [Ri] (0 bg),
         matched_idx [Ri] index of the matched GT (0 for background, unused there))."""
         out = []
@@ -63,47 +106,33 @@ class RoIHeads(nn.Module):
         return out
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
-                targets: Optional[list[dict]] = None, record: Optional[dict] = None
+                targets: Optional[list[dict]] = None, record: Optional[dict] = None,
+                pooled_hook: Optional[Callable[[str, Tensor], Tensor]] = None
                 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """proposals: list of [Pi, 4] (constants). Training: ([], losses); eval: (detections per image, {}).
-        `record` (the model's probe) receives "roi_samples" when there are targets."""
+        `record` (the model's probe) receives "roi_samples" when there are targets. `pooled_hook(name, x)`:
+        applied to each head's pooled features (name "box" or "mask") before the head (the model's RoI site)."""
         feats = self.box_pooler.prepare([features[name] for name in self.in_features])
         if self.training and targets is None:
             raise ValueError("RoI heads in training mode need targets")
+
+        def pooled(name: str, pooler: MultiScaleRoIAlign, boxes: list[Tensor]) -> Tensor:
+            x = pooler(feats, boxes)
+            return x if pooled_hook is None else pooled_hook(name, x)
+
         if targets is not None and (self.training or record is not None):
             samples = self.sample_proposals(proposals, targets)
             if record is not None:
                 record["roi_samples"] = samples
             if self.training:
-                return [], self.losses(feats, samples, targets)
-        return self.inference(feats, proposals, image_sizes), {}
-
-    def losses(self, feats: list[Tensor], samples: list[dict], targets: list[dict]) -> dict[str, Tensor]:
-        boxes = [s["boxes"] for s in samples]
-        labels = torch.cat([s["labels"] for s in samples])  # [R]
-        matched_gt = torch.cat([t["boxes"][s["matched_idx"]] if t["boxes"].numel() else s["boxes"]
-                                for s, t in zip(samples, targets)])  # [R, 4], any box for background
-        scores, deltas = self.box_head(self.box_pooler(feats, boxes))
-        losses = self.box_head.losses(scores, deltas, torch.cat(boxes), labels, matched_gt)
-        if self.mask_on:
-            fg = [torch.nonzero(s["labels"] > 0).squeeze(1) for s in samples]
-            fg_boxes = [s["boxes"][i] for s, i in zip(samples, fg)]
-            logits = self.mask_head(self.mask_pooler(feats, fg_boxes))  # [F, K+1, M, M]
-            mask_targets = self.mask_head.targets(fg_boxes, [s["matched_idx"][i] for s, i in zip(samples, fg)],
-                                                  [t["masks"] for t in targets], logits.shape[-1])
-            fg_labels = torch.cat([s["labels"][i] for s, i in zip(samples, fg)])
-            losses["loss_mask"] = self.mask_head.loss(logits, fg_labels, mask_targets)
-        return losses
-
-    @torch.no_grad()
-    def inference(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
-                  ) -> list[dict[str, Tensor]]:
-        scores, deltas = self.box_head(self.box_pooler(feats, proposals))
-        results = self.box_head.inference(scores, deltas, proposals, image_sizes)
-        if self.mask_on:
-            det_boxes = [r["boxes"] for r in results]
-            logits = self.mask_head(self.mask_pooler(feats, det_boxes))  # [D, K+1, M, M]
-            probs = self.mask_head.inference(logits, torch.cat([r["labels"] for r in results]))
-            for r, m in zip(results, probs.split([len(b) for b in det_boxes])):
-                r["masks"] = m  # [Di, 1, M, M], pasted into the image by the model's postprocess
-        return results
+                losses: dict[str, Tensor] = {}
+                for name, pooler, head in self.heads():
+                    chosen = head.select(samples)
+                    losses.update(head.losses(head(pooled(name, pooler, [c["boxes"] for c in chosen])), chosen,
+                                              targets))
+                return [], losses
+        with torch.no_grad():
+            results: list[dict] = [{"proposals": p, "image_size": s} for p, s in zip(proposals, image_sizes)]
+            for name, pooler, head in self.heads():
+                results = head.inference(head(pooled(name, pooler, head.inference_rois(results))), results)
+        return results, {}

@@ -29,7 +29,7 @@ from .transform import ImageList
 class RPNHead(nn.Module):
     """3x3 conv + ReLU shared over levels, then 1x1 convs for A objectness logits and 4A deltas."""
 
-    def __init__(self, in_channels: int, num_anchors: int, conv_dims: int = -1):
+    def __init__(self, *, in_channels: int, num_anchors: int, conv_dims: int = -1):
         super().__init__()
         mid = in_channels if conv_dims < 0 else conv_dims
         self.conv = nn.Conv2d(in_channels, mid, 3, padding=1)
@@ -71,7 +71,7 @@ class RPN(nn.Module):
         super().__init__()
         self.in_features = list(in_features)
         self.anchor_generator = anchor_generator
-        self.head = RPNHead(in_channels, anchor_generator.num_anchors, conv_dims)
+        self.head = RPNHead(in_channels=in_channels, num_anchors=anchor_generator.num_anchors, conv_dims=conv_dims)
         self.box_coder = box_coder
         self.matcher = matcher
         self.sampler = sampler

@@ -6,7 +6,7 @@ from torch import Tensor
 
 
 class BalancedSampler:
-    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+    def __init__(self, *, batch_size_per_image: int, positive_fraction: float):
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 

@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from .primitives import (CANVAS, GT_COLOUR, IGNORED_COLOUR, NEGATIVE_COLOUR, POINT_COLOUR, POSITIVE_COLOUR,
-                         ArrayLike, _np, caption, class_name, colour, colour_bar, colormap_colours, draw_boxes,
+                         ArrayLike, to_numpy, caption, class_name, colour, colour_bar, colormap_colours, draw_boxes,
                          draw_lines, draw_masks, draw_points, heatmap, side_by_side, stack, wrap)
 
 def draw_ground_truth(image: np.ndarray, target: dict, class_names: Optional[Sequence[str]] = None,
                       masks: bool = True, thickness: int = 2) -> np.ndarray:
     """Boxes (white on black) with class names, and masks in instance colours, of a target in this frame."""
-    boxes = _np(target["boxes"]).reshape(-1, 4)
-    labels = _np(target["labels"]).reshape(-1)
+    boxes = to_numpy(target["boxes"]).reshape(-1, 4)
+    labels = to_numpy(target["labels"]).reshape(-1)
     cols = [colour(i) for i in range(len(boxes))]
     img = image
     if masks and "masks" in target and len(boxes):
@@ -36,15 +36,15 @@ def draw_detections(image_uint8_rgb: np.ndarray, det: dict, class_names: Optiona
     det: one image's model output, dict(boxes [D, 4], labels [D], scores [D], optional masks [D, 1, H, W]
     probabilities or [D, H, W]) in the frame of `image_uint8_rgb`. Colours follow the class.
     """
-    scores = _np(det["scores"]).reshape(-1)
+    scores = to_numpy(det["scores"]).reshape(-1)
     keep = np.nonzero(scores >= score_thresh)[0]
     keep = keep[np.argsort(scores[keep], kind="stable")]  # the best drawn last, on top
-    boxes = _np(det["boxes"]).reshape(-1, 4)[keep]
-    labels = _np(det["labels"]).reshape(-1)[keep]
+    boxes = to_numpy(det["boxes"]).reshape(-1, 4)[keep]
+    labels = to_numpy(det["labels"]).reshape(-1)[keep]
     cols = [colour(lab - 1) for lab in labels]
     img = image_uint8_rgb
     if "masks" in det and len(keep):
-        masks = _np(det["masks"])
+        masks = to_numpy(det["masks"])
         masks = masks[:, 0] if masks.ndim == 4 else masks
         img = draw_masks(img, masks[keep], cols, threshold=mask_thresh)
     texts = [f"{class_name(class_names, lab)} {s:.2f}" for lab, s in zip(labels, scores[keep])]
@@ -57,14 +57,14 @@ def draw_proposals(image: np.ndarray, boxes: ArrayLike, scores: ArrayLike, color
     (sigmoid applied here) or, with `logits=False`, probabilities (an RPN with sigmoid_scores)."""
     prob = objectness(scores, logits)
     order = np.argsort(prob, kind="stable")
-    b = _np(boxes).reshape(-1, 4)[order]
+    b = to_numpy(boxes).reshape(-1, 4)[order]
     img = draw_boxes(image, b, colormap_colours(prob[order], colormap), thickness=thickness)
     return colour_bar(img, "0", "1", colormap, "objectness")
 
 
 def objectness(scores: ArrayLike, logits: bool = True) -> np.ndarray:
     """Proposal scores as probabilities."""
-    s = _np(scores, np.float64).reshape(-1)
+    s = to_numpy(scores, np.float64).reshape(-1)
     return 1 / (1 + np.exp(-s)) if logits else s
 
 
@@ -73,10 +73,10 @@ def draw_sampled_rois(image: np.ndarray, rois: ArrayLike, labels: ArrayLike, mat
                       gt_labels: Optional[ArrayLike] = None) -> np.ndarray:
     """Sampled RoIs: negatives (background) thin and translucent red; positives in the colour of their matched
     ground truth, with a line from the RoI centre to the GT centre; the GT boxes on top."""
-    r = _np(rois).reshape(-1, 4)
-    lab = _np(labels).reshape(-1)
-    idx = _np(matched_idx).reshape(-1)
-    gt = _np(gt_boxes).reshape(-1, 4)
+    r = to_numpy(rois).reshape(-1, 4)
+    lab = to_numpy(labels).reshape(-1)
+    idx = to_numpy(matched_idx).reshape(-1)
+    gt = to_numpy(gt_boxes).reshape(-1, 4)
     neg, pos = lab == 0, lab > 0
     img = draw_boxes(image, r[neg], NEGATIVE_COLOUR, alpha=0.45)
     cols = [colour(i) for i in idx[pos]]
@@ -86,7 +86,7 @@ def draw_sampled_rois(image: np.ndarray, rois: ArrayLike, labels: ArrayLike, mat
         img = draw_lines(img, centre(r[pos]), centre(gt[idx[pos]]), cols)
     names = None
     if gt_labels is not None:
-        names = [class_name(class_names, g) for g in _np(gt_labels).reshape(-1)]
+        names = [class_name(class_names, g) for g in to_numpy(gt_labels).reshape(-1)]
     return draw_boxes(img, gt, [colour(i) for i in range(len(gt))], names, thickness=2, outline=True)
 
 
@@ -101,8 +101,8 @@ def draw_anchor_labels(image: np.ndarray, anchors: ArrayLike, labels: ArrayLike,
     positives green boxes, ignored yellow translucent boxes, negatives red pixels at their centres (one per
     location: there are thousands). After sampling: the sampled positives and negatives as boxes, the rest
     (label -1: not sampled) not drawn."""
-    a = _np(anchors).reshape(-1, 4)
-    lab = _np(labels).reshape(-1)
+    a = to_numpy(anchors).reshape(-1, 4)
+    lab = to_numpy(labels).reshape(-1)
     c = label_counts(torch.as_tensor(lab))
     if sampled:
         img = draw_boxes(image, a[lab == 0], NEGATIVE_COLOUR, alpha=0.5)
@@ -122,7 +122,7 @@ def draw_anchor_labels(image: np.ndarray, anchors: ArrayLike, labels: ArrayLike,
 @torch.no_grad()
 def mean_activation(x: Tensor, valid: tuple[int, int]) -> np.ndarray:
     """[1, C, H, W] -> [h, w] channel mean over the valid (unpadded) region."""
-    return _np(x[0, :, : valid[0], : valid[1]].float().mean(0))
+    return to_numpy(x[0, :, : valid[0], : valid[1]].float().mean(0))
 
 
 def feature_grid(image: np.ndarray, clean: dict[str, Tensor], noisy: dict[str, Tensor],
@@ -155,9 +155,30 @@ def feature_grid(image: np.ndarray, clean: dict[str, Tensor], noisy: dict[str, T
     return stack([side_by_side(r, gap=2) for r in rows], gap=2)
 
 
+def pooled_grid(clean: dict[str, Tensor], noisy: dict[str, Tensor], count: int = 8, cell: int = 48) -> np.ndarray:
+    """Pooled RoI features (the roi noise site: {"box": [R, C, S, S], "mask": [F, C, S, S]}): for the first `count`
+    RoIs of each head, the channel mean without noise, with noise (one colour scale per RoI) and |difference|
+    relative to the clean map's range, one row each."""
+    rows: list[list[np.ndarray]] = [[], [], []]
+    for name in clean:
+        for k in range(min(count, len(clean[name]))):
+            a, b = (to_numpy(t[name][k].float().mean(0)) for t in (clean, noisy))
+            lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+            span = float(a.max() - a.min())
+            d = np.abs(b - a) / span if span > 0 else np.zeros_like(a)
+            rows[0].append(caption(heatmap(a, (cell, cell), lo, hi), f"{name} {k}"))
+            rows[1].append(caption(heatmap(b, (cell, cell), lo, hi), "noisy"))
+            rows[2].append(caption(heatmap(d, (cell, cell), 0.0, max(float(d.max()), 1e-6), cv2.COLORMAP_INFERNO),
+                                   f"{100 * float(d.max()):.0f}%"))
+    if not rows[0]:
+        return caption(np.full((cell, 4 * cell, 3), 255, np.uint8), "no pooled RoIs")
+    return stack([side_by_side(r, gap=2) for r in rows], gap=2)
+
+
 def relative_change(clean: Tensor, noisy: Tensor) -> float:
     """||noisy - clean|| / ||clean|| over the whole tensor."""
-    return float((noisy.float() - clean.float()).norm() / clean.float().norm().clamp(min=1e-12))
+    clean, noisy = clean.detach().float(), noisy.detach().float()
+    return float((noisy - clean).norm() / clean.norm().clamp(min=1e-12))
 
 
 # -------------------------------------------------------------------------------------------- anchors
@@ -174,7 +195,7 @@ def anchors_at(anchors: list[Tensor], num_anchors: int, x: float, y: float) -> l
 
 def anchor_margin(boxes: Sequence[Tensor], image_size: tuple[int, int]) -> int:
     """Pixels to add around the image so that these boxes show, at most half the image's long side."""
-    b = _np(torch.cat(list(boxes))).reshape(-1, 4)
+    b = to_numpy(torch.cat(list(boxes))).reshape(-1, 4)
     h, w = image_size
     over = max(0.0, float(-b[:, 0].min()), float(-b[:, 1].min()), float(b[:, 2].max() - w),
                float(b[:, 3].max() - h))
@@ -191,7 +212,7 @@ def draw_anchors_at(image: np.ndarray, per_level: Sequence[Tensor], level_names:
     canvas[:] = CANVAS
     canvas[m : m + h, m : m + w] = image
     for i, boxes in enumerate(per_level):
-        b = _np(boxes).reshape(-1, 4) + m
+        b = to_numpy(boxes).reshape(-1, 4) + m
         canvas = draw_boxes(canvas, b, colour(i), thickness=1)
         canvas = draw_points(canvas, (b[:1, :2] + b[:1, 2:]) / 2, colour(i), radius=2)
     px, py = int(round(point[0])) + m, int(round(point[1])) + m

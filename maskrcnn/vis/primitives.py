@@ -40,7 +40,8 @@ def colour(i: int) -> Colour:
     return PALETTE[int(i) % len(PALETTE)]
 
 
-def _np(x: ArrayLike, dtype=None) -> np.ndarray:
+def to_numpy(x: ArrayLike, dtype=None) -> np.ndarray:
+    """A tensor (any device; floats as float32) or array-like as a numpy array, optionally cast."""
     if isinstance(x, Tensor):
         x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -49,7 +50,7 @@ def _np(x: ArrayLike, dtype=None) -> np.ndarray:
 
 def to_uint8_image(image: Tensor) -> np.ndarray:
     """[3, H, W] float 0..1 RGB tensor -> [H, W, 3] uint8 RGB."""
-    return np.ascontiguousarray((_np(image).clip(0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0))
+    return np.ascontiguousarray((to_numpy(image).clip(0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0))
 
 
 def class_name(class_names: Optional[Sequence[str]], label: int) -> str:
@@ -103,7 +104,7 @@ def draw_boxes(image: np.ndarray, boxes: ArrayLike, colours: Union[Colour, Seque
                labels: Optional[Sequence[str]] = None, thickness: int = 1, alpha: float = 1.0,
                outline: bool = False) -> np.ndarray:
     """Rectangles (xyxy px), optionally translucent (`alpha`), with a black `outline` and text labels."""
-    b = _np(boxes, np.float64).reshape(-1, 4)
+    b = to_numpy(boxes, np.float64).reshape(-1, 4)
     img = image.copy()
     if len(b) == 0:
         return img
@@ -133,7 +134,7 @@ def draw_boxes(image: np.ndarray, boxes: ArrayLike, colours: Union[Colour, Seque
 def draw_masks(image: np.ndarray, masks: ArrayLike, colours: Union[Colour, Sequence[Colour]], alpha: float = 0.45,
                threshold: float = 0.5, contours: bool = True) -> np.ndarray:
     """Translucent fills (and contours) of [N, H, W] masks (values > threshold) in the image's frame."""
-    m = _np(masks)
+    m = to_numpy(masks)
     if m.ndim == 4:  # [N, 1, H, W] probabilities, as the model returns them
         m = m[:, 0]
     img = image.copy()
@@ -159,7 +160,7 @@ def draw_masks(image: np.ndarray, masks: ArrayLike, colours: Union[Colour, Seque
 def draw_points(image: np.ndarray, points: ArrayLike, colour_: Colour = POINT_COLOUR, radius: int = 1,
                 alpha: float = 1.0) -> np.ndarray:
     """Filled dots at [N, 2] (x, y) pixel positions."""
-    p = np.round(_np(points, np.float64).reshape(-1, 2)).astype(np.int64)
+    p = np.round(to_numpy(points, np.float64).reshape(-1, 2)).astype(np.int64)
     img = image.copy()
     layer = img.copy()
     inside = (p[:, 0] >= -radius) & (p[:, 1] >= -radius) & (p[:, 0] < img.shape[1] + radius) & \
@@ -172,8 +173,8 @@ def draw_points(image: np.ndarray, points: ArrayLike, colour_: Colour = POINT_CO
 def draw_lines(image: np.ndarray, starts: ArrayLike, ends: ArrayLike, colours: Union[Colour, Sequence[Colour]],
                thickness: int = 1) -> np.ndarray:
     """Segments from [N, 2] starts to [N, 2] ends."""
-    s = np.round(_np(starts, np.float64).reshape(-1, 2)).astype(np.int64)
-    e = np.round(_np(ends, np.float64).reshape(-1, 2)).astype(np.int64)
+    s = np.round(to_numpy(starts, np.float64).reshape(-1, 2)).astype(np.int64)
+    e = np.round(to_numpy(ends, np.float64).reshape(-1, 2)).astype(np.int64)
     single = isinstance(colours, tuple) and len(colours) == 3 and all(np.isscalar(c) for c in colours)
     img = image.copy()
     for i, (a, b) in enumerate(zip(s, e)):
@@ -209,7 +210,7 @@ def colormap_lut(colormap: int = cv2.COLORMAP_VIRIDIS) -> np.ndarray:
 
 def colormap_colours(values: ArrayLike, colormap: int = cv2.COLORMAP_VIRIDIS) -> list[Colour]:
     """Values in 0..1 -> RGB colours of the colormap."""
-    idx = (np.clip(_np(values, np.float64).reshape(-1), 0, 1) * 255 + 0.5).astype(np.int64)
+    idx = (np.clip(to_numpy(values, np.float64).reshape(-1), 0, 1) * 255 + 0.5).astype(np.int64)
     lut = colormap_lut(colormap)
     return [tuple(int(v) for v in lut[i]) for i in idx]
 
@@ -218,7 +219,7 @@ def heatmap(values: ArrayLike, size: Optional[tuple[int, int]] = None, vmin: Opt
             vmax: Optional[float] = None, colormap: int = cv2.COLORMAP_VIRIDIS) -> np.ndarray:
     """A 2-D array as an RGB heat map, scaled to [vmin, vmax] (default: its own range), resized to
     `size` = (width, height) with nearest-neighbour interpolation so feature-map cells stay visible."""
-    v = _np(values, np.float64)
+    v = to_numpy(values, np.float64)
     lo = float(v.min()) if vmin is None else vmin
     hi = float(v.max()) if vmax is None else vmax
     scaled = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)

@@ -17,7 +17,6 @@ import json
 import math
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -99,17 +98,6 @@ def model_target(target: dict, device) -> dict:
     return {k: target[k].to(device) for k in ("boxes", "labels", "masks")}
 
 
-@contextmanager
-def noise_switched_on(model):
-    """The config's LatentNoise switched on for the features picture (as `visualize.py features` does)."""
-    was = model.noise.enabled
-    model.noise.enabled = True
-    try:
-        yield
-    finally:
-        model.noise.enabled = was
-
-
 # ------------------------------------------------------------------------------------------ anchor fit
 def anchor_key(side: Side, max_images: int) -> str:
     """What the anchor fit depends on: two sides with the same key share it."""
@@ -124,7 +112,7 @@ def anchor_key(side: Side, max_images: int) -> str:
 def anchor_section(side: Side, train_set, out: Path, max_images: int, seed: int, tick: Callable) -> None:
     """Anchor fit over the training set, k-means suggestions and their coverage, and the figures."""
     from ..config import apply_overrides
-    from ..model.build import build_model
+    from ..model.build import build_anchor_generator
 
     model, rpn = side.model, side.model.rpn
     gen, names = rpn.anchor_generator, rpn.in_features
@@ -144,11 +132,10 @@ def anchor_section(side: Side, train_set, out: Path, max_images: int, seed: int,
                                  ("k-means sizes, ratios kept", (sizes, gen.ratios)),
                                  ("k-means ratios, sizes kept", (gen.sizes, ratios))):
             line = af.set_line(sz, rt)
-            trial_cfg = apply_overrides(copy.deepcopy(side.cfg), line.split(" ", 1)[1].split() + ["stage=rpn"])
-            trial = build_model(trial_cfg, load_weights=False).rpn  # the anchors and matcher that line gives
-            fit_new = af.anchor_fit(gt, side.grids, trial.anchor_generator, trial.matcher, tick)
-            candidates.append(({"method": method, "sizes": list(trial.anchor_generator.sizes),
-                                "ratios": list(trial.anchor_generator.ratios), "set": line,
+            trial_cfg = apply_overrides(copy.deepcopy(side.cfg), line.split(" ", 1)[1].split())
+            trial = build_anchor_generator(trial_cfg.model.anchors)  # the anchors that line gives
+            fit_new = af.anchor_fit(gt, side.grids, trial, rpn.matcher, tick)
+            candidates.append(({"method": method, "sizes": list(trial.sizes), "ratios": list(trial.ratios), "set": line,
                                 "coverage": af.summarise(fit_new, gen.sizes, names)}, fit_new))
 
         def score(summary: dict) -> tuple:  # objects with a positive at the threshold first
@@ -422,10 +409,9 @@ def view_section(side: Side, val_set, out: Path, n: int, seed: int, score_thresh
                     side.cfg.model.roi_heads.mask_threshold)
             torch.manual_seed(seed)
             clean = model.probe([image], noise=False)
-            with noise_switched_on(model):
-                torch.manual_seed(seed)
-                noisy = model.probe([image], noise=True)
-            drawn["features"] = views.features_view(clean, noisy, 0, model.noise.extra_repr())
+            torch.manual_seed(seed)
+            noisy = model.probe([image], noise=True)  # the configured noise, switched on
+            drawn["features"] = views.features_view(clean, noisy, 0, views.noise_text(model))
         paths = {}
         for name, view in drawn.items():
             rel = f"img/views_{side.label}/{name.replace(' ', '_')}_val{i}.png"

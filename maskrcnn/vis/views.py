@@ -183,8 +183,15 @@ def detections_view(image: np.ndarray, det: dict, class_names: Optional[Sequence
     return View(picture, lines)
 
 
+def noise_text(model) -> str:
+    """The configured LatentNoise and its site, in words: what probe(noise=True) switches on."""
+    return f"at {model.noise_site}: {model.noise.describe()}"
+
+
 def features_view(clean: dict, noisy: dict, i: int = 0, noise_text: str = "") -> View:
-    """Mean activation of c2..c5 and p2..p6 from a probe without noise and one with it (same image)."""
+    """Mean activation of c2..c5 and p2..p6 (as the next stage sees them) from a probe without noise and one
+    with it (same image). Noise at the fpn site leaves c2..c5 as they are; at the roi site it perturbs the pooled
+    RoI features only, so every map is unchanged and the lines give the pooled features' relative change."""
     maps_clean = {**clean["bottom_up"], **clean["fpn"]}
     maps_noisy = {**noisy["noisy"], **noisy["fpn"]}
     one = {k: v[i : i + 1] for k, v in maps_clean.items()}
@@ -194,4 +201,9 @@ def features_view(clean: dict, noisy: dict, i: int = 0, noise_text: str = "") ->
     lines = [f"noise: {noise_text}",
              "relative change ||noisy - clean|| / ||clean||: "
              + ", ".join(f"{k} {relative_change(one[k], two[k]):.3f}" for k in one)]
+    site = noisy.get("noise")
+    if site is not None and site["site"] == "roi":  # pooled RoI features of the whole batch, per head
+        lines.append("pooled RoI features, relative change: " + ", ".join(
+            f"{k} {relative_change(site['before'][k], site['after'][k]):.3f} ({len(site['before'][k])} RoIs)"
+            for k in site["before"]))
     return View(picture, lines)

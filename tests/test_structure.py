@@ -1,0 +1,101 @@
+"""The structure the README promises, checked from the code itself: model constructors are keyword-only, the
+training engine imports nothing above it, no module imports another's private names, and the RoI heads share
+one interface."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import maskrcnn.model as model_package
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "maskrcnn"
+
+
+def model_classes() -> list[type]:
+    """Every class defined in maskrcnn/model/ that is a module or a stateless helper with a constructor."""
+    import importlib
+    import pkgutil
+
+    classes = []
+    for info in pkgutil.iter_modules(model_package.__path__):
+        module = importlib.import_module(f"maskrcnn.model.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and "__init__" in cls.__dict__ and not inspect.isabstract(cls):
+                classes.append(cls)
+    return classes
+
+
+def test_model_constructors_are_keyword_only():
+    classes = model_classes()
+    names = {c.__name__ for c in classes}
+    assert {"AnchorGenerator", "FrozenBatchNorm2d", "ResNetBottomUp", "BoxCoder", "FPN", "LatentNoise", "Matcher",
+            "MultiScaleRoIAlign", "RPNHead", "BalancedSampler", "RPN", "BoxHead", "MaskHead", "RoIHeads",
+            "MaskRCNN", "ImageTransform"} <= names, names
+    for cls in classes:
+        if issubclass(cls, BaseException) or cls.__name__.startswith("_") or dataclasses.is_dataclass(cls):
+            continue  # errors, autograd functions and data records (ImageList, Precision) are not stages
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # after self
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert not positional, f"{cls.__name__}({', '.join(positional)}, ...) takes positional arguments"
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(absolute module, imported names) of every import in a package file, relative ones resolved."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.append((module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def test_the_engine_imports_nothing_above_it():
+    """Evaluation, drawing and torchvision's weights reach the trainer from train.py (Hooks), never by import."""
+    above = ("maskrcnn.evaluation", "maskrcnn.vis", "maskrcnn.torchvision_weights", "maskrcnn.bench")
+    for path in sorted((PACKAGE / "engine").glob("*.py")):
+        for module, _ in imports(path):
+            assert not module.startswith(above), f"{path.name} imports {module}"
+    for path in sorted((PACKAGE / "model").glob("*.py")):  # the model: nothing but itself and the config
+        for module, _ in imports(path):
+            assert not module.startswith("maskrcnn.") or module.startswith(("maskrcnn.model", "maskrcnn.config")), \
+                f"model/{path.name} imports {module}"
+
+
+def test_no_module_imports_private_names_of_another():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for module, names in imports(path):
+            if module.startswith("maskrcnn"):
+                private = [n for n in names if n.startswith("_") and n != "__future__"]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from {module}"
+
+
+def test_heads_share_one_interface():
+    """RoIHeads routes any RoIHead; the box and mask heads implement every method of it."""
+    from maskrcnn.model.box_head import BoxHead
+    from maskrcnn.model.mask_head import MaskHead
+    from maskrcnn.model.roi_heads import RoIHead
+
+    abstract = RoIHead.__abstractmethods__
+    assert {"select", "forward", "targets", "losses", "inference_rois", "inference", "reset_predictor"} <= abstract
+    for head in (BoxHead, MaskHead):
+        assert issubclass(head, RoIHead) and issubclass(head, nn.Module) and not inspect.isabstract(head)
+    for name in abstract:  # each written once, with its one-line meaning
+        assert inspect.getdoc(getattr(RoIHead, name)), name
+
+    class Incomplete(RoIHead):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
