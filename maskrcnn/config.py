@@ -180,7 +180,8 @@ class SolverConfig:
     optimizer: str = "sgd"  # sgd (momentum) | adamw (converges in fewer iterations when training from scratch)
     base_lr: float = 0.02  # learning rate at ims_per_batch
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # weight decay of every trained parameter
+    weight_decay: float = 1e-4  # weight decay of the trained parameters but the normalisation layers'
+    weight_decay_norm: float = 0.0  # weight decay of BatchNorm / GroupNorm weights and biases (detectron2's 0)
     max_iter: int = 90000  # training iterations (optimiser steps)
     warmup_iters: int = 1000  # linear warmup length
     warmup_factor: float = 0.001  # lr multiplier at iteration 0
@@ -210,6 +211,8 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: trained BatchNorm layers use the statistics of the global batch
     # (SyncBatchNorm, CUDA only); frozen BatchNorm is unaffected
     dist_timeout_min: float = 30.0  # under torchrun: a process waiting longer than this for the others fails
+    deterministic: bool = False  # deterministic CUDA kernels, so that --resume is exact on a GPU too (slower; a
+    # CPU run is deterministic already)
 
 
 @dataclass

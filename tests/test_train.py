@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import pytest
@@ -87,6 +88,16 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+    # a checkpoint whose optimiser has one parameter group (weight_decay_norm == weight_decay when written),
+    # resumed with the norm layers in a group of their own
+    _train(tmp_path, "solver.max_iter=1", "train.eval_at_end=false", "solver.weight_decay=1e-4",
+           "solver.weight_decay_norm=1e-4", name="r2")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--name", "r2", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                    "solver.max_iter=2", "solver.weight_decay_norm=0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "parameter groups" in err and "last_checkpoint.pth" in err, err
 
 
 def test_bad_config_key_is_one_line(capsys):
@@ -207,6 +218,34 @@ def test_optimizer_choice():
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
     with pytest.raises(ValueError, match="solver.optimizer"):
         build_optimizer(params, SolverConfig(optimizer="adam"))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_no_weight_decay_on_normalisation_layers_by_default(name):
+    """detectron2's WEIGHT_DECAY_NORM: BatchNorm / GroupNorm weights and biases get solver.weight_decay_norm (0 by
+    default), every other trained parameter solver.weight_decay; one group where they are equal."""
+    from maskrcnn.config import SolverConfig
+    from maskrcnn.engine.trainer import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
+                                torch.nn.GroupNorm(2, 4))
+    model[2].weight.requires_grad_(False)  # frozen parameters stay out of the optimiser
+    opt = build_optimizer(model, SolverConfig(optimizer=name, weight_decay=1e-4))
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert ids[0] == {id(model[0].weight), id(model[0].bias), id(model[2].bias)}
+    assert ids[1] == {id(p) for i in (1, 3) for p in model[i].parameters()}
+    one = build_optimizer(model, SolverConfig(optimizer=name, weight_decay=1e-4, weight_decay_norm=1e-4))
+    assert len(one.param_groups) == 1 and len(one.param_groups[0]["params"]) == 7
+    # a step leaves an all-zero-gradient norm weight alone without decay, and shrinks it with decay
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = model[1].weight.detach().clone()
+    opt.step()
+    assert torch.equal(model[1].weight, before)
+    one.step()
+    assert (model[1].weight < before).all()
+    assert SolverConfig().weight_decay_norm == 0.0
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -343,3 +382,40 @@ def test_the_run_prints_and_keeps_its_precision(tmp_path, capsys):
     summary = trainer.train()
     assert summary["precision"]["train"]["name"] == name and summary["precision"]["eval"]["name"] == "fp32"
     assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["precision"] == summary["precision"]
+
+
+def test_deterministic_option_switches_deterministic_algorithms_on(tmp_path, capsys, monkeypatch):
+    """train.deterministic: PyTorch's deterministic algorithms and cuDNN settings for the run (what exact resume
+    needs on CUDA; a CPU run is deterministic anyway), said in one line."""
+    from maskrcnn.engine.trainer import Trainer
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    try:
+        cfg = load_config("configs/tiny.yaml", ["stage=rpn", "train.deterministic=true", "solver.max_iter=1",
+                                                f"train.output_dir={tmp_path}", "train.eval_at_end=false"])
+        Trainer(cfg, tmp_path / "det", progress=False).train()
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert "train.deterministic: deterministic algorithms" in capsys.readouterr().out
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
+def test_under_torchrun_a_slow_stop_says_which_flag_to_pass(tmp_path, capsys, monkeypatch):
+    """Under torchrun a stop needs a step and a checkpoint before torchrun's --shutdown-timeout; when that is
+    tight, one note after the first checkpoint says what to pass."""
+    from maskrcnn.engine.trainer import Trainer
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0.001")  # every step is slow against this
+    cfg = load_config("configs/tiny.yaml", ["stage=rpn", "solver.max_iter=3", "train.checkpoint_period=1",
+                                            f"train.output_dir={tmp_path}", "train.eval_at_end=false"])
+    Trainer(cfg, tmp_path / "slow", progress=False).train()
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "--shutdown-timeout" in ln]
+    assert len(notes) == 1 and "a stop on SIGTERM takes about" in notes[0]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3600")
+    Trainer(cfg, tmp_path / "fast", progress=False).train()
+    assert "--shutdown-timeout" not in capsys.readouterr().out

@@ -563,7 +563,7 @@ def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> 
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.solver)
+    optimizer = build_optimizer(model, cfg.solver)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.autocast and cuda)
     was = train_set.transforms
     train_set.transforms = Compose([RandomHorizontalFlip(cfg.data.flip_prob)])
