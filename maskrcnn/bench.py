@@ -17,7 +17,7 @@ On a CPU two more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat
 inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32, its best on
 a CPU: its RoIAlign has no bf16 CPU kernel. `--bf16 auto` (the default) times them only where the CPU computes
 bfloat16 natively (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
-5-13x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
+7-16x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
 with one warm-up and one repeat. The printout and the JSON start with the CPU capability and whether bfloat16
 is native. Our fp32 inference row also folds BatchNorm, as our inference entry
 points do. That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from .model.build import build_model
 from .config import load_config
 from .model.fuse import fold_batchnorm
-from .engine.step import train_step
+from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
 from .model.poolers import MultiScaleRoIAlign
@@ -167,7 +167,7 @@ def training_step_fn(model: nn.Module, s: Settings, images, targets, bf16: bool 
     model takes the same step (its forward returns a dict of named losses too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
+    scaler = grad_scaler(torch.device(s.device), s.amp)
     model.train()
     batch = [(images, targets)]
 
@@ -537,7 +537,7 @@ def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tens
         return
     if not native and s.bf16 != "always":
         notes.append(f"bf16 rows skipped: this CPU has no native bfloat16 ({evidence}), so bf16 is emulated, "
-                     "5-13x slower than fp32, and training would use fp32 (train.cpu_amp=auto); --bf16 always "
+                     "7-16x slower than fp32, and training would use fp32 (train.cpu_amp=auto); --bf16 always "
                      "measures them (one warm-up, one repeat)")
         log(notes[-1])
         return
@@ -682,9 +682,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="both models in channels-last memory format")
     p.add_argument("--bf16", choices=["auto", "always", "never"], default="auto",
                    help="CPU: the rows of ours under bf16 autocast. auto (default): where the CPU computes bfloat16 "
-                   "natively (skipped with a note elsewhere: emulated, 5-13x slower); always: measured anyway "
+                   "natively (skipped with a note elsewhere: emulated, 7-16x slower); always: measured anyway "
                    "(emulated: one warm-up, one repeat); never")
-    p.add_argument("--no-bf16", action="store_true", help="the same as --bf16 never")
+    p.add_argument("--no-bf16", action="store_const", dest="bf16", const="never", help="the same as --bf16 never")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -719,7 +719,7 @@ def main(argv=None) -> dict:
         print(f"error: --device {device} but no CUDA device is available (use auto or cpu)", file=sys.stderr)
         sys.exit(2)
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
-                 bf16="never" if args.no_bf16 else args.bf16)
+                 bf16=args.bf16)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

@@ -134,3 +134,27 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(tmp_path
     # not a test that cannot fail: half the batch without accumulation moves the weights elsewhere
     half, _ = _toy_step(tmp_path, "half", "solver.ims_per_batch=2")
     assert (half.w - big.w).abs().max() > 1e-6
+
+
+def test_train_step_refuses_a_wrong_number_of_micro_batches():
+    """train_step takes its micro-batches lazily (one in memory at a time): fewer or more than `accumulate` is
+    an error before any update, not a silently mis-scaled or skipped step."""
+    from maskrcnn.engine.step import train_step
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, images, targets):
+            return {"loss": (self.w * images[0].mean()).sum()}
+
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = ([torch.ones(3, 4, 4)], [{}])
+    assert train_step(model, [batch, batch], opt, amp=False, accumulate=2)["total_loss"] == pytest.approx(2.0)
+    after = model.w.detach().clone()
+    for n in (1, 3):
+        with pytest.raises(ValueError, match=f"accumulate=2 but {n} micro-batches"):
+            train_step(model, [batch] * n, opt, amp=False, accumulate=2)
+    assert torch.equal(model.w.detach(), after)

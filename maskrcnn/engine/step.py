@@ -37,6 +37,11 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
              for t in targets])
 
 
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """The loss scaler of a training step: on for fp16 autocast (CUDA), a no-op otherwise (bf16 needs none)."""
+    return torch.amp.GradScaler("cuda", enabled=amp and torch.device(device).type == "cuda")
+
+
 def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torch.optim.Optimizer, *, amp: bool,
                scaler: Optional[torch.amp.GradScaler] = None, loss_weights: Optional[dict[str, float]] = None,
                clip_grad_norm: float = 0.0, accumulate: int = 1, record: Optional[dict] = None,
@@ -56,7 +61,7 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
     weights = loss_weights or {}
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
-    totals, result = None, {}
+    totals, result, m = None, {}, -1
     for m, batch in enumerate(micro_batches):
         last = m == accumulate - 1
         images, targets = to_device(batch, device)
@@ -77,6 +82,8 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
                     check(result)
             loss = loss / accumulate if accumulate > 1 else loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
+    if m + 1 != accumulate:  # a lazy iterable's length is known only now; no update from a wrong count
+        raise ValueError(f"train_step: accumulate={accumulate} but {m + 1} micro-batches were given")
     if clip_grad_norm > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)

@@ -1,6 +1,7 @@
 """Training: data, optimiser and schedule, the loop, checkpoints, and the end-of-run evaluation.
 
-    run = Trainer(cfg, "runs/full", init="runs/rpn/model_final.pth"); run.train()
+    from train import trainer_hooks
+    run = Trainer(cfg, "runs/full", init="runs/rpn/model_final.pth", hooks=trainer_hooks()); run.train()
 
 Nothing is lost: a checkpoint holds the model, optimiser, scheduler, grad scaler, iteration, every RNG
 (python, numpy, torch CPU and CUDA, LatentNoise's generators), the position in the data order and the loss
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from ..cli import Stopped
 from ..model.build import build_model
 from ..model.latent_noise import LatentNoise
-from ..model.precision import choose_precision
+from ..model.precision import choose_precision, training_precision
 from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_checkpoint, numbered_name,
                          partial_load, prune_checkpoints, save_checkpoint)
 from ..config import Config, TrainConfig, save_config
@@ -47,7 +48,7 @@ from ..data.build import build_datasets
 from ..data.loader import build_loader
 from . import distributed
 from .device import use_deterministic_algorithms
-from .step import train_step
+from .step import grad_scaler, train_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # checkpoint, then exit 128 + signum (143 / 130)
 DEFAULT_OUTPUT_DIR = TrainConfig.output_dir  # train.py --resume finds runs here without --set
@@ -289,9 +290,7 @@ class Trainer:
             self._print(use_deterministic_algorithms())
         # fp16 + grad scaler on CUDA (train.amp); bf16 (no scaler needed) on a CPU (train.cpu_amp: auto takes it
         # where the CPU computes bf16 natively)
-        cuda = self.device.type == "cuda"
-        self.precision = choose_precision(self.device, cfg.train.amp if cuda else cfg.train.cpu_amp,
-                                          "train.amp" if cuda else "train.cpu_amp")
+        self.precision = training_precision(cfg.train, self.device)
         self.eval_precision = choose_precision(self.device, cfg.test.amp, "test.amp")
         self.amp = self.precision.autocast
         self._print(self.precision.line() + ("" if self.eval_precision.name == self.precision.name else
@@ -333,7 +332,7 @@ class Trainer:
         s = cfg.solver
         self.optimizer = build_optimizer(self.model, s)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        self.scaler = grad_scaler(self.device, self.amp)
         self.start_iter = 0
         self.resume_state = state  # RNGs, data position and loss history are restored by train()
         self.history: list[dict[str, float]] = []

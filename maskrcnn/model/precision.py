@@ -4,7 +4,7 @@
 Which precision: `choose_precision(device, setting, key)` turns a config value (true, false or "auto") into a
 `Precision`. On CUDA, autocast means fp16. On a CPU it means bf16, which is fast only where the processor
 computes bfloat16 natively (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm): elsewhere PyTorch emulates
-it, correct but 5-13x slower than fp32. So "auto" takes bf16 only where `cpu_bf16_native()` says so and fp32
+it, correct but 7-16x slower than fp32. So "auto" takes bf16 only where `cpu_bf16_native()` says so and fp32
 elsewhere, and an explicit true on such a CPU runs with a warning.
 
 Under `torch.autocast` the convolutions and matmuls run in the low-precision dtype; what comes out of them is
@@ -121,6 +121,18 @@ def parse_setting(value: Setting, key: str) -> Setting:
     raise ValueError(f"{key}: expected true, false or auto, got {value!r}")
 
 
+def training_precision(train_cfg, device: torch.device | str, setting: Optional[Setting] = None,
+                       key: str = "--amp") -> Precision:
+    """The precision of training on `device`: `setting` (named `key`) where given, else the config's train.amp
+    on CUDA and train.cpu_amp on a CPU (`train_cfg` is the config's train section)."""
+    device = torch.device(device)
+    if setting is not None:
+        return choose_precision(device, setting, key)
+    if device.type == "cuda":
+        return choose_precision(device, train_cfg.amp, "train.amp")
+    return choose_precision(device, train_cfg.cpu_amp, "train.cpu_amp")
+
+
 def choose_precision(device: torch.device | str, setting: Setting, key: str) -> Precision:
     """Resolve `setting` (the value of config key `key`) on `device`: on CUDA autocast means fp16 (true and
     auto alike); on a CPU bf16, which auto takes only where cpu_bf16_native() is true."""
@@ -141,4 +153,4 @@ def choose_precision(device: torch.device | str, setting: Setting, key: str) -> 
         return Precision(True, low, f"{key}=true; {evidence}")
     return Precision(True, low, f"{key}=true on a CPU without native bfloat16; {evidence}",
                      warning=f"warning: {key}=true on a CPU without native bfloat16 ({evidence}): bf16 is emulated "
-                             f"here, correct but 5-13x slower than fp32; {key}=auto chooses fp32 on this CPU")
+                             f"here, correct but 7-16x slower than fp32; {key}=auto chooses fp32 on this CPU")

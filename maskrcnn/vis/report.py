@@ -549,22 +549,20 @@ def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> 
     from ..data.loader import build_loader
     from ..data.transforms import Compose, RandomHorizontalFlip
     from ..engine.device import select_device
-    from ..engine.step import train_step
+    from ..engine.step import grad_scaler, train_step
     from ..engine.trainer import build_optimizer
     from ..model.build import build_model
-    from ..model.precision import choose_precision
+    from ..model.precision import training_precision
 
     cfg = side.cfg
     device = select_device(cfg.train.device)
-    cuda = device.type == "cuda"
-    precision = choose_precision(device, cfg.train.amp if cuda else cfg.train.cpu_amp,
-                                 "train.amp" if cuda else "train.cpu_amp")
+    precision = training_precision(cfg.train, device)
     model = build_model(cfg, load_weights=False).to(device)  # weights do not change the time
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = build_optimizer(model, cfg.solver)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision.autocast and cuda)
+    scaler = grad_scaler(device, precision.autocast)
     was = train_set.transforms
     train_set.transforms = Compose([RandomHorizontalFlip(cfg.data.flip_prob)])
     loader = iter(build_loader(train_set, cfg.solver.ims_per_batch, shuffle=True, num_workers=0,
@@ -575,7 +573,7 @@ def seconds_per_iteration(side: Side, train_set, steps: int, tick: Callable) -> 
             start = time.perf_counter()
             train_step(model, [next(loader)], optimizer, amp=precision.autocast, scaler=scaler,
                        loss_weights=cfg.loss_weights, clip_grad_norm=cfg.solver.clip_grad_norm)
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             tick()
