@@ -129,3 +129,23 @@ def test_missing_file_is_downloaded_into_the_cache_with_its_hash(offline_hub, mo
 def r18_net():
     from maskrcnn.model.backbone import ResNetBottomUp
     return ResNetBottomUp(depth=18, norm="frozen_bn", freeze_at=2)
+
+
+def test_local_backbone_weights_file_is_loaded_weights_only(tmp_path, r18_net):
+    """model.backbone.weights=<path>: a state dict, or a checkpoint holding one under "model", loads; a file
+    that would run code, or one that is not weights, is refused with one line naming it, and nothing runs."""
+    state = {k: v + 1 for k, v in r18_net.state_dict().items()}
+    for i, saved in enumerate([state, {"model": state, "iteration": 3}]):
+        path = tmp_path / f"ok{i}.pth"
+        torch.save(saved, path)
+        assert load_pretrained(r18_net, str(path)) == str(path)
+        assert torch.equal(r18_net.state_dict()["conv1.weight"], state["conv1.weight"])
+    marker = tmp_path / "code-ran"
+    for name, payload in [("evil.pth", {"conv1.weight": torch.zeros(1), "x": _WritesMarker(marker)}),
+                          ("list.pth", [torch.zeros(1)])]:
+        torch.save(payload, tmp_path / name)
+        with pytest.raises(WeightsUnavailable, match="not a plain state dict") as info:
+            load_pretrained(r18_net, str(tmp_path / name))
+        msg = str(info.value)
+        assert "\n" not in msg and name in msg and "model.backbone.weights" in msg
+    assert not marker.exists()

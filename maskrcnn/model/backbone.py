@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import re
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -115,10 +114,6 @@ class ResNetBottomUp(nn.Module):
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
-# torch.hub's naming convention: "<name>-<first hex digits of the file's SHA-256>.<ext>".
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]+)\.")
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,13 +129,19 @@ def load_hub_file(path: Path, url: str = "") -> dict[str, Tensor]:
     # The cache is writable by hand (the README tells offline users to place files there), so nothing in it
     # is trusted: torch.hub itself would unpickle it with weights_only=False and check no hash once cached.
     redo = f"delete it and run again to download it, or place the right file ({url or path.name}) there"
-    named = _HASH_IN_NAME.search(path.name)
+    named = torch.hub.HASH_REGEX.search(path.name)  # "<name>-<SHA-256 prefix>.<ext>"
     if named:
         expected = named.group(1)
         actual = _sha256(path)[: len(expected)]
         if actual != expected:
             raise WeightsUnavailable(f"{path} fails its hash check: the name says SHA-256 {expected}..., the "
                                      f"file's is {actual}... (truncated or a different file); {redo}")
+    return load_state_dict_file(path, redo)
+
+
+def load_state_dict_file(path: Path, redo: str, unwrap: bool = False) -> dict[str, Tensor]:
+    """A {name: tensor} dict from a file, unpickled weights-only (`unwrap`: a checkpoint's "model" entry when
+    it has one); anything else is a WeightsUnavailable naming the file, the problem and `redo`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # a global or object outside the weights-only allow-list: never executed
@@ -148,6 +149,8 @@ def load_hub_file(path: Path, url: str = "") -> dict[str, Tensor]:
                                  f"an object in it; nothing in it was run); {redo}") from None
     except Exception as e:  # truncated, not a torch file, ...
         raise WeightsUnavailable(f"{path} could not be read ({type(e).__name__}); {redo}") from None
+    if unwrap and isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                               for k, v in state.items()):
         raise WeightsUnavailable(f"{path} is not a plain state dict of tensors ({type(state).__name__}); {redo}")
@@ -162,7 +165,7 @@ def fetch_torchvision_weights(enum, what: str, alternative: str = "") -> tuple[d
     filename = Path(urlparse(enum.url).path).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.is_file():
-        named = _HASH_IN_NAME.search(filename)
+        named = torch.hub.HASH_REGEX.search(filename)
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             print(f"downloading {enum.url} to {cached}", flush=True)
@@ -191,8 +194,7 @@ def load_pretrained(bottom_up: ResNetBottomUp, weights: str) -> str:
         path = Path(weights)
         if not path.is_file():
             raise WeightsUnavailable(f"backbone weights file not found: {path} (model.backbone.weights)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
+        state = load_state_dict_file(path, "check model.backbone.weights", unwrap=True)
         source = str(path)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier head is not used
     own = bottom_up.state_dict()
