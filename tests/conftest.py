@@ -74,3 +74,11 @@ def offline_hub(tmp_path, monkeypatch) -> OfflineHub:
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.get_dir(), undone after
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     return OfflineHub(tmp_path / "hub", monkeypatch)
+
+
+@pytest.fixture
+def count_batchnorms():
+    """A function: the BatchNorm layers (frozen or trained) left in a model (what fold_batchnorm removes)."""
+    from maskrcnn.model.backbone import FrozenBatchNorm2d
+
+    return lambda model: sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())

@@ -28,7 +28,6 @@ from maskrcnn.data.build import build_datasets
 from maskrcnn.evaluation.coco_eval import coco_evaluate, detections_to_coco
 from maskrcnn.model.box_ops import box_iou
 from maskrcnn.model.build import build_model
-from maskrcnn.model.backbone import FrozenBatchNorm2d
 from maskrcnn.model.fuse import fold_batchnorm
 from maskrcnn.model.postprocess import paste_masks, paste_masks_torchvision
 
@@ -36,11 +35,6 @@ OVERRIDES = ["model.roi_heads.mask_num_convs=2", "model.roi_heads.mask_conv_dim=
              "model.rpn.smooth_l1_beta=0.1111111111111111", "model.roi_heads.smooth_l1_beta=0.1111111111111111"]
 LOSS_TARGET = 0.6  # mean training loss of the last 10 steps that ends the fixture's training (~1.4 at the start)
 MIN_STEPS, MAX_STEPS = 200, 1000  # reached in 205-302 steps on the six fixtures
-
-
-def count_batchnorms(model) -> int:
-    """BatchNorm layers (frozen or not) left in `model`."""
-    return sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
 
 
 def bf16():
@@ -301,7 +295,7 @@ def test_bf16_fine_tuning_keeps_learning(trained):
 
 
 # ------------------------------------------------------------------------------------- BatchNorm folding
-def test_fold_batchnorm_of_trained_batchnorm_is_exact(trained):
+def test_fold_batchnorm_of_trained_batchnorm_is_exact(trained, count_batchnorms):
     """tiny.yaml trains nn.BatchNorm2d; in eval mode its statistics are constants and fold into the convs."""
     _, model, images, _ = trained
     folded = fold_batchnorm(model)
@@ -313,7 +307,7 @@ def test_fold_batchnorm_of_trained_batchnorm_is_exact(trained):
         torch.testing.assert_close(g["scores"], r["scores"], atol=1e-4, rtol=0)
 
 
-def test_fold_frozen_batchnorm_is_exact():
+def test_fold_frozen_batchnorm_is_exact(count_batchnorms):
     torch.manual_seed(0)
     cfg = load_config("configs/tiny.yaml", ["model.backbone.norm=frozen_bn", "model.backbone.freeze_at=2"])
     bottom_up = build_model(cfg).bottom_up

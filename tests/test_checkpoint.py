@@ -58,13 +58,8 @@ def test_checkpoint_is_weights_only_with_config_and_rng(run):
     assert cfg.stage == "rpn" and model.class_names == state["class_names"]
 
 
-def test_fold_bn_gives_the_same_features_without_batchnorm(run):
+def test_fold_bn_gives_the_same_features_without_batchnorm(run, count_batchnorms):
     """evaluate.py and infer.py load with fold_bn=True: no BatchNorm left, the same FPN features."""
-    from maskrcnn.model.backbone import FrozenBatchNorm2d
-
-    def count_batchnorms(model) -> int:
-        return sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
-
     plain, _ = model_from_checkpoint(run / "model_final.pth")
     folded, _ = model_from_checkpoint(run / "model_final.pth", fold_bn=True)
     assert count_batchnorms(plain) > 0 and count_batchnorms(folded) == 0
