@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", nargs="?", const="auto", default="false", metavar="auto|true|false",
                    help="mixed precision: fp16 autocast on CUDA, bf16 on a CPU. auto (also --amp alone): where the "
                    "device computes it natively, else fp32; true: always (bf16 emulated on a CPU without native "
-                   "bfloat16: 5-13x slower); default false: fp32")
+                   "bfloat16: 7-16x slower); default false: fp32")
     p.add_argument("--out", help="output directory (default: the checkpoint's directory)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

@@ -4,8 +4,8 @@
   1. the RPN stage;
   2. the full model without noise and with --feature-noise, both initialised from the RPN stage, for each seed;
   3. evaluation of every full run: clean on every val image (fp32), and under the COCO-C corruptions (the
-     benchmark's 15 at severity 3 by default) on the first 20 val images, every run on the same corrupted
-     pixels, in bf16 on a CPU (`--corruption-fp32` for fp32): P, mPC, rPC;
+     benchmark's 15 at severity 3 by default) on the first val images (20, or 10 in the fp32 schedule), every
+     run on the same corrupted pixels, in the trainings' precision (`--corruption-fp32` for fp32): P, mPC, rPC;
   4. the loss-comparison chart and the AP table, with differences paired by seed (95% t-interval).
 
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0, 1 and 2
@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 class Schedule:
     """How long the demo trains, at what image size, and how much it evaluates under corruption: sized so that
     the whole experiment fits in 20 minutes on 2 CPU cores in the precision the trainings run in."""
+    name: str  # its key in SCHEDULES (--schedule)
     rpn_iters: int  # iterations of the RPN stage
     full_iters: Optional[int]  # iterations of each full run (None: the config's solver.max_iter)
     corruption_images: int  # val images evaluated under each corruption
@@ -48,17 +49,19 @@ class Schedule:
     note: str  # what it costs and gives, in one line (measured, README)
 
 
-# The schedule follows the precision. On 2 CPU cores, native bf16 trains ~2x faster than fp32 (the convolutions,
-# ~80% of a step, run at ~70% of the cores' fp32 peak, so fp32 has no faster path): the bf16 schedule takes
-# 18-20 min with native bf16 and ~35 min in fp32 (box AP 0.41 either way). The fp32 schedule fits 20 min by
-# training and evaluating at 0.7x the image side (about half the pixels) and corrupting 10 images instead of 20,
-# for a lower AP (small objects lose most). `--schedule` picks one whatever the precision.
+# The schedule follows the precision. On 2 CPU cores, native bf16 trains ~1.7x faster than fp32 (the
+# convolutions, ~80% of a step, run at ~70% of the cores' fp32 peak, so fp32 has no faster path): the mixed
+# schedule takes 18-20 min with native bf16 and ~40 min in fp32. The fp32 schedule fits 20 min by training at
+# 0.7x the image side (about half the pixels) without channels-last (in fp32 on an AVX2 CPU 0.94x the step time
+# of channels-last; with bf16 channels-last is the faster) and corrupting 10 images instead of 20; it evaluates
+# at the preset's own size, where the models trained small find more than at their training size (box AP over
+# 3 seeds 0.41 at 224 px against 0.36 at 160). `--schedule` picks one whatever the precision.
 SCHEDULES = {
-    "mixed": Schedule(800, None, 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
-    "fp32": Schedule(800, None, 10, ("model.transform.min_size_train=[136,160,176]",
-                                     "model.transform.max_size_train=272", "model.transform.min_size_test=160",
-                                     "model.transform.max_size_test=272"),
-                     "fp32 (no native bf16): images at 0.7x, ~20 min on 2 cores, lower AP than the mixed schedule"),
+    "mixed": Schedule("mixed", 800, None, 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
+    "fp32": Schedule("fp32", 800, None, 10, ("model.transform.min_size_train=[136,160,176]",
+                                             "model.transform.max_size_train=272", "train.channels_last=false"),
+                     "fp32 (no native bf16): trains at 0.7x the image side, evaluates at full size, ~20 min on 2 "
+                     "cores"),
 }
 
 
@@ -69,11 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the full-stage runs")
     p.add_argument("--amp", choices=["auto", "true", "false"],
                    help="mixed precision of the trainings and of the evaluation under corruption (bf16 on a CPU, fp16 "
-                   "on CUDA): auto (the default, from the config's train.cpu_amp in configs/shapes.yaml) where the "
-                   "device computes it natively, else fp32; the schedule follows the choice (see SCHEDULES)")
+                   "on CUDA): auto where the device computes it natively, else fp32; true; false (default: the config's "
+                   "train.cpu_amp on a CPU, auto in configs/shapes.yaml; train.amp on CUDA, true); the schedule "
+                   "follows the choice (see SCHEDULES)")
     p.add_argument("--schedule", choices=["auto", *SCHEDULES],
                    help="auto (the default): mixed where the trainings run in mixed precision, else fp32 (see "
-                   "SCHEDULES in this file); mixed on a CPU without native bf16 gives its higher AP in ~35 min")
+                   "SCHEDULES in this file); mixed on a CPU without native bf16 gives its higher AP in ~40 min")
     p.add_argument("--rpn-iters", type=int,
                    help="iterations of the RPN stage (default: the schedule's; learning rate x0.1 after 8/9 of them)")
     p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the schedule's; "
@@ -216,13 +220,9 @@ def choose_schedule(cfg, amp: Optional[str], name: Optional[str] = None):
     """The trainings' precision (--amp, else the config's train.cpu_amp on a CPU / train.amp on CUDA) on this
     machine, and the schedule that goes with it (or the one `name` asks for)."""
     from maskrcnn.engine.device import select_device
-    from maskrcnn.model.precision import choose_precision
+    from maskrcnn.model.precision import training_precision
 
-    device = select_device(cfg.train.device)
-    cuda = device.type == "cuda"
-    key = "--amp" if amp is not None else ("train.amp" if cuda else "train.cpu_amp")
-    setting = amp if amp is not None else (cfg.train.amp if cuda else cfg.train.cpu_amp)
-    precision = choose_precision(device, setting, key)
+    precision = training_precision(cfg.train, select_device(cfg.train.device), amp)
     if name in (None, "auto"):
         name = "mixed" if precision.autocast else "fp32"
     return precision, SCHEDULES[name]
@@ -308,8 +308,7 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     with phase("comparison", "comparison"):
         chart, table_path = root / "comparison.png", root / "table.md"
         table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
-    name = next(k for k, v in SCHEDULES.items() if v == sched)
-    summary = {"precision": precision.as_dict(), "schedule": {"name": name, **asdict(sched), "rpn_iters": rpn_iters,
+    summary = {"precision": precision.as_dict(), "schedule": {**asdict(sched), "rpn_iters": rpn_iters,
                                                                "full_iters": full_iters or cfg.solver.max_iter,
                                                                "corruption_images": corruption_images},
                "rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,

@@ -198,7 +198,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     amp: Switch = True  # mixed precision when training on CUDA: fp16 autocast and a grad scaler (auto: the same)
     cpu_amp: Switch = False  # bf16 autocast when training on a CPU: auto (where the CPU computes bf16 natively,
-    # AVX-512 BF16 or AMX: 1.6x faster; elsewhere emulated and 5-13x slower, so fp32), true or false
+    # AVX-512 BF16 or AMX: 1.6x faster; elsewhere emulated and 7-16x slower, so fp32), true or false
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
     channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA,
     # and ~10% faster training on CPU with oneDNN)

@@ -79,8 +79,11 @@ def test_the_schedule_follows_the_precision(demo, monkeypatch):
         assert sched is experiment.SCHEDULES["mixed" if native else "fp32"]
         chosen, sched = experiment.choose_schedule(cfg, "false", "mixed")  # both asked for explicitly
         assert not chosen.autocast and sched is experiment.SCHEDULES["mixed"]
-    # the fp32 schedule trains and evaluates smaller images; the mixed one is the config as written
-    assert any(x.startswith("model.transform.min_size_test=") for x in experiment.SCHEDULES["fp32"].sets)
+    # the fp32 schedule trains on smaller images and evaluates at the preset's size; the mixed one is the config
+    # as written
+    fp32 = experiment.SCHEDULES["fp32"].sets
+    assert any(x.startswith("model.transform.min_size_train=") for x in fp32)
+    assert not any(x.startswith("model.transform.min_size_test=") for x in fp32)
     assert experiment.SCHEDULES["mixed"].sets == ()
 
 
