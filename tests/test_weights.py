@@ -141,10 +141,14 @@ def test_local_backbone_weights_file_is_loaded_weights_only(tmp_path, r18_net):
         assert load_pretrained(r18_net, str(path)) == str(path)
         assert torch.equal(r18_net.state_dict()["conv1.weight"], state["conv1.weight"])
     marker = tmp_path / "code-ran"
-    for name, payload in [("evil.pth", {"conv1.weight": torch.zeros(1), "x": _WritesMarker(marker)}),
-                          ("list.pth", [torch.zeros(1)])]:
-        torch.save(payload, tmp_path / name)
-        with pytest.raises(WeightsUnavailable, match="not a plain state dict") as info:
+    (tmp_path / "notes.pth").write_text("not weights\n")
+    for name, payload, problem in [
+            ("evil.pth", {"conv1.weight": torch.zeros(1), "x": _WritesMarker(marker)}, "not a plain state dict"),
+            ("list.pth", [torch.zeros(1)], "not a plain state dict"),
+            ("notes.pth", None, "not a PyTorch weights file")]:
+        if payload is not None:
+            torch.save(payload, tmp_path / name)
+        with pytest.raises(WeightsUnavailable, match=problem) as info:
             load_pretrained(r18_net, str(tmp_path / name))
         msg = str(info.value)
         assert "\n" not in msg and name in msg and "model.backbone.weights" in msg

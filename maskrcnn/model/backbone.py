@@ -144,7 +144,10 @@ def load_state_dict_file(path: Path, redo: str, unwrap: bool = False) -> dict[st
     it has one); anything else is a WeightsUnavailable naming the file, the problem and `redo`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a global or object outside the weights-only allow-list: never executed
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a pickle at all (a text file, a truncated download)
+            raise WeightsUnavailable(f"{path} could not be read (not a PyTorch weights file); {redo}") from None
+        # a global or object outside the weights-only allow-list: never executed
         raise WeightsUnavailable(f"{path} is not a plain state dict of tensors (weights-only loading refused "
                                  f"an object in it; nothing in it was run); {redo}") from None
     except Exception as e:  # truncated, not a torch file, ...
