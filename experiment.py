@@ -39,11 +39,10 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Schedule:
-    """How long the demo trains, at what image size, and how much it evaluates under corruption: sized so that
-    the whole experiment fits in 20 minutes on 2 CPU cores in the precision the trainings run in."""
+    """What the demo changes of the preset (image size, memory format) and how much it evaluates under corruption:
+    sized so that the whole experiment fits in 20 minutes on 2 CPU cores in the precision the trainings run in
+    (both schedules train RPN 800 + full 600 iterations: --rpn-iters, the preset's solver.max_iter)."""
     name: str  # its key in SCHEDULES (--schedule)
-    rpn_iters: int  # iterations of the RPN stage
-    full_iters: Optional[int]  # iterations of each full run (None: the config's solver.max_iter)
     corruption_images: int  # val images evaluated under each corruption
     sets: tuple[str, ...]  # config overrides of this schedule (before --set, which wins)
     note: str  # what it costs and gives, in one line (measured, README)
@@ -58,9 +57,9 @@ class Schedule:
 # 3 seeds 0.41 at 224 px against 0.36 at 160; make demo on an AVX2 CPU: 0.44 in 18.7 min, README).
 # `--schedule` picks one whatever the precision.
 SCHEDULES = {
-    "mixed": Schedule("mixed", 800, None, 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
-    "fp32": Schedule("fp32", 800, None, 10, ("model.transform.min_size_train=[136,160,176]",
-                                             "model.transform.max_size_train=272", "train.channels_last=false"),
+    "mixed": Schedule("mixed", 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
+    "fp32": Schedule("fp32", 10, ("model.transform.min_size_train=[136,160,176]",
+                                  "model.transform.max_size_train=272", "train.channels_last=false"),
                      "fp32 (no native bf16): trains at 0.7x the image side, evaluates at full size, ~20 min on 2 "
                      "cores"),
 }
@@ -79,9 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=["auto", *SCHEDULES],
                    help="auto (the default): mixed where the trainings run in mixed precision, else fp32 (see "
                    "SCHEDULES in this file); mixed on a CPU without native bf16 takes ~40 min")
-    p.add_argument("--rpn-iters", type=int,
-                   help="iterations of the RPN stage (default: the schedule's; learning rate x0.1 after 8/9 of them)")
-    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the schedule's; "
+    p.add_argument("--rpn-iters", type=int, default=800,
+                   help="iterations of the RPN stage (learning rate x0.1 after 8/9 of them)")
+    p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's; "
                    "learning rate x0.1 after 8/9 of them)")
     p.add_argument("--corruptions", nargs="*",
                    help="corruptions to evaluate under (default: the 15 of the COCO-C benchmark; none: skip)")
@@ -250,8 +249,7 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
         minutes[name] = (time.perf_counter() - t0) / 60
         print(f"  ({minutes[name]:.1f} min)", flush=True)
 
-    rpn_iters = args.rpn_iters or sched.rpn_iters
-    full_iters = args.full_iters or sched.full_iters
+    rpn_iters, full_iters = args.rpn_iters, args.full_iters
     corruption_images = sched.corruption_images if args.corruption_images is None else args.corruption_images
     print(f"schedule: RPN {rpn_iters} + full {full_iters or cfg.solver.max_iter} iterations, corruptions on "
           f"{corruption_images or 'all'} val images{''.join(' ' + x for x in sched.sets)} ({sched.note})", flush=True)

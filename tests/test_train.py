@@ -212,7 +212,7 @@ def test_optimizer_choice():
     from maskrcnn.config import SolverConfig
     from maskrcnn.engine.trainer import build_optimizer
 
-    params = [torch.nn.Parameter(torch.zeros(3))]
+    params = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3))])
     assert isinstance(build_optimizer(params, SolverConfig(optimizer="sgd")), torch.optim.SGD)
     adamw = build_optimizer(params, SolverConfig(optimizer="adamw", base_lr=1e-3, weight_decay=0.05))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
@@ -260,7 +260,7 @@ def test_fused_optimizer_makes_the_same_update_as_the_loop(name):
     solver = SolverConfig(optimizer=name, base_lr=0.01, weight_decay=0.05)
     results = []
     for fused in (True, False):
-        params = [torch.nn.Parameter(t.clone()) for t in start]
+        params = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in start])
         opt = build_optimizer(params, solver)
         if not fused:  # torch's per-parameter loop as the reference
             opt = (torch.optim.SGD(params, lr=0.01, momentum=solver.momentum, weight_decay=0.05, foreach=False)
