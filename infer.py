@@ -33,7 +33,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="runs/infer", help="output folder (default runs/infer)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw and save detections above this")
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = p.parse_args(argv)
     with one_line_errors():
@@ -48,10 +48,10 @@ def main(argv=None) -> list[dict]:
         from maskrcnn.vis.panels import draw_detections
         from maskrcnn.vis.primitives import save_png
 
+        device = select_device(args.device)  # an unknown or absent device: one line, before any work
         images = list_images(Path(args.input))
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-        device = select_device(args.device)
         model, cfg = model_from_checkpoint(args.checkpoint, None, args.set, str(device), fold_bn=True)
         if model.stage != "full":
             raise ValueError(f"{args.checkpoint} is an RPN-stage checkpoint; infer.py needs a full-stage one")

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--split", choices=["train", "val"], default="val", help="dataset split (default val)")
     common.add_argument("--out", default="runs/vis", help="output folder (default runs/vis)")
     common.add_argument("--seed", type=int, default=0, help="seed of the random model, flip, resize and sampling")
-    common.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    common.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     common.add_argument("--palette", type=int, default=0, metavar="N",
                         help="save PNGs of at most N colours (smaller files, e.g. 256 for docs; default: full colour)")
 
@@ -93,7 +93,7 @@ def add_report_parser(sub) -> None:
     s.add_argument("--timing-steps", type=int, default=3,
                    help="without a checkpoint: training steps timed after one warm-up step (default 3; 0: skip)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random model and of the anchor sampling")
-    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.add_argument("--palette", type=int, default=0, metavar="N", help="view PNGs of at most N colours")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -215,6 +215,8 @@ def main(argv=None) -> list[Path]:
     from maskrcnn.cli import one_line_errors
 
     with one_line_errors():
+        from maskrcnn.engine.device import select_device
+        args.device = str(select_device(args.device))  # an unknown or absent device: one line, exit status 2
         if args.what == "report":
             from maskrcnn.vis.report import make_report
 
