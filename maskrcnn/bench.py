@@ -672,7 +672,8 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run on CPU, not a measurement: ResNet-18, "
                    "128x128, light heads (50 proposals, 16 RoIs, 5 detections per image), no warm-up, 1 repeat")
     p.add_argument("--full-size", action="store_true", help="800x1333 images instead of 512x512")
