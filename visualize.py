@@ -159,7 +159,7 @@ def draw(args) -> tuple[Path, list[str]]:
     import torch
 
     from maskrcnn.vis import views
-    from maskrcnn.vis.primitives import caption, save_png, to_uint8_image
+    from maskrcnn.vis.primitives import header, save_png, to_uint8_image
 
     cfg, model, class_names = load_model(args)
     if args.what in ("rois", "detections") and model.roi_heads is None:
@@ -185,7 +185,7 @@ def draw(args) -> tuple[Path, list[str]]:
     record = None if args.what == "features" else model.probe([image], None if target is None else [target])
     if args.what == "dataset":
         view = views.dataset_view(record, 0, class_names)
-        view.picture = caption(view.picture, f"{stem}: {view.lines[0]}")
+        view.picture = header(view.picture, f"{stem}: {view.lines[0]}")
     elif args.what == "anchors":
         view = views.anchors_view(record, 0, model, args.at, args.level)
     elif args.what == "anchor-labels":
