@@ -10,6 +10,7 @@ import evaluate
 import infer
 import train
 import visualize
+from maskrcnn import bench
 from maskrcnn.engine.device import DeviceError, select_device
 
 
@@ -89,3 +90,9 @@ def test_select_device(no_cuda):
             select_device(bad)
     with pytest.raises(DeviceError, match="no CUDA device"):
         select_device("cuda:0")
+
+
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_bench_device_errors(no_cuda, capsys, device):
+    line = _one_line_exit_2(capsys, bench.main, ["--device", device, "--quick"])
+    assert ("no CUDA device" in line) if device == "cuda" else ("auto, cpu, cuda or cuda:N" in line)
