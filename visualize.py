@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_argument("--split", choices=["train", "val"], default="val", help="dataset split (default val)")
     common.add_argument("--out", default="runs/vis", help="output folder (default runs/vis)")
     common.add_argument("--seed", type=int, default=0, help="seed of the random model, flip, resize and sampling")
-    common.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    common.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     common.add_argument("--palette", type=int, default=0, metavar="N",
                         help="save PNGs of at most N colours (smaller files, e.g. 256 for docs; default: full colour)")
 
@@ -93,7 +93,7 @@ def add_report_parser(sub) -> None:
     s.add_argument("--timing-steps", type=int, default=3,
                    help="without a checkpoint: training steps timed after one warm-up step (default 3; 0: skip)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random model and of the anchor sampling")
-    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.add_argument("--palette", type=int, default=0, metavar="N", help="view PNGs of at most N colours")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -159,7 +159,7 @@ def draw(args) -> tuple[Path, list[str]]:
     import torch
 
     from maskrcnn.vis import views
-    from maskrcnn.vis.primitives import caption, save_png, to_uint8_image
+    from maskrcnn.vis.primitives import header, save_png, to_uint8_image
 
     cfg, model, class_names = load_model(args)
     if args.what in ("rois", "detections") and model.roi_heads is None:
@@ -185,7 +185,7 @@ def draw(args) -> tuple[Path, list[str]]:
     record = None if args.what == "features" else model.probe([image], None if target is None else [target])
     if args.what == "dataset":
         view = views.dataset_view(record, 0, class_names)
-        view.picture = caption(view.picture, f"{stem}: {view.lines[0]}")
+        view.picture = header(view.picture, f"{stem}: {view.lines[0]}")
     elif args.what == "anchors":
         view = views.anchors_view(record, 0, model, args.at, args.level)
     elif args.what == "anchor-labels":
@@ -215,6 +215,8 @@ def main(argv=None) -> list[Path]:
     from maskrcnn.cli import one_line_errors
 
     with one_line_errors():
+        from maskrcnn.engine.device import select_device
+        args.device = str(select_device(args.device))  # an unknown or absent device: one line, exit status 2
         if args.what == "report":
             from maskrcnn.vis.report import make_report
 

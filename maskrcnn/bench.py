@@ -672,7 +672,8 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run on CPU, not a measurement: ResNet-18, "
                    "128x128, light heads (50 proposals, 16 RoIs, 5 detections per image), no warm-up, 1 repeat")
     p.add_argument("--full-size", action="store_true", help="800x1333 images instead of 512x512")
@@ -712,12 +713,16 @@ def main(argv=None) -> dict:
         s = Settings(**json.loads(args.child_settings))
         print(json.dumps(memory_child(args.child_memory, s, args.child_state, args.child_steps)))
         return {}
-    device = args.device
+    from .engine.device import DeviceError, check_cuda, check_device_name
+    try:  # an unknown name or an absent GPU: one line, exit status 2
+        device = check_device_name(args.device)
+        if device.startswith("cuda"):
+            check_cuda(device)
+    except DeviceError as e:
+        print(f"error: --device: {e}", file=sys.stderr)
+        sys.exit(2)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {device} but no CUDA device is available (use auto or cpu)", file=sys.stderr)
-        sys.exit(2)
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
                  bf16=args.bf16)
     if args.full_size:

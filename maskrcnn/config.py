@@ -43,7 +43,7 @@ class NoiseConfig:
     site: str = "bottom_up"  # where it sits: bottom_up (c2..c5, before the FPN) | fpn (p2..p6, after the FPN) |
     # roi (the pooled RoI features, "box" and "mask", before the heads)
     levels: list[str] = field(default_factory=list)  # outputs of the site the noise touches (empty: the site's
-    # default: c5 at bottom_up, seed 000's rule; every output at fpn and roi)
+    # default: c5 at bottom_up, as LatentNoise.uniform_c5_per_position; every output at fpn and roi)
     mode: str = "multiplicative"  # multiplicative: x * n | additive: x + n * std(x)
     distribution: str = "uniform"  # uniform: n ~ U(-s, s) | gaussian: n ~ N(0, s)   (1 + n when multiplicative)
     strength: float = 0.2  # s above; 0.2 uniform multiplicative is U(0.8, 1.2)

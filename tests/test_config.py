@@ -13,7 +13,7 @@ from maskrcnn.config import Config, ConfigError, apply_overrides, load_config, s
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-# ------------------------------------------------------------------------------ DESIGN.md standard settings
+# --------------------------------------------------------------- docs/design.md's standard settings
 def test_defaults_anchors():
     a = Config().model.anchors
     assert a.sizes == [32, 64, 128, 256, 512]

@@ -1,4 +1,5 @@
-"""Tests for maskrcnn.model.latent_noise.LatentNoise: identity, train-only, seed 000 rule's statistics, shapes, seeding."""
+"""Tests for maskrcnn.model.latent_noise.LatentNoise: identity, train-only, the statistics of the
+uniform_c5_per_position preset, shapes, seeding."""
 from __future__ import annotations
 
 import math
@@ -65,7 +66,7 @@ def test_input_not_modified_in_place():
         assert torch.equal(feats[k], before[k])
 
 
-# ----------------------------------------------------------------------------- seed 000 rule
+# ----------------------------------------------------------------------------- uniform_c5_per_position
 def test_seed_000_rule_preset_fields():
     n = LatentNoise.uniform_c5_per_position()
     assert n.enabled and n.levels == ("c5",) and n.mode == "multiplicative"

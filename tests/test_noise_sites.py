@@ -59,7 +59,7 @@ def test_noise_is_applied_at_its_site_and_nowhere_else(site):
     changed = [k for k in b["noise"]["before"] if not torch.equal(b["noise"]["before"][k], b["noise"]["after"][k])]
     assert same(a["bottom_up"], b["bottom_up"])  # upstream of every site
     if site == "bottom_up":
-        assert changed == ["c5"] and noisy.noise.levels == ("c5",)  # the site's default: seed 000's rule
+        assert changed == ["c5"] and noisy.noise.levels == ("c5",)  # the site's default: uniform_c5_per_position
         assert not torch.equal(a["noisy"]["c5"], b["noisy"]["c5"])
         assert all(torch.equal(a["noisy"][k], b["noisy"][k]) for k in ("c2", "c3", "c4"))
     else:

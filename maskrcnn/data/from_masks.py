@@ -193,7 +193,7 @@ def masks_to_coco(
     return dataset
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m maskrcnn.data.from_masks") -> None:
     p = argparse.ArgumentParser(prog=prog, description="Convert per-instance binary masks to a COCO instances JSON.")
     p.add_argument("--images", required=True, help="folder with <stem>.<ext> images")
     p.add_argument("--masks", required=True, help="folder with <stem>_<k>.png or <stem>/<k>.png masks")

@@ -21,6 +21,7 @@ number of processes continues from.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from typing import Any, Iterator, Sequence
@@ -283,6 +284,25 @@ class SeededLoader:
         return len(self.loader)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as taskset or a container's cpuset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def usable_workers(num_workers: int) -> int:
+    """`num_workers` loader processes, at most one per available CPU (more only compete for the same cores, and
+    PyTorch warns about them): a preset's 4 workers become 2 on a 2-core machine, with one line saying so. The
+    batches do not depend on the number of workers."""
+    cpus = available_cpus()
+    if num_workers > cpus:
+        print(f"data loader: {num_workers} workers asked for (data.num_workers), this machine has {cpus} CPU(s) "
+              f"available: using {cpus}")
+        return cpus
+    return num_workers
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
@@ -303,7 +323,8 @@ def build_loader(
         dataset: map-style dataset of ``(image, target)``.
         batch_size: images per batch (on this process).
         shuffle: reshuffle every epoch (order depends on ``(seed, epoch)``).
-        num_workers: loader processes (persistent across epochs when > 0).
+        num_workers: loader processes (persistent across epochs when > 0), at most one per available CPU
+            (``usable_workers``).
         seed: same seed -> same batches, including random augmentation.
         drop_last: drop the last incomplete step of each epoch.
         infinite: yield batches forever, epoch after epoch (for
@@ -314,5 +335,5 @@ def build_loader(
         num_replicas, rank: this process's shard of the global order (torchrun).
         accumulate: micro-batches per step (gradient accumulation).
     """
-    return SeededLoader(dataset, batch_size, shuffle, num_workers, seed, drop_last, infinite, pin_memory,
-                        aspect_ratio_grouping, num_replicas, rank, accumulate)
+    return SeededLoader(dataset, batch_size, shuffle, usable_workers(num_workers), seed, drop_last, infinite,
+                        pin_memory, aspect_ratio_grouping, num_replicas, rank, accumulate)

@@ -416,7 +416,8 @@ def ensure_shapes(root: str | Path, **kwargs: Any) -> dict[str, Path]:
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate the synthetic COCO-format shapes dataset.")
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.data.shapes",
+                                description="Generate the synthetic COCO-format shapes dataset.")
     p.add_argument("--root", required=True, help="output directory")
     p.add_argument("--num-train", type=int, default=300)
     p.add_argument("--num-val", type=int, default=50)

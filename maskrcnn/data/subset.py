@@ -94,7 +94,8 @@ def make_subset(
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write a random N-image subset of a COCO dataset.")
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.data.subset",
+                                description="Write a random N-image subset of a COCO dataset.")
     p.add_argument("--ann", required=True, help="COCO instances JSON")
     p.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
     p.add_argument("--out", required=True, help="output folder (images/ and annotations.json)")

@@ -56,17 +56,20 @@ def backend() -> Optional[str]:
 
 
 def init(device: str = "auto", timeout_min: float = 30.0) -> bool:
-    """Join the process group torchrun describes; False (nothing done) without torchrun or with one process.
+    """Check `device`, then join the process group torchrun describes; False (nothing joined) without torchrun or
+    with one process.
     `device`: "auto" | "cpu" | "cuda": NCCL when it resolves to CUDA (one GPU per process, LOCAL_RANK), else
     gloo. A collective that waits longer than `timeout_min` fails instead of hanging."""
     global _object_group
+    from .device import check_cuda, check_device_name
+    device = check_device_name(device)  # an unknown name or an absent GPU: a DeviceError before any work,
+    if device.startswith("cuda"):       # with or without torchrun (one line, exit status 2)
+        check_cuda(device)
     if env_world_size() <= 1 or is_distributed():
         return is_distributed()
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build; run without torchrun")
     use_cuda = device != "cpu" and torch.cuda.is_available()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} asked for, but no CUDA device is available (use auto or cpu)")
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():

@@ -2,7 +2,7 @@
 (`MaskRCNN.noise_site`): the bottom-up features before the FPN ("prior to the RPN", the default), the FPN's
 outputs, or the pooled RoI features before the box and mask heads.
 
-Identity unless enabled. Seed 000's rule is the preset `LatentNoise.uniform_c5_per_position()`: c5 multiplied
+Identity unless enabled. The default settings are the preset `LatentNoise.uniform_c5_per_position()`: c5 multiplied
 by U(0.8, 1.2), one value per spatial position shared over batch and channels, in training only.
 
 Shapes: features {name: [N, C, H, W]} (bottom-up c2..c5, FPN p2..p6, or pooled RoIs {"box": [R, C, 7, 7],
@@ -53,7 +53,7 @@ class LatentNoise(nn.Module):
 
     @classmethod
     def uniform_c5_per_position(cls, seed: Optional[int] = None) -> "LatentNoise":
-        """Seed 000's rule: c5 x U(0.8, 1.2), one value per position, training only."""
+        """The default noise: c5 x U(0.8, 1.2), one value per position, training only."""
         return cls(enabled=True, levels=("c5",), mode="multiplicative", distribution="uniform",
                    strength=0.2, shape="position", train_only=True, seed=seed)
 

@@ -35,7 +35,7 @@ from .transform import ImageList, ImageTransform, resize_boxes
 # Where LatentNoise can sit: after the bottom-up pathway (c2..c5, "prior to the RPN"), after the FPN (p2..p6), or
 # on the pooled RoI features before the box and mask heads ("box", "mask").
 NOISE_SITES = ("bottom_up", "fpn", "roi")
-DEFAULT_NOISE_LEVELS = {"bottom_up": ["c5"]}  # seed 000's rule; at the other sites: every output
+DEFAULT_NOISE_LEVELS = {"bottom_up": ["c5"]}  # uniform_c5_per_position; at the other sites: every output
 
 
 class MaskRCNN(nn.Module):

@@ -75,29 +75,86 @@ def _text(img: np.ndarray, text: str, x: int, y: int, fg: Colour = (255, 255, 25
     cv2.putText(img, text, (x + 1, y + h + 1), FONT, FONT_SCALE, fg, 1, cv2.LINE_AA)
 
 
+MIN_FONT_SCALE = 0.28  # the smallest text a word too wide for its picture is shrunk to (then cut)
+HEADER_BACKGROUND: Colour = (40, 40, 40)
+
+
+def _fit_lines(lines: Sequence[str], colours: Sequence[Optional[Colour]], width: int
+               ) -> list[tuple[str, Optional[Colour], float]]:
+    """(text, swatch colour, font scale) per drawn line: each line word-wrapped to `width` pixels (its swatch
+    colour on the first piece only; the pieces keep its indent), a word wider than `width` alone drawn smaller
+    (down to MIN_FONT_SCALE) and, if still too wide, cut with '..'."""
+    def wide(text: str, scale: float = FONT_SCALE) -> int:
+        return cv2.getTextSize(text, FONT, scale, 1)[0][0] + 2
+
+    out: list[tuple[str, Optional[Colour], float]] = []
+    for text, c in zip(lines, colours):
+        pieces: list[str] = []
+        for word in text.split(" "):
+            if pieces and wide(f"{pieces[-1]} {word}") <= width:
+                pieces[-1] = f"{pieces[-1]} {word}"
+            else:
+                pieces.append(word)
+        for k, piece in enumerate(pieces):
+            scale = FONT_SCALE
+            while wide(piece, scale) > width and scale > MIN_FONT_SCALE:
+                scale = max(MIN_FONT_SCALE, scale - 0.02)
+            while wide(piece, scale) > width and len(piece) > 1:
+                piece = piece[:-3] + ".." if len(piece) > 3 else piece[:-1]
+            out.append((piece, c if k == 0 else None, scale))
+    return out
+
+
+def _draw_lines(img: np.ndarray, fitted: list[tuple[str, Optional[Colour], float]], x0: int, y0: int,
+                swatch: int) -> None:
+    """In place: fitted text lines from (x0, y0) down, white, each after its swatch (legend colour)."""
+    for i, (t, c, scale) in enumerate(fitted):
+        y = y0 + 2 + i * LINE_HEIGHT
+        if c is not None:
+            cv2.rectangle(img, (x0 + 3, y + 2), (x0 + swatch - 1, y + LINE_HEIGHT - 2), c, -1)
+        if t:
+            (_, h), _ = cv2.getTextSize(t, FONT, scale, 1)
+            cv2.putText(img, t, (x0 + 3 + swatch, y + h + 1), FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+
+
 def caption(image: np.ndarray, lines: Union[str, Sequence[str]], corner: str = "top-left",
             colours: Optional[Sequence[Optional[Colour]]] = None) -> np.ndarray:
-    """Text lines over a translucent dark band at a corner (the image keeps its size). `colours`: an
-    optional swatch colour per line, drawn before its text (a legend)."""
+    """Text lines over a translucent dark band at a corner (the image keeps its size), wrapped (or shrunk) to
+    the image's width. `colours`: an optional swatch colour per line, drawn before its text (a legend). For the
+    small panels and legends; a picture's header, which must not hide what is drawn, is `header`."""
     lines = [lines] if isinstance(lines, str) else list(lines)
     if not lines:
         return image.copy()
     img = image.copy()
     colours = list(colours) if colours is not None else [None] * len(lines)
     swatch = LINE_HEIGHT if any(c is not None for c in colours) else 0
-    width = max(cv2.getTextSize(t, FONT, FONT_SCALE, 1)[0][0] for t in lines) + swatch + 6
-    height = LINE_HEIGHT * len(lines) + 4
+    fitted = _fit_lines(lines, colours, max(img.shape[1] - swatch - 4, 1))
+    width = min(max(cv2.getTextSize(t, FONT, sc, 1)[0][0] for t, _, sc in fitted) + swatch + 6, img.shape[1])
+    height = LINE_HEIGHT * len(fitted) + 4
     x0 = 0 if corner.endswith("left") else max(img.shape[1] - width, 0)
     y0 = 0 if corner.startswith("top") else max(img.shape[0] - height, 0)
     band = img.copy()
     cv2.rectangle(band, (x0, y0), (x0 + width, y0 + height), (0, 0, 0), -1)
     img = _blend(img, band, 0.6)
-    for i, (t, c) in enumerate(zip(lines, colours)):
-        y = y0 + 2 + i * LINE_HEIGHT
-        if c is not None:
-            cv2.rectangle(img, (x0 + 3, y + 2), (x0 + swatch - 1, y + LINE_HEIGHT - 2), c, -1)
-        _text(img, t, x0 + 2 + swatch, y, bg=None)
+    _draw_lines(img, fitted, x0, y0, swatch)
     return img
+
+
+def header(image: np.ndarray, lines: Union[str, Sequence[str]],
+           colours: Optional[Sequence[Optional[Colour]]] = None) -> np.ndarray:
+    """The image under a dark band holding the text lines, wrapped (or shrunk) to the image's width: the
+    picture grows by the band's height and the header covers nothing drawn on the image (labels of objects at
+    its top edge stay visible). `colours`: an optional swatch colour per line (a legend)."""
+    lines = [lines] if isinstance(lines, str) else list(lines)
+    if not lines:
+        return image.copy()
+    colours = list(colours) if colours is not None else [None] * len(lines)
+    swatch = LINE_HEIGHT if any(c is not None for c in colours) else 0
+    fitted = _fit_lines(lines, colours, max(image.shape[1] - swatch - 4, 1))
+    band = np.empty((LINE_HEIGHT * len(fitted) + 4, image.shape[1], 3), np.uint8)
+    band[:] = HEADER_BACKGROUND
+    _draw_lines(band, fitted, 0, 0, swatch)
+    return np.concatenate([band, image], axis=0)
 
 
 def draw_boxes(image: np.ndarray, boxes: ArrayLike, colours: Union[Colour, Sequence[Colour]] = GT_COLOUR,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .panels import (anchors_at, draw_anchor_grid, draw_anchor_labels, draw_anchors_at, draw_detections, draw_ground_truth,
                      draw_proposals, draw_sampled_rois, feature_grid, label_counts, objectness, relative_change)
-from .primitives import GT_COLOUR, caption, class_name, draw_boxes, side_by_side, to_uint8_image
+from .primitives import GT_COLOUR, caption, class_name, draw_boxes, header, side_by_side, to_uint8_image
 
 
 @dataclass
@@ -163,7 +163,8 @@ def rois_view(record: dict, i: int, model, class_names: Optional[Sequence[str]] 
     added = " + GT" if heads.add_gt_as_proposals else ""
     picture = draw_sampled_rois(input_image(record, i), s["boxes"], s["labels"], s["matched_idx"],
                                 target["boxes"], class_names, target["labels"])
-    picture = caption(picture, [f"{n_prop} proposals{added}", f"sampled {pos} positive (GT colour), {neg} negative (red)"])
+    picture = header(picture, [f"{n_prop} proposals{added}",
+                               f"sampled {pos} positive (GT colour), {neg} negative (red)"])
     line = (f"{n_prop} proposals{' + ' + str(len(target['boxes'])) + ' ground-truth boxes' if added else ''}; "
             f"sampled {pos} positive, {neg} negative (batch {heads.sampler.batch_size_per_image}, positive "
             f"fraction {heads.sampler.positive_fraction:g}, IoU {heads.matcher.high:g})")
@@ -174,8 +175,8 @@ def detections_view(image: np.ndarray, det: dict, class_names: Optional[Sequence
                     score_thresh: float = 0.5, mask_thresh: float = 0.5) -> View:
     """Final boxes, classes, scores and masks with score >= score_thresh, on the image as given (uint8 RGB)."""
     shown = int((det["scores"] >= score_thresh).sum())
-    picture = caption(draw_detections(image, det, class_names, score_thresh, mask_thresh),
-                      f"{shown} detections, score >= {score_thresh:g}")
+    picture = header(draw_detections(image, det, class_names, score_thresh, mask_thresh),
+                     f"{shown} detections, score >= {score_thresh:g}")
     lines = [f"{len(det['scores'])} detections, {shown} with score >= {score_thresh:g}"]
     for b, lab, sc in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
         if sc >= score_thresh:
