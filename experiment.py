@@ -233,9 +233,25 @@ def schedule(iterations: int) -> list[str]:
     return [f"solver.max_iter={iterations}", f"solver.steps=[{int(iterations * 8 / 9)}]"]
 
 
+def evaluation_tasks(run: Path, args, corruption_images: int, eval_amp: str) -> list[tuple[str, list[str]]]:
+    """The evaluations of one full run, in the order they are started: clean on --eval-images val images (fp32),
+    then, unless --corruptions none, the corruption benchmark on the first `corruption_images` (`eval_amp`)."""
+    ckpt = str(run / "model_final.pth")
+    tasks = [(f"eval-{run.name}", ["evaluate.py", "--checkpoint", ckpt, "--max-images", str(args.eval_images)])]
+    if args.corruptions is None or len(args.corruptions) > 0:
+        tasks.append((f"eval-{run.name}-corrupted",
+                      ["evaluate.py", "--checkpoint", ckpt, "--corruption", "benchmark",
+                       "--severities", *[str(s) for s in args.severities], "--corruption-seed",
+                       str(args.corruption_seed), "--max-images", str(corruption_images)]
+                      + (["--corruptions", *args.corruptions] if args.corruptions else [])
+                      + ["--amp", eval_amp]))
+    return tasks
+
+
 def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedule) -> dict:
     import compare
     from maskrcnn.data.build import dataset_paths
+    from maskrcnn.evaluation import outputs
 
     start = time.perf_counter()
     minutes: dict[str, float] = {}
@@ -260,7 +276,8 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     full_sets = sets + (schedule(full_iters) if full_iters else [])
 
     with phase("data", "data"):
-        dataset_paths(cfg)  # generated here once, not by two processes at the same time
+        paths = dataset_paths(cfg)  # generated here once, not by two processes at the same time
+        val_images = len(json.loads(Path(paths["val_ann"]).read_text())["images"])
 
     with phase("rpn", f"RPN stage ({rpn_iters} iterations)"):
         runner.run([("rpn", ["train.py", *common, "--stage", "rpn", "--name", "rpn", "--set", *sets,
@@ -282,26 +299,19 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     corrupt = args.corruptions is None or len(args.corruptions) > 0
     # under corruption: the trainings' precision, as chosen above (--corruption-fp32: fp32)
     eval_amp = "true" if precision.autocast and not args.corruption_fp32 else "false"
+    # the files each evaluation writes are named after its image set (every val image, or the first N)
+    image_sets = {"clean": outputs.image_set("val", args.eval_images, val_images)}
+    if corrupt:
+        image_sets["corrupted"] = outputs.image_set("val", corruption_images, val_images)
     with phase("evaluation", f"evaluation, clean{' and under corruption' if corrupt else ''}"):
-        tasks = []
-        for run in runs:
-            ckpt = str(run / "model_final.pth")
-            tasks.append((f"eval-{run.name}",
-                          ["evaluate.py", "--checkpoint", ckpt, "--max-images", str(args.eval_images)]))
-            if corrupt:
-                tasks.append((f"eval-{run.name}-corrupted",
-                              ["evaluate.py", "--checkpoint", ckpt, "--corruption", "benchmark",
-                               "--severities", *[str(s) for s in args.severities], "--corruption-seed",
-                               str(args.corruption_seed), "--max-images", str(corruption_images)]
-                              + (["--corruptions", *args.corruptions] if args.corruptions else [])
-                              + ["--amp", eval_amp]))
-        runner.run(tasks)
+        runner.run([task for run in runs for task in evaluation_tasks(run, args, corruption_images, eval_amp)])
         evaluated = {}
         for run in runs:
-            clean = json.loads((run / "eval_val_clean.json").read_text())
+            clean = json.loads((run / outputs.metrics_file(image_sets["clean"], "clean")).read_text())
             entry = {"clean": clean["results"]["clean"]}
             if corrupt:
-                entry["corrupted"] = json.loads((run / "eval_val_benchmark.json").read_text())["benchmark"]
+                entry["corrupted"] = json.loads((run / outputs.metrics_file(image_sets["corrupted"], "benchmark"))
+                                                .read_text())["benchmark"]
             evaluated[run.name] = entry
 
     with phase("comparison", "comparison"):
@@ -310,6 +320,7 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     summary = {"precision": precision.as_dict(), "schedule": {**asdict(sched), "rpn_iters": rpn_iters,
                                                                "full_iters": full_iters or cfg.solver.max_iter,
                                                                "corruption_images": corruption_images},
+               "image_sets": image_sets,
                "rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
                "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
                "phase_minutes": {k: round(v, 2) for k, v in minutes.items()},

@@ -21,7 +21,8 @@ CONFIG = str(ROOT / "configs" / "tiny.yaml")
 DATA_ROOT = str(ROOT / "datasets" / "shapes-tiny")
 SMALL = [f"data.root={DATA_ROOT}", "model.transform.min_size_train=[48]", "model.transform.max_size_train=64",
          "model.transform.min_size_test=48", "model.transform.max_size_test=64", "train.precise_bn_iters=0",
-         "train.checkpoint_period=1000", "model.rpn.pre_nms_topk_test=50", "model.rpn.post_nms_topk_test=50"]
+         "train.checkpoint_period=1000", "model.rpn.pre_nms_topk_test=50", "model.rpn.post_nms_topk_test=50",
+         "model.roi_heads.score_thresh=0.0"]  # every evaluated image has detections (checked per file)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,9 @@ def test_every_phase_writes_its_files(demo):
     root, out = demo
     for run in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1"):
         assert (root / run / "model_final.pth").is_file()
-        clean = json.loads((root / run / "eval_val_clean.json").read_text())
+        clean = json.loads((root / run / "eval_val-first3_clean.json").read_text())
         assert clean["results"]["clean"]["bbox"]["stats"]["AP"] >= 0
-        bench = json.loads((root / run / "eval_val_benchmark.json").read_text())
+        bench = json.loads((root / run / "eval_val-first2_benchmark.json").read_text())
         assert set(bench["benchmark"]["corruptions"]) == {"gaussian_noise", "brightness"}
         assert bench["benchmark"]["severities"] == [3]
         assert (root / "logs" / f"{run}.log").is_file()  # two jobs: each process writes its own log
@@ -58,6 +59,68 @@ def test_every_phase_writes_its_files(demo):
     table = (root / "table.md").read_text()
     assert "box mPC" in table and "mask rPC" in table and "Paired by seed" in table
     assert out["table"] == table.rstrip("\n") or out["table"] in table
+
+
+def val_ids(n: int) -> list[int]:
+    """The ids of the first n images of the tiny val set, in evaluation order."""
+    from maskrcnn.config import load_config
+    from maskrcnn.data.build import build_eval_dataset
+
+    dataset = build_eval_dataset(load_config(CONFIG, SMALL), "val")
+    return [int(dataset[i][1]["image_id"]) for i in range(n)]
+
+
+def check_evaluations(run: Path) -> list[str]:
+    """Every evaluation in `run`: its detections files hold exactly the images its metrics file says it evaluated
+    (the first N val images, each with detections at score threshold 0). Returns the names of its files."""
+    from maskrcnn.evaluation import outputs
+
+    names = []
+    for metrics_path in sorted(run.glob("eval_*.json")):
+        report = json.loads(metrics_path.read_text())
+        m = outputs.METRICS.fullmatch(metrics_path.name)
+        assert m["set"] == report["image_set"], metrics_path
+        expected = set(val_ids(report["images"]))
+        passes = list(report["results"])
+        names.append(metrics_path.name)
+        for p in passes:
+            name = outputs.detections_file(report["image_set"], m["tag"], p, len(passes) == 1)
+            dets = json.loads((run / name).read_text())
+            assert {d["image_id"] for d in dets} == expected, (metrics_path.name, name)
+            names.append(name)
+    return names
+
+
+def test_every_detections_file_belongs_to_its_evaluation(demo, tmp_path):
+    """The demo's evaluations one after the other, in experiment.py's order: clean on every val image, then the
+    benchmark on the first 2, whose clean pass once replaced the clean evaluation's detections file (so that
+    detections_val_clean.json held 2 images and eval_val_clean.json the AP of 4). Each detections file now
+    matches its evaluation."""
+    import shutil
+
+    import evaluate
+
+    root, _ = demo
+    run = tmp_path / "full-s0"
+    run.mkdir()
+    shutil.copy(root / "full-s0" / "model_final.pth", run)
+    args = experiment.parse_args(["--config", CONFIG, "--corruptions", "gaussian_noise", "brightness"])
+    tasks = experiment.evaluation_tasks(run, args, corruption_images=2, eval_amp="false")
+    assert [name for name, _ in tasks] == ["eval-full-s0", "eval-full-s0-corrupted"]
+    for _, argv in tasks:
+        assert argv[0] == "evaluate.py"
+        evaluate.main(argv[1:] + ["--no-progress"])
+    assert sorted(check_evaluations(run)) == sorted([
+        "eval_val_clean.json", "detections_val_clean.json", "eval_val-first2_benchmark.json",
+        "detections_val-first2_benchmark_clean.json", "detections_val-first2_benchmark_gaussian_noise-3.json",
+        "detections_val-first2_benchmark_brightness-3.json"])
+    assert len(val_ids(4)) == 4  # "val" is every image of the tiny val set
+    # the experiment's own runs (two evaluations of each side by side): the same holds for each
+    for name in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1"):
+        assert sorted(check_evaluations(root / name)) == sorted([
+            "eval_val-first3_clean.json", "detections_val-first3_clean.json", "eval_val-first2_benchmark.json",
+            "detections_val-first2_benchmark_clean.json", "detections_val-first2_benchmark_gaussian_noise-3.json",
+            "detections_val-first2_benchmark_brightness-3.json"])
 
 
 def test_the_schedule_follows_the_precision(demo, monkeypatch):
@@ -100,7 +163,7 @@ def test_the_noise_arm_has_noise_and_the_baseline_none(demo):
 def test_every_run_sees_the_same_corrupted_pixels(demo):
     """One corruption seed for all runs: the images are corrupted once and read from the cache after."""
     root, _ = demo
-    settings = [json.loads((root / r / "eval_val_benchmark.json").read_text())["corruption_settings"]
+    settings = [json.loads((root / r / "eval_val-first2_benchmark.json").read_text())["corruption_settings"]
                 for r in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1")]
     assert {s["seed"] for s in settings} == {0}
     assert len({s["cache_dir"] for s in settings}) == 1
