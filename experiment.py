@@ -39,13 +39,41 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Schedule:
-    """What the demo changes of the preset (image size, memory format) and how much it evaluates under corruption:
-    sized so that the whole experiment fits in 20 minutes on 2 CPU cores in the precision the trainings run in
-    (both schedules train RPN 800 + full 600 iterations: --rpn-iters, the preset's solver.max_iter)."""
+    """What the demo changes of the config (the training image size, the memory format) and how much it evaluates
+    under corruption: sized so that the whole experiment on configs/shapes.yaml fits in 20 minutes on 2 CPU cores
+    in the precision the trainings run in (both schedules train RPN 800 + full 600 iterations: --rpn-iters, the
+    preset's solver.max_iter)."""
     name: str  # its key in SCHEDULES (--schedule)
     corruption_images: int  # val images evaluated under each corruption
-    sets: tuple[str, ...]  # config overrides of this schedule (before --set, which wins)
-    note: str  # what it costs and gives, in one line (measured, README)
+    train_scale: float  # side of the training images, as a fraction of the config's own
+    channels_last: Optional[bool]  # train.channels_last (None: the config's)
+    note: str  # what it costs and gives with configs/shapes.yaml, in one line (measured, README)
+
+    def sets(self, cfg) -> list[str]:
+        """Config overrides of this schedule for `cfg` (before --set, which wins): the config's own training sizes
+        (model.transform.min_size_train, max_size_train) times train_scale, to a multiple of 8 (shapes.yaml's
+        192-256 / 384 px at 0.7x: 136-176 / 272), and the memory format."""
+        out = []
+        if self.train_scale != 1:
+            t = cfg.model.transform
+            scaled = [scale_size(s, self.train_scale) for s in t.min_size_train]
+            out += [f"model.transform.min_size_train=[{','.join(str(s) for s in scaled)}]",
+                    f"model.transform.max_size_train={scale_size(t.max_size_train, self.train_scale)}"]
+        if self.channels_last is not None:
+            out.append(f"train.channels_last={str(self.channels_last).lower()}")
+        return out
+
+    def describe(self, cfg) -> str:
+        """What it changes of `cfg`, in words."""
+        if self.train_scale == 1 and self.channels_last is None:
+            return "the config's image sizes"
+        return (f"training images at {self.train_scale:g}x the config's side ({' '.join(self.sets(cfg))}), "
+                f"evaluated at the config's test size")
+
+
+def scale_size(pixels: int, scale: float) -> int:
+    """`pixels` x `scale`, to the nearest multiple of 8 (at least 8)."""
+    return max(8, int(round(pixels * scale / 8)) * 8)
 
 
 # The schedule follows the precision. On 2 CPU cores, native bf16 trains ~1.7x faster than fp32 (the
@@ -53,15 +81,12 @@ class Schedule:
 # schedule takes 18-20 min with native bf16 and ~40 min in fp32. The fp32 schedule fits 20 min by training at
 # 0.7x the image side (about half the pixels) without channels-last (in fp32 on an AVX2 CPU 0.94x the step time
 # of channels-last; with bf16 channels-last is the faster) and corrupting 10 images instead of 20; it evaluates
-# at the preset's own size, where the models trained small find more than at their training size (box AP over
+# at the config's own size, where the models trained small find more than at their training size (box AP over
 # 3 seeds 0.41 at 224 px against 0.36 at 160; make demo on an AVX2 CPU: 0.44 in 18.7 min, README).
 # `--schedule` picks one whatever the precision.
 SCHEDULES = {
-    "mixed": Schedule("mixed", 20, (), "native bf16 on a CPU (or fp16 on CUDA): 18-20 min on 2 cores"),
-    "fp32": Schedule("fp32", 10, ("model.transform.min_size_train=[136,160,176]",
-                                  "model.transform.max_size_train=272", "train.channels_last=false"),
-                     "fp32 (no native bf16): trains at 0.7x the image side, evaluates at full size, ~20 min on 2 "
-                     "cores"),
+    "mixed": Schedule("mixed", 20, 1.0, None, "configs/shapes.yaml: 18-20 min on 2 cores with native bf16"),
+    "fp32": Schedule("fp32", 10, 0.7, False, "configs/shapes.yaml: ~20 min on 2 cores in fp32"),
 }
 
 
@@ -83,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-iters", type=int, help="iterations of each full run (default: the config's; "
                    "learning rate x0.1 after 8/9 of them)")
     p.add_argument("--corruptions", nargs="*",
-                   help="corruptions to evaluate under (default: the 15 of the COCO-C benchmark; none: skip)")
+                   help="corruptions to evaluate under (default: the 15 of the COCO-C benchmark; none, or the option "
+                   "alone: no evaluation under corruption)")
     p.add_argument("--severities", type=int, nargs="+", default=[3], help="corruption severities 1..5")
     p.add_argument("--corruption-seed", type=int, default=0,
                    help="seed of the random corruptions, the same for every run (same pixels)")
@@ -98,7 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="run again in runs/<name>/, deleting the checkpoints and events of its earlier runs")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.corruptions is not None and [c.lower() for c in args.corruptions] == ["none"]:
+        args.corruptions = []  # none: skip, as the option alone
+    return args
 
 
 def default_jobs(device: str) -> int:
@@ -202,30 +231,41 @@ def main(argv=None) -> dict:
         if any(s.startswith("train.output_dir=") for s in args.set):
             raise ValueError("experiment.py writes to runs/<name>/: choose the directory with --name, not "
                              "--set train.output_dir")
+        check_corruptions(args.corruptions)
         root = Path("runs") / args.name
-        precision, sched = choose_schedule(cfg, args.amp, args.schedule)
+        precision, sched, why = choose_schedule(cfg, args.amp, args.schedule)
         print(precision.line(), flush=True)
         if precision.warning:
             print(precision.warning, flush=True)
         runner = Runner(args.jobs or default_jobs(cfg.train.device), root / "logs", not args.no_progress)
         previous = {s: signal.signal(s, runner.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return _experiment(args, cfg, root, runner, precision, sched)
+            return _experiment(args, cfg, root, runner, precision, sched, why)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
 
+def check_corruptions(names: Optional[list[str]]) -> None:
+    """Unknown corruption names are an error before any training (evaluate.py would find them only at the end)."""
+    from maskrcnn.evaluation.corruptions import CORRUPTIONS
+
+    for name in [n for item in names or [] for n in item.split(",") if n]:
+        if name not in CORRUPTIONS:
+            raise ValueError(f"--corruptions: unknown corruption '{name}' (one of: {', '.join(CORRUPTIONS)}; or none)")
+
+
 def choose_schedule(cfg, amp: Optional[str], name: Optional[str] = None):
     """The trainings' precision (--amp, else the config's train.cpu_amp on a CPU / train.amp on CUDA) on this
-    machine, and the schedule that goes with it (or the one `name` asks for)."""
+    machine, the schedule that goes with it (or the one `name` asks for) and why that schedule, in words."""
     from maskrcnn.engine.device import select_device
     from maskrcnn.model.precision import training_precision
 
     precision = training_precision(cfg.train, select_device(cfg.train.device), amp)
-    if name in (None, "auto"):
-        name = "mixed" if precision.autocast else "fp32"
-    return precision, SCHEDULES[name]
+    if name not in (None, "auto"):
+        return precision, SCHEDULES[name], f"--schedule {name}"
+    name = "mixed" if precision.autocast else "fp32"
+    return precision, SCHEDULES[name], f"the trainings run in {precision.name}: {precision.reason}"
 
 
 def schedule(iterations: int) -> list[str]:
@@ -248,7 +288,7 @@ def evaluation_tasks(run: Path, args, corruption_images: int, eval_amp: str) -> 
     return tasks
 
 
-def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedule) -> dict:
+def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedule, why: str) -> dict:
     import compare
     from maskrcnn.data.build import dataset_paths
     from maskrcnn.evaluation import outputs
@@ -267,12 +307,17 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
 
     rpn_iters, full_iters = args.rpn_iters, args.full_iters
     corruption_images = sched.corruption_images if args.corruption_images is None else args.corruption_images
-    print(f"schedule: RPN {rpn_iters} + full {full_iters or cfg.solver.max_iter} iterations, corruptions on "
-          f"{corruption_images or 'all'} val images{''.join(' ' + x for x in sched.sets)} ({sched.note})", flush=True)
+    corrupt = args.corruptions is None or len(args.corruptions) > 0
+    sched_sets = sched.sets(cfg)
+    print(f"schedule: {sched.name} ({why}): RPN {rpn_iters} + full {full_iters or cfg.solver.max_iter} iterations, "
+          f"{sched.describe(cfg)}; "
+          + (f"corruptions on {corruption_images or 'all'} val images" if corrupt
+             else "no evaluation under corruption (--corruptions none)")
+          + f" ({sched.note})", flush=True)
     common = ["--config", args.config] + (["--overwrite"] if args.overwrite else [])
     # --amp reaches every training (train.amp on CUDA, train.cpu_amp on a CPU); else each resolves the config's.
     amp_sets = [f"train.amp={args.amp}", f"train.cpu_amp={args.amp}"] if args.amp else []
-    sets = ["train.output_dir=" + str(root), *sched.sets] + list(args.set) + amp_sets
+    sets = ["train.output_dir=" + str(root), *sched_sets] + list(args.set) + amp_sets
     full_sets = sets + (schedule(full_iters) if full_iters else [])
 
     with phase("data", "data"):
@@ -296,7 +341,6 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
         train_seconds = runner.run(tasks)
         runs = [root / name for name, _ in tasks]
 
-    corrupt = args.corruptions is None or len(args.corruptions) > 0
     # under corruption: the trainings' precision, as chosen above (--corruption-fp32: fp32)
     eval_amp = "true" if precision.autocast and not args.corruption_fp32 else "false"
     # the files each evaluation writes are named after its image set (every val image, or the first N)
@@ -317,9 +361,11 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     with phase("comparison", "comparison"):
         chart, table_path = root / "comparison.png", root / "table.md"
         table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
-    summary = {"precision": precision.as_dict(), "schedule": {**asdict(sched), "rpn_iters": rpn_iters,
+    summary = {"precision": precision.as_dict(), "schedule": {**asdict(sched), "sets": sched_sets, "reason": why,
+                                                               "rpn_iters": rpn_iters,
                                                                "full_iters": full_iters or cfg.solver.max_iter,
-                                                               "corruption_images": corruption_images},
+                                                               "corruption_images": corruption_images if corrupt
+                                                               else None},
                "image_sets": image_sets,
                "rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
                "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},

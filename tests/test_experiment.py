@@ -137,17 +137,77 @@ def test_the_schedule_follows_the_precision(demo, monkeypatch):
     assert cfg.train.cpu_amp == "auto"  # the demo's preset
     for native in (True, False):
         monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (native, "CPU capability TEST"))
-        chosen, sched = experiment.choose_schedule(cfg, None)
+        chosen, sched, why = experiment.choose_schedule(cfg, None)
         assert chosen.autocast is native and chosen.name == ("bf16 autocast" if native else "fp32")
         assert sched is experiment.SCHEDULES["mixed" if native else "fp32"]
-        chosen, sched = experiment.choose_schedule(cfg, "false", "mixed")  # both asked for explicitly
-        assert not chosen.autocast and sched is experiment.SCHEDULES["mixed"]
-    # the fp32 schedule trains on smaller images and evaluates at the preset's size; the mixed one is the config
-    # as written
-    fp32 = experiment.SCHEDULES["fp32"].sets
-    assert any(x.startswith("model.transform.min_size_train=") for x in fp32)
-    assert not any(x.startswith("model.transform.min_size_test=") for x in fp32)
-    assert experiment.SCHEDULES["mixed"].sets == ()
+        assert why.startswith(f"the trainings run in {chosen.name}: train.cpu_amp=auto")
+        chosen, sched, why = experiment.choose_schedule(cfg, "false", "mixed")  # both asked for explicitly
+        assert not chosen.autocast and sched is experiment.SCHEDULES["mixed"] and why == "--schedule mixed"
+    # a config that switches bf16 off gets the fp32 schedule for that reason, native bf16 or not
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (True, "CPU capability TEST"))
+    chosen, sched, why = experiment.choose_schedule(load_config(CONFIG, ["train.device=cpu"]), None)
+    assert sched.name == "fp32" and why == "the trainings run in fp32: train.cpu_amp=false"
+
+
+def test_the_fp32_schedule_scales_the_configs_own_sizes():
+    """0.7x the side of the config's own training images (to a multiple of 8), not the shapes preset's numbers
+    whatever the config; evaluation at the config's test size."""
+    from maskrcnn.config import load_config
+
+    fp32, mixed = experiment.SCHEDULES["fp32"], experiment.SCHEDULES["mixed"]
+    shapes = load_config(ROOT / "configs" / "shapes.yaml")
+    assert fp32.sets(shapes) == ["model.transform.min_size_train=[136,160,176]",  # the measured schedule
+                                 "model.transform.max_size_train=272", "train.channels_last=false"]
+    tiny = load_config(CONFIG)  # 128 / 192 px
+    assert fp32.sets(tiny) == ["model.transform.min_size_train=[88]", "model.transform.max_size_train=136",
+                               "train.channels_last=false"]
+    assert mixed.sets(tiny) == [] and mixed.describe(tiny) == "the config's image sizes"
+    assert not any(x.startswith("model.transform.min_size_test=") for x in fp32.sets(tiny))
+
+
+@pytest.fixture
+def first_task(monkeypatch, tmp_path):
+    """experiment.main up to its first process: (its stdout, the task it would run)."""
+    started = []
+
+    def run(self, tasks, jobs=None):
+        started.extend(tasks)
+        raise Stopped("stopped before the first process (test)", 5)
+
+    monkeypatch.setattr(experiment.Runner, "run", run)
+    monkeypatch.chdir(tmp_path)
+    return started
+
+
+def test_the_schedule_line_states_its_sizes_and_reason(first_task, monkeypatch, capsys):
+    """tiny.yaml (cpu_amp: false) on a CPU with native bf16: the fp32 schedule, because of the config, at 0.7x
+    tiny's own 128 / 192 px; with --corruptions none no corruption is announced."""
+    from maskrcnn.model import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (True, "CPU capability TEST"))
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--config", CONFIG, "--name", "t", "--corruptions", "none", "--no-progress",
+                         "--set", f"data.root={DATA_ROOT}"])
+    assert e.value.code == 5
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("schedule:"))
+    assert line.startswith("schedule: fp32 (the trainings run in fp32: train.cpu_amp=false): ")
+    assert "no native" not in line
+    assert "model.transform.min_size_train=[88] model.transform.max_size_train=136" in line
+    assert "no evaluation under corruption (--corruptions none)" in line and "corruptions on" not in line
+    (name, argv), = first_task
+    assert name == "rpn"
+    assert "model.transform.min_size_train=[88]" in argv and "train.channels_last=false" in argv
+    assert experiment.parse_args(["--corruptions", "none"]).corruptions == []
+    assert experiment.parse_args(["--corruptions"]).corruptions == []
+
+
+def test_an_unknown_corruption_is_an_error_before_any_training(first_task, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--config", CONFIG, "--name", "t", "--corruptions", "snow,hail", "--no-progress",
+                         "--set", f"data.root={DATA_ROOT}"])
+    assert e.value.code == 2 and not first_task
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown corruption 'hail'" in err
 
 
 def test_the_noise_arm_has_noise_and_the_baseline_none(demo):
