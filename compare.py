@@ -201,7 +201,9 @@ def image_sets_line(present: list[tuple[str, str]], sources: dict[str, set[str]]
         m = METRICS.fullmatch(f"eval_{image_set}_x.json")
         if m is None:
             return f"the training's own evaluation ({image_set})"
-        return f"the first {m['n']} {m['split']} images" if m["n"] else f"every {m['split']} image"
+        if m["n"] is None:
+            return f"every {m['split']} image"
+        return f"the first {m['split']} image" if m["n"] == "1" else f"the first {m['n']} {m['split']} images"
 
     by_sets: dict[tuple[str, ...], list[str]] = {}
     for k, title in present:

@@ -11,12 +11,15 @@
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0, 1 and 2
     python experiment.py --seeds 0 1 2 3 --name noise-study --set model.noise.strength=0.3
     python experiment.py --overwrite          # run the demo again in runs/demo/ (else: refused, it holds runs)
+    python experiment.py --resume             # continue runs/demo/ after a stop, with the settings it started with
 
 Every training and evaluation is its own `train.py` / `evaluate.py` process. On a CPU, `--jobs 2` (the default
 with two or more cores) runs two of them side by side with half the cores each: small models use one core
 better than two (measured on 2 cores: 1.25x the throughput of one run at a time); each process then writes
 its output to runs/<name>/logs/. Ctrl-C or SIGTERM stops the runs in progress at their next step with a
-checkpoint (`train.py --name <run> --resume --set train.output_dir=runs/<name>` continues one).
+checkpoint; `--resume` then continues the experiment: each stopped training from its checkpoint, the finished
+ones skipped, then the evaluations it lacks and the comparison, with the settings saved in
+runs/<name>/experiment_args.json.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +40,9 @@ from typing import Optional
 from maskrcnn.cli import Stopped, add_config_args, one_line_errors
 
 HERE = Path(__file__).resolve().parent
+SAVED_ARGS = "experiment_args.json"  # the settings of an experiment, in runs/<name>/, for --resume
+# the options --resume may change: they do not change what the experiment computes
+NOT_SAVED = ("resume", "overwrite", "jobs", "no_progress")
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,8 @@ SCHEDULES = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, defaults: Optional[dict] = None) -> argparse.Namespace:
+    """The command line; `defaults` (a saved experiment's settings) replace the parser's own."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, "configs/shapes.yaml")
     p.add_argument("--name", default="demo", help="experiment directory: runs/<name>/")
@@ -123,7 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "else 1); each gets cores / jobs threads")
     p.add_argument("--overwrite", action="store_true",
                    help="run again in runs/<name>/, deleting the checkpoints and events of its earlier runs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped experiment in runs/<name>/ with its own settings (saved in "
+                   f"runs/<name>/{SAVED_ARGS}): each unfinished training from its checkpoint, the finished ones "
+                   "skipped, then the evaluations and the comparison")
     p.add_argument("--no-progress", action="store_true")
+    if defaults:
+        p.set_defaults(**defaults)
     args = p.parse_args(argv)
     if args.corruptions is not None and [c.lower() for c in args.corruptions] == ["none"]:
         args.corruptions = []  # none: skip, as the option alone
@@ -142,6 +157,12 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def _stopped_at(log: Optional[Path]) -> str:
+    """"stopped at iteration 29/400 " from a training's last line (its log), else "stopped "."""
+    m = re.search(r"stopped at iteration \d+/\d+", _last_line(log)) if log else None
+    return (m.group(0) if m else "stopped") + " "
+
+
 class Runner:
     """Runs `python <script> ...` commands, at most `jobs` at a time, each with cores // jobs threads. With one
     job a command prints to this terminal; with several each writes runs/<name>/logs/<task>.log and a line
@@ -151,6 +172,8 @@ class Runner:
         self.jobs, self.log_dir, self.progress = max(1, jobs), log_dir, progress
         self.running: dict[subprocess.Popen, tuple] = {}
         self.signal: int | None = None
+        self.stopped: list[str] = []  # tasks that ended on the signal, unfinished
+        self.resume_hint = "python experiment.py --resume"
 
     def env(self, jobs: int) -> dict:
         threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -186,7 +209,14 @@ class Runner:
                     if out:
                         out.close()
                     seconds[name] = time.perf_counter() - start
-                    if proc.returncode != 0 and self.signal is None:
+                    if proc.returncode != 0 and self.signal is not None:  # stopped by the signal passed on
+                        self.stopped.append(name)
+                        if jobs > 1:
+                            code = proc.returncode if proc.returncode > 0 else 128 - proc.returncode
+                            print(f"  {name}: {_stopped_at(log)}after {seconds[name]:.0f} s (exit {code})",
+                                  flush=True)
+                        continue
+                    if proc.returncode != 0:
                         why = _last_line(log) if log else "its error is printed above"
                         raise Stopped(f"experiment: {name} failed (exit {proc.returncode}): {why}"
                                       + (f" (log: {log})" if log else ""), proc.returncode if proc.returncode > 0
@@ -194,8 +224,8 @@ class Runner:
                     if jobs > 1:
                         print(f"  {name}: done in {seconds[name]:.0f} s", flush=True)
             if self.signal is not None:
-                raise Stopped(f"experiment: stopped by signal {self.signal}; the runs in progress wrote a "
-                              f"checkpoint", 128 + self.signal)
+                raise Stopped(f"experiment: stopped by signal {self.signal}; the trainings in progress wrote a "
+                              f"checkpoint; continue with: {self.resume_hint}", 128 + self.signal)
         finally:
             self.stop()
         return seconds
@@ -225,6 +255,9 @@ def main(argv=None) -> dict:
     with one_line_errors():
         from maskrcnn.config import load_config
 
+        root = Path("runs") / args.name
+        if args.resume:
+            args = resumed_args(args, argv, root)
         cfg = load_config(args.config, args.set)
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
@@ -232,18 +265,64 @@ def main(argv=None) -> dict:
             raise ValueError("experiment.py writes to runs/<name>/: choose the directory with --name, not "
                              "--set train.output_dir")
         check_corruptions(args.corruptions)
-        root = Path("runs") / args.name
+        held = [r for r in training_names(args.seeds) if holds_run(root / r)]
+        if held and not (args.resume or args.overwrite):
+            raise ValueError(f"{root} already holds runs ({', '.join(held[:3])}"
+                             f"{', ...' if len(held) > 3 else ''}): continue it with --resume, or start it again "
+                             "with --overwrite (deletes their checkpoints and events)")
         precision, sched, why = choose_schedule(cfg, args.amp, args.schedule)
+        if args.resume:
+            why = f"as chosen when {root} started ({root / SAVED_ARGS})"
+        else:  # the settings --resume continues with; the schedule as chosen on this machine
+            root.mkdir(parents=True, exist_ok=True)
+            saved = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+            (root / SAVED_ARGS).write_text(json.dumps({**saved, "schedule": sched.name}, indent=2))
         print(precision.line(), flush=True)
         if precision.warning:
             print(precision.warning, flush=True)
         runner = Runner(args.jobs or default_jobs(cfg.train.device), root / "logs", not args.no_progress)
+        runner.resume_hint = f"python experiment.py --name {shlex.quote(args.name)} --resume"
         previous = {s: signal.signal(s, runner.forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return _experiment(args, cfg, root, runner, precision, sched, why)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def resumed_args(args: argparse.Namespace, argv, root: Path) -> argparse.Namespace:
+    """The settings of the experiment in `root` (saved when it started), with this command's --jobs and
+    --no-progress; any other option given must agree with them."""
+    if args.overwrite:
+        raise ValueError("--resume continues an experiment and --overwrite starts it again: choose one")
+    path = root / SAVED_ARGS
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {root} holds no experiment to continue (no {path})")
+    saved = json.loads(path.read_text())
+    resumed = parse_args(argv, defaults=saved)
+    differ = [k for k, v in saved.items() if getattr(resumed, k, v) != v]
+    if differ:
+        raise ValueError(f"--resume continues {root} with the settings it started with ({path}): "
+                         + "; ".join(f"--{k.replace('_', '-')} {getattr(resumed, k)} here, {saved[k]} there"
+                                     for k in differ)
+                         + ": leave them out, or start again with --overwrite")
+    return resumed
+
+
+def training_names(seeds: list[int]) -> list[str]:
+    """The experiment's trainings, in the order they run."""
+    return ["rpn"] + [f"full{'-noise' if noise else ''}-s{seed}" for seed in seeds for noise in (False, True)]
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "config.yaml").is_file() or any(run_dir.glob("*.pth"))
+
+
+def training_state(run_dir: Path) -> str:
+    """finished (its final model and metrics.json, written last), stopped (a checkpoint to resume from), or new."""
+    if (run_dir / "metrics.json").is_file() and (run_dir / "model_final.pth").is_file():
+        return "finished"
+    return "stopped" if (run_dir / "last_checkpoint.pth").is_file() else "new"
 
 
 def check_corruptions(names: Optional[list[str]]) -> None:
@@ -324,22 +403,36 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
         paths = dataset_paths(cfg)  # generated here once, not by two processes at the same time
         val_images = len(json.loads(Path(paths["val_ann"]).read_text())["images"])
 
+    def training(name: str, argv: list[str]) -> list[tuple[str, list[str]]]:
+        """The task that trains `name` (argv: its train.py options); with --resume none for a finished training,
+        and train.py --resume (the run's own config) for a stopped one."""
+        if not args.resume:
+            return [(name, ["train.py", *common, *argv])]
+        state = training_state(root / name)
+        print(f"  {name}: " + {"finished": "finished (skipped)", "stopped": "stopped: resumed from its checkpoint",
+                               "new": "not started: starts now"}[state], flush=True)
+        if state == "finished":
+            return []
+        if state == "stopped":
+            return [(name, ["train.py", "--config", args.config, "--name", name, "--resume", "--set",
+                            f"train.output_dir={root}"])]
+        return [(name, ["train.py", *common, "--overwrite", *argv])]  # what a stop left before any checkpoint goes
+
     with phase("rpn", f"RPN stage ({rpn_iters} iterations)"):
-        runner.run([("rpn", ["train.py", *common, "--stage", "rpn", "--name", "rpn", "--set", *sets,
-                             *schedule(rpn_iters)])], jobs=1)
+        runner.run(training("rpn", ["--stage", "rpn", "--name", "rpn", "--set", *sets, *schedule(rpn_iters)]), jobs=1)
         rpn_ckpt = root / "rpn" / "model_final.pth"
         rpn_val = json.loads((root / "rpn" / "metrics.json").read_text()).get("val")
 
     with phase("full", f"full model, {len(args.seeds)} seeds x (baseline, --feature-noise), {runner.jobs} at a time"):
-        tasks = []
+        tasks, runs = [], []
         for seed in args.seeds:
             for noise in (False, True):
                 name = f"full{'-noise' if noise else ''}-s{seed}"
-                tasks.append((name, ["train.py", *common, "--stage", "full", "--name", name, "--seed", str(seed),
-                                     "--init", str(rpn_ckpt), "--set", *full_sets, "train.eval_at_end=false"]
-                              + (["--feature-noise"] if noise else [])))
+                runs.append(root / name)
+                tasks += training(name, ["--stage", "full", "--name", name, "--seed", str(seed), "--init",
+                                         str(rpn_ckpt), "--set", *full_sets, "train.eval_at_end=false"]
+                                  + (["--feature-noise"] if noise else []))
         train_seconds = runner.run(tasks)
-        runs = [root / name for name, _ in tasks]
 
     # under corruption: the trainings' precision, as chosen above (--corruption-fp32: fp32)
     eval_amp = "true" if precision.autocast and not args.corruption_fp32 else "false"
@@ -348,7 +441,17 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     if corrupt:
         image_sets["corrupted"] = outputs.image_set("val", corruption_images, val_images)
     with phase("evaluation", f"evaluation, clean{' and under corruption' if corrupt else ''}"):
-        runner.run([task for run in runs for task in evaluation_tasks(run, args, corruption_images, eval_amp)])
+        tasks = []
+        for run in runs:
+            files = [run / outputs.metrics_file(image_sets["clean"], "clean")] + (
+                [run / outputs.metrics_file(image_sets["corrupted"], "benchmark")] if corrupt else [])
+            for task, done in zip(evaluation_tasks(run, args, corruption_images, eval_amp), files):
+                # --resume: an evaluation written after the run's final model is kept
+                if args.resume and done.is_file() and done.stat().st_mtime >= (run / "model_final.pth").stat().st_mtime:
+                    print(f"  {task[0]}: finished (skipped)", flush=True)
+                else:
+                    tasks.append(task)
+        runner.run(tasks)
         evaluated = {}
         for run in runs:
             clean = json.loads((run / outputs.metrics_file(image_sets["clean"], "clean")).read_text())

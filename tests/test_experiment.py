@@ -249,21 +249,81 @@ def test_output_dir_cannot_be_set(capsys):
     assert "--name" in capsys.readouterr().err
 
 
-def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
-    """SIGTERM to experiment.py reaches each training once: it checkpoints, and the experiment exits 143."""
-    cmd = [sys.executable, str(ROOT / "experiment.py"), "--config", CONFIG, "--name", "t", "--seeds", "0",
-           "--rpn-iters", "2", "--full-iters", "100000", "--jobs", "2", "--no-progress", "--set", *SMALL]
+def test_resume_needs_an_experiment_and_excludes_overwrite(first_task, capsys):
+    for argv, needle in ((["--resume"], "--resume: runs/demo holds no experiment to continue (no "
+                                        "runs/demo/experiment_args.json)"),
+                         (["--resume", "--overwrite"], "--resume continues an experiment and --overwrite starts it "
+                                                       "again: choose one")):
+        with pytest.raises(SystemExit) as e:
+            experiment.main(argv)
+        assert e.value.code == 2 and not first_task
+        assert capsys.readouterr().err.strip() == f"error: {needle}"
+
+
+def test_a_stopped_experiment_is_refused_then_resumed(tmp_path):
+    """SIGTERM to experiment.py reaches each training once: it checkpoints, is reported as stopped (not done),
+    and the experiment exits 143. Run again as it was, it is refused before any work (one line: --resume or
+    --overwrite); `--resume` (with no other option: the saved settings) skips the finished RPN stage, resumes
+    each full run from its checkpoint to its last iteration, then evaluates and compares; a second --resume finds
+    everything done and only compares."""
+    iters = 100
+    base = [sys.executable, str(ROOT / "experiment.py"), "--name", "t", "--no-progress"]
+    cmd = base + ["--config", CONFIG, "--seeds", "0", "--rpn-iters", "2", "--full-iters", str(iters), "--jobs", "2",
+                  "--corruptions", "none", "--eval-images", "2", "--set", *SMALL]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = tmp_path / "runs" / "t"
+    runs = ("full-s0", "full-noise-s0")
     deadline = time.time() + 120
     # both full runs have started training once their TensorBoard events exist
-    while time.time() < deadline and not all(list((root / r).glob("events.*")) for r in ("full-s0", "full-noise-s0")):
-        time.sleep(0.2)
-    time.sleep(2)
+    while time.time() < deadline and not all(list((root / r).glob("events.*")) for r in runs):
+        time.sleep(0.1)
+    time.sleep(1)  # the trainings' own SIGTERM handlers are in place
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "stopped by signal 15" in err or "failed (exit 143)" in err
-    for run in ("full-s0", "full-noise-s0"):
+    assert err.strip().splitlines()[-1] == ("experiment: stopped by signal 15; the trainings in progress wrote a "
+                                            "checkpoint; continue with: python experiment.py --name t --resume")
+    stopped_at = {}
+    for run in runs:
         assert (root / run / "last_checkpoint.pth").is_file(), (out, err)
-        assert "--resume" in (root / "logs" / f"{run}.log").read_text()
+        assert not (root / run / "model_final.pth").exists()
+        assert f"{run}: done" not in out
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"  {run}: stopped at iteration "))
+        stopped_at[run] = int(line.split("stopped at iteration ")[1].split("/")[0])
+        assert line.split("stopped at iteration ")[1].startswith(f"{stopped_at[run]}/{iters} after ")
+        assert line.endswith("(exit 143)")
+        assert stopped_at[run] < iters
+    rpn_final = (root / "rpn" / "model_final.pth").stat().st_mtime_ns
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stdout == ""  # before any work
+    assert again.stderr.strip() == ("error: runs/t already holds runs (rpn, full-s0, full-noise-s0): continue it "
+                                    "with --resume, or start it again with --overwrite (deletes their checkpoints "
+                                    "and events)")
+    other = subprocess.run(base + ["--resume", "--seeds", "0", "1"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 2 and other.stdout == ""
+    assert len(other.stderr.strip().splitlines()) == 1 and "--seeds [0, 1] here, [0] there" in other.stderr
+
+    done = subprocess.run(base + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "  rpn: finished (skipped)" in done.stdout.splitlines()
+    assert (root / "rpn" / "model_final.pth").stat().st_mtime_ns == rpn_final
+    for run in runs:
+        assert f"  {run}: stopped: resumed from its checkpoint" in done.stdout.splitlines()
+        assert f"  {run}: done in " in done.stdout
+        assert f"at iteration {stopped_at[run]}" in (root / "logs" / f"{run}.log").read_text()  # resumed there
+        assert json.loads((root / run / "metrics.json").read_text())["iterations"] == iters
+        assert (root / run / "eval_val-first2_clean.json").is_file()
+    summary = json.loads((root / "experiment.json").read_text())
+    assert summary["schedule"]["full_iters"] == iters and set(summary["runs"]) == set(runs)
+    assert "| full-noise | 1 |" in (root / "table.md").read_text()
+
+    finished = {run: (root / run / "eval_val-first2_clean.json").stat().st_mtime_ns for run in runs}
+    once_more = subprocess.run(base + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert once_more.returncode == 0, once_more.stderr[-3000:]
+    lines = once_more.stdout.splitlines()
+    for run in runs:
+        assert f"  {run}: finished (skipped)" in lines and f"  eval-{run}: finished (skipped)" in lines
+        assert (root / run / "eval_val-first2_clean.json").stat().st_mtime_ns == finished[run]
+    assert not any(": started (log: " in ln for ln in lines)  # no process but the comparison's
