@@ -41,24 +41,39 @@ def demo(tmp_path_factory):
 
 
 def test_every_phase_writes_its_files(demo):
+    import numpy as np
+
     root, out = demo
+    summary = json.loads((root / "experiment.json").read_text())
+    box_ap, mpc = {}, {}
     for run in ("full-s0", "full-noise-s0", "full-s1", "full-noise-s1"):
         assert (root / run / "model_final.pth").is_file()
         clean = json.loads((root / run / "eval_val-first3_clean.json").read_text())
-        assert clean["results"]["clean"]["bbox"]["stats"]["AP"] >= 0
+        assert clean["image_set"] == "val-first3" and clean["images"] == 3
+        assert set(clean["results"]["clean"]) == {"bbox", "segm"}
+        # experiment.json holds the evaluation the run's files hold
+        assert summary["runs"][run]["clean"] == clean["results"]["clean"]
+        box_ap[run] = clean["results"]["clean"]["bbox"]["stats"]["AP"]
         bench = json.loads((root / run / "eval_val-first2_benchmark.json").read_text())
         assert set(bench["benchmark"]["corruptions"]) == {"gaussian_noise", "brightness"}
         assert bench["benchmark"]["severities"] == [3]
+        assert summary["runs"][run]["corrupted"] == bench["benchmark"]
+        mpc[run] = bench["benchmark"]["metrics"]["bbox"]["mPC"]
         assert (root / "logs" / f"{run}.log").is_file()  # two jobs: each process writes its own log
-    for f in ("comparison.png", "table.md", "experiment.json"):
-        assert (root / f).is_file()
-    summary = json.loads((root / "experiment.json").read_text())
+    for f in ("comparison.png", "experiment.json"):
+        assert (root / f).stat().st_size > 0
     assert summary["jobs"] == 2
     assert set(summary["phase_minutes"]) == {"data", "rpn", "full", "evaluation", "comparison"}
     assert set(summary["runs"]) == {"full-s0", "full-noise-s0", "full-s1", "full-noise-s1"}
+    assert summary["image_sets"] == {"clean": "val-first3", "corrupted": "val-first2"}
     table = (root / "table.md").read_text()
-    assert "box mPC" in table and "mask rPC" in table and "Paired by seed" in table
-    assert out["table"] == table.rstrip("\n") or out["table"] in table
+    assert out["table"] and out["table"] == table.rstrip("\n")  # what compare.py printed is what it wrote
+    assert table.startswith("| run | seeds | box AP | mask AP | box mPC | mask mPC |")
+    assert "Paired by seed" in table
+    # the baseline's row: the mean and spread of its two seeds' box AP and box mPC, read from the right files
+    row = next(ln for ln in table.splitlines() if ln.startswith("| full | 2 |"))
+    for values in ([box_ap["full-s0"], box_ap["full-s1"]], [mpc["full-s0"], mpc["full-s1"]]):
+        assert f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" in row
 
 
 def val_ids(n: int) -> list[int]:
@@ -228,8 +243,10 @@ def test_every_run_sees_the_same_corrupted_pixels(demo):
     assert {s["seed"] for s in settings} == {0}
     assert len({s["cache_dir"] for s in settings}) == 1
     written = sum(s["cache"]["written"] for s in settings)
-    assert written <= 2 * 2 * 2  # 2 corruptions x 2 images, at most twice (two first evaluations side by side)
-    assert sum(s["cache"]["read"] for s in settings) >= 2 * 2 * 2  # the seed-1 runs only read
+    # 2 corruptions x 2 images, written at most twice (two first evaluations side by side; none where an earlier
+    # session's cache, <dataset>/corrupted, holds them)
+    assert written <= 2 * 2 * 2
+    assert written + sum(s["cache"]["read"] for s in settings) == 4 * 2 * 2  # each image of each run, once
 
 
 def test_a_failing_process_ends_the_experiment_with_its_line(tmp_path):
@@ -246,7 +263,8 @@ def test_output_dir_cannot_be_set(capsys):
     with pytest.raises(SystemExit) as e:
         experiment.main(["--config", CONFIG, "--set", "train.output_dir=/tmp/x"])
     assert e.value.code == 2
-    assert "--name" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == ("error: experiment.py writes to runs/<name>/: choose the directory "
+                                               "with --name, not --set train.output_dir")
 
 
 def test_resume_needs_an_experiment_and_excludes_overwrite(first_task, capsys):
