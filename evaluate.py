@@ -198,11 +198,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     image_set = outputs.image_set(args.split, args.max_images, len(dataset))
     report["image_set"], report["images"] = image_set, n_images
     one_pass = len(runs) == 1
-    if main and not one_pass:  # a same-named evaluation's passes that this one does not repeat would look like its own
+    if main:  # the passes of an earlier same-named evaluation that this one does not repeat would pass for its own
         kept = {outputs.detections_file(image_set, tag, t, one_pass) for t, _ in runs}
-        for old in out_dir.glob(outputs.detections_file(image_set, tag, "*", one_pass)):
+        for old in [*out_dir.glob(outputs.detections_file(image_set, tag, "*", False)),
+                    out_dir / outputs.detections_file(image_set, tag, tag, True)]:
             if old.name not in kept:
-                old.unlink()
+                old.unlink(missing_ok=True)
     progress = not args.no_progress
     outer = tqdm(total=len(runs), desc=args.corruption or "evaluate",
                  disable=not (progress and len(runs) > 1 and main))
