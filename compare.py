@@ -56,34 +56,40 @@ def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
     return groups
 
 
-def read_ap(run_dir: Path) -> dict[str, float]:
+def read_ap(run_dir: Path, sources: Optional[dict[str, str]] = None) -> dict[str, float]:
     """Final AP of a run: clean from evaluate.py (or the training run's own end-of-run evaluation), mean under
-    corruption from `evaluate.py --corruption all`, and mPC / rPC from `evaluate.py --corruption benchmark`."""
+    corruption from `evaluate.py --corruption all`, and mPC / rPC from `evaluate.py --corruption benchmark`; of
+    each, the evaluation of every val image if there is one, else the one on the most images. `sources` gets the
+    image set each value comes from (`val`, `val-first20`; `metrics.json` for the training's own)."""
+    from maskrcnn.evaluation.outputs import find_metrics
+
     ap: dict[str, float] = {}
-    clean = run_dir / "eval_val_clean.json"
-    if clean.is_file():
-        res = json.loads(clean.read_text())["results"]["clean"]
+    sources = {} if sources is None else sources
+    clean = find_metrics(run_dir, "val", "clean")
+    if clean:
+        res = json.loads(clean[1].read_text())["results"]["clean"]
         for t in ("bbox", "segm"):
             if t in res:
-                ap[f"{t}"] = res[t]["stats"]["AP"]
+                ap[f"{t}"], sources[t] = res[t]["stats"]["AP"], clean[0]
     elif (run_dir / "metrics.json").is_file():
         val = json.loads((run_dir / "metrics.json").read_text()).get("val", {})
         for t in ("bbox", "segm"):
             if t in val:
-                ap[f"{t}"] = val[t]["stats"]["AP"]
-    for path in sorted(run_dir.glob("eval_val_all-*.json")):
-        data = json.loads(path.read_text())
+                ap[f"{t}"], sources[t] = val[t]["stats"]["AP"], "metrics.json"
+    corrupted = find_metrics(run_dir, "val", "all-*")
+    if corrupted:
+        data = json.loads(corrupted[1].read_text())
         for t in ("bbox", "segm"):
             if f"mean_corrupted_{t}_AP" in data:
-                ap[f"{t}_corrupted"] = data[f"mean_corrupted_{t}_AP"]
-    bench = run_dir / "eval_val_benchmark.json"
-    if bench.is_file():
-        metrics = json.loads(bench.read_text()).get("benchmark", {}).get("metrics", {})
+                ap[f"{t}_corrupted"], sources[f"{t}_corrupted"] = data[f"mean_corrupted_{t}_AP"], corrupted[0]
+    bench = find_metrics(run_dir, "val", "benchmark")
+    if bench:
+        metrics = json.loads(bench[1].read_text()).get("benchmark", {}).get("metrics", {})
         for t in ("bbox", "segm"):
             if t in metrics:
-                ap[f"{t}_mPC"] = metrics[t]["mPC"]
+                ap[f"{t}_mPC"], sources[f"{t}_mPC"] = metrics[t]["mPC"], bench[0]
                 if metrics[t]["rPC"] is not None:
-                    ap[f"{t}_rPC"] = metrics[t]["rPC"]
+                    ap[f"{t}_rPC"], sources[f"{t}_rPC"] = metrics[t]["rPC"], bench[0]
     return ap
 
 
@@ -128,7 +134,16 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
     columns = [("bbox", "box AP"), ("segm", "mask AP"), ("bbox_corrupted", "box AP corrupted"),
                ("segm_corrupted", "mask AP corrupted"), ("bbox_mPC", "box mPC"), ("segm_mPC", "mask mPC"),
                ("bbox_rPC", "box rPC"), ("segm_rPC", "mask rPC")]
-    per_group = {name: [read_ap(r) for r in runs] for name, runs in groups.items()}
+    sources: dict[str, set[str]] = {}  # column -> the image sets its values come from
+
+    def read(run: Path) -> dict[str, float]:
+        found: dict[str, str] = {}
+        ap = read_ap(run, found)
+        for k, image_set in found.items():
+            sources.setdefault(k, set()).add(image_set)
+        return ap
+
+    per_group = {name: [read(r) for r in runs] for name, runs in groups.items()}
     present = [(k, title) for k, title in columns if any(k in ap for aps in per_group.values() for ap in aps)]
     if not present:
         return "(no AP found: run evaluate.py on the runs first)"
@@ -156,6 +171,7 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
     lines.append("")
     lines.append(f"Mean ± sample standard deviation across seeds; in brackets the difference from `{base_name}` "
                  "± its standard error.")
+    lines.append(image_sets_line(present, sources))
     paired = []
     for name, runs in groups.items():
         if name == base_name:
@@ -174,6 +190,28 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
     if paired:
         lines += ["", "Paired by seed:", *paired]
     return "\n".join(lines)
+
+
+def image_sets_line(present: list[tuple[str, str]], sources: dict[str, set[str]]) -> str:
+    """"Images: box AP, mask AP: every val image; box mPC, ...: the first 20 val images.", and where a column's
+    values come from different image sets, that they are not comparable."""
+    from maskrcnn.evaluation.outputs import METRICS
+
+    def words(image_set: str) -> str:
+        m = METRICS.fullmatch(f"eval_{image_set}_x.json")
+        if m is None:
+            return f"the training's own evaluation ({image_set})"
+        if m["n"] is None:
+            return f"every {m['split']} image"
+        return f"the first {m['split']} image" if m["n"] == "1" else f"the first {m['n']} {m['split']} images"
+
+    by_sets: dict[tuple[str, ...], list[str]] = {}
+    for k, title in present:
+        by_sets.setdefault(tuple(sorted(sources.get(k, ()))), []).append(title)
+    parts = [f"{', '.join(titles)}: " + " / ".join(words(x) for x in sets)
+             + (" (they differ between runs: not comparable)" if len(sets) > 1 else "")
+             for sets, titles in by_sets.items()]
+    return "Images: " + "; ".join(parts) + "."
 
 
 def loss_tags(scalars: list[dict]) -> list[str]:

@@ -11,7 +11,11 @@ P (clean AP), mPC (mean AP under corruption) and rPC = mPC / P for boxes and mas
 with a table per corruption and severity. Corrupted images are 8-bit, as COCO-C's files, and cached on disk
 (--cache-dir) so that the next checkpoint is evaluated on the same pixels, faster.
 
-Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out).
+Writes detections (COCO results format) and metrics JSON into the checkpoint's run directory (or --out), named
+after the evaluation's image set and what it evaluates (maskrcnn/evaluation/outputs.py): `eval_val_clean.json` and
+`detections_val_clean.json` for every val image, `eval_val-first20_benchmark.json`,
+`detections_val-first20_benchmark_clean.json`, ... for a benchmark on the first 20, so that no evaluation replaces
+another's files.
 Inference runs in fp32 unless --amp: `--amp` or `--amp auto` takes mixed precision where the device computes it
 natively (fp16 on CUDA; bf16 on a CPU with AVX-512 BF16 or AMX, fp32 on other CPUs, where bf16 is emulated and
 several times slower); `--amp true` forces it (with a warning where bf16 is emulated). Under torchrun the images are shared by the
@@ -52,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where corrupted images are cached (default: <dataset>/corrupted, or "
                                        "<out>/corrupted when the dataset folder is not writable)")
     p.add_argument("--no-cache", action="store_true", help="corrupt every image afresh, keep nothing on disk")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate on at most N images (0: all)")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N images (0: all); the files "
+                   "name the set: <split>-first<N>")
     p.add_argument("--batch-size", type=int, help="images per inference batch (default: test.ims_per_batch, 1 in "
                    "the COCO presets: a batched image is padded to its partner's size, which can change its "
                    "detections)")
@@ -140,6 +145,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from maskrcnn.engine import distributed
     from maskrcnn.engine.checkpoint import model_from_checkpoint
     from maskrcnn.evaluation.coco_eval import evaluate_model
+    from maskrcnn.evaluation import outputs
     from maskrcnn.evaluation.corruptions import Corrupt, frost_source
     from maskrcnn.evaluation.robustness import headline, markdown, summarize
     from maskrcnn.model.precision import choose_precision, parse_setting
@@ -181,23 +187,40 @@ def evaluate(args: argparse.Namespace) -> dict:
         if report["corruption_settings"]["frost"] and main:
             print(f"frost textures: {'the imagecorruptions package photographs' if frost == 'photos' else 'procedural (generated here; the reference photographs need `pip install imagecorruptions`)'}")
     benchmark = args.corruption == "benchmark"
+    if args.corruption is None:
+        tag = "clean"
+    elif benchmark:
+        tag = "benchmark"
+    else:
+        tag = f"{args.corruption}-{','.join(str(s) for s in dict.fromkeys(s for _, s in corrupted_runs))}"
+    # every file of this evaluation carries its image set and tag: no other evaluation writes the same names
+    n_images = len(dataset) if args.max_images <= 0 else min(args.max_images, len(dataset))
+    image_set = outputs.image_set(args.split, args.max_images, len(dataset))
+    report["image_set"], report["images"] = image_set, n_images
+    one_pass = len(runs) == 1
+    if main:  # the passes of an earlier same-named evaluation that this one does not repeat would pass for its own
+        kept = {outputs.detections_file(image_set, tag, t, one_pass) for t, _ in runs}
+        for old in [*out_dir.glob(outputs.detections_file(image_set, tag, "*", False)),
+                    out_dir / outputs.detections_file(image_set, tag, tag, True)]:
+            if old.name not in kept:
+                old.unlink(missing_ok=True)
     progress = not args.no_progress
     outer = tqdm(total=len(runs), desc=args.corruption or "evaluate",
                  disable=not (progress and len(runs) > 1 and main))
     start = time.perf_counter()
-    for tag, transform in runs:
+    for run_tag, transform in runs:
         dataset.transforms = transform
         with torch.no_grad():
             metrics, results = evaluate_model(model, dataset, device, batch, args.max_images, amp,
                                               cfg.model.roi_heads.mask_threshold, progress and main,
-                                              desc=f"evaluate {tag}")
+                                              desc=f"evaluate {run_tag}")
         if main:
             if benchmark:
-                tqdm.write(_one_line(tag, metrics)) if progress else print(_one_line(tag, metrics))
+                tqdm.write(_one_line(run_tag, metrics)) if progress else print(_one_line(run_tag, metrics))
             else:
-                print_report(tag, metrics)
-            (out_dir / f"detections_{args.split}_{tag}.json").write_text(json.dumps(results))
-        report["results"][tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
+                print_report(run_tag, metrics)
+            (out_dir / outputs.detections_file(image_set, tag, run_tag, one_pass)).write_text(json.dumps(results))
+        report["results"][run_tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
         outer.update(1)
     outer.close()
@@ -224,17 +247,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         report["benchmark"] = summary
         table = markdown(summary)
         print(table, end="")
-        (out_dir / f"benchmark_{args.split}.md").write_text(table)
+        (out_dir / outputs.benchmark_table_file(image_set)).write_text(table)
         for key, m in summary["metrics"].items():
             if key in ("bbox", "segm"):
                 report[f"mean_corrupted_{key}_AP"] = m["mPC"]
-    if args.corruption is None:
-        tag = "clean"
-    elif benchmark:
-        tag = "benchmark"
-    else:
-        tag = f"{args.corruption}-{','.join(str(s) for s in dict.fromkeys(s for _, s in corrupted_runs))}"
-    path = out_dir / f"eval_{args.split}_{tag}.json"
+    path = out_dir / outputs.metrics_file(image_set, tag)
     path.write_text(json.dumps(report, indent=2))
     print(f"metrics: {path}  ({report['seconds']} s)")
     return report

@@ -355,10 +355,13 @@ def test_evaluate_default_out_is_checkpoint_dir(checkpoints, tmp_path):
     ckpt = tmp_path / "model_final.pth"
     shutil.copy(checkpoints["full"], ckpt)
     run_evaluate(["--checkpoint", str(ckpt), "--no-progress", "--max-images", "2"])
-    assert (tmp_path / "detections_val_clean.json").is_file()
-    assert (tmp_path / "eval_val_clean.json").is_file()
-    dets = json.loads((tmp_path / "detections_val_clean.json").read_text())
-    assert len({d["image_id"] for d in dets}) <= 2
+    # the files name their image set: the first 2 val images
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["detections_val-first2_clean.json",
+                                                              "eval_val-first2_clean.json"]
+    saved = json.loads((tmp_path / "eval_val-first2_clean.json").read_text())
+    assert saved["image_set"] == "val-first2" and saved["images"] == 2
+    dets = json.loads((tmp_path / "detections_val-first2_clean.json").read_text())
+    assert len({d["image_id"] for d in dets}) == 2
 
 
 def test_evaluate_rpn_checkpoint_reports_ar(checkpoints, val, tmp_path):
@@ -415,8 +418,11 @@ def test_evaluate_benchmark_subset_with_cache(checkpoints, tmp_path):
     argv = ["--checkpoint", str(checkpoints["full"]), "--no-progress", "--max-images", "2",
             "--corruption", "benchmark", "--corruptions", "snow,glass_blur", "--severities", "1,3",
             "--cache-dir", str(cache), "--frost", "procedural"]
+    # a pass of an earlier benchmark of the same name that this one does not repeat: removed, not left as its own
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "detections_val-first2_benchmark_fog-3.json").write_text("[]")
     report, stdout = run_evaluate([*argv, "--out", str(tmp_path / "a")])
-    saved = json.loads((tmp_path / "a" / "eval_val_benchmark.json").read_text())
+    saved = json.loads((tmp_path / "a" / "eval_val-first2_benchmark.json").read_text())
     tags = ["clean", "snow-1", "snow-3", "glass_blur-1", "glass_blur-3"]
     assert list(saved["results"]) == tags
     bench = saved["benchmark"]
@@ -430,7 +436,7 @@ def test_evaluate_benchmark_subset_with_cache(checkpoints, tmp_path):
         assert m["rPC"] == (pytest.approx(m["mPC"] / m["P"]) if m["P"] > 0 else None)
         assert m["per_corruption"]["snow"]["3"] == ap["snow-3"]
         assert saved[f"mean_corrupted_{key}_AP"] == m["mPC"]
-    table = (tmp_path / "a" / "benchmark_val.md").read_text()
+    table = (tmp_path / "a" / "benchmark_val-first2.md").read_text()
     assert "| snow |" in table and "| glass_blur |" in table and "not comparable" in table
     assert "| corruption | s1 | s3 | mean |" in stdout
     assert saved["corruption_settings"]["cache"] == {"read": 0, "written": 8}
@@ -439,9 +445,13 @@ def test_evaluate_benchmark_subset_with_cache(checkpoints, tmp_path):
     again, _ = run_evaluate([*argv, "--out", str(tmp_path / "b")])
     assert again["corruption_settings"]["cache"] == {"read": 8, "written": 0}
     for tag in tags:
-        a = json.loads((tmp_path / "a" / f"detections_val_{tag}.json").read_text())
-        b = json.loads((tmp_path / "b" / f"detections_val_{tag}.json").read_text())
+        a = json.loads((tmp_path / "a" / f"detections_val-first2_benchmark_{tag}.json").read_text())
+        b = json.loads((tmp_path / "b" / f"detections_val-first2_benchmark_{tag}.json").read_text())
         assert a == b
+    # every file is the benchmark's own: its clean pass is not a clean evaluation's detections file
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file()) == sorted(
+        ["eval_val-first2_benchmark.json", "benchmark_val-first2.md"]
+        + [f"detections_val-first2_benchmark_{t}.json" for t in tags])
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -441,10 +441,11 @@ def read_run(side: Side) -> None:
         run["iterations"] = data.get("iterations")
         run["loss_end"] = data.get("loss_end", {})
         run["val"] = flat_metrics(data.get("val", {}))
-    clean = run_dir / "eval_val_clean.json"
-    if clean.is_file():
-        res = json.loads(clean.read_text()).get("results", {}).get("clean", {})
-        run["eval"] = flat_metrics(res)
+    from ..evaluation.outputs import find_metrics
+    clean = find_metrics(run_dir, "val", "clean")  # evaluate.py's, on every val image if it was run so
+    if clean:
+        res = json.loads(clean[1].read_text()).get("results", {}).get("clean", {})
+        run["eval"], run["eval_file"] = flat_metrics(res), clean[1].name
     if len(run) > 1:
         side.stats["run"] = run
 
@@ -794,7 +795,7 @@ def write_page(sides: Sequence[Side], rows: list[dict], out: Path, losses: Optio
         rows_ = []
         for s in with_run:
             r = s.stats["run"]
-            for src, title in (("val", "metrics.json"), ("eval", "eval_val_clean.json")):
+            for src, title in (("val", "metrics.json"), ("eval", r.get("eval_file"))):
                 if r.get(src):
                     rows_.append([f"{s.label} ({title})", r.get("iterations")] + [r[src].get(k) for k in keys])
         if rows_:
