@@ -9,12 +9,21 @@ for this suite is several GB; `pytest.ini` has it delete the directory of a pass
 thread count is restored after every test, so that no test runs with what an earlier one left (module
 fixtures that train in-process restore it themselves).
 
+Tests whose verdict depends on a training trajectory carry the `trains` mark. Their fixtures seed from
+MASKRCNN_TEST_SEED (default 0, `fixture_seed()`), and they state each thresholded statistic through the `margin`
+fixture, which asserts it and, with MASKRCNN_MARGINS=<file>, appends it there as a JSON line: `make
+test-variations` (tests/variations.py) runs them under other seeds, thread counts and the AVX2 limits and prints
+every statistic next to its threshold.
+
 `offline_hub` gives a test its own torch.hub cache with downloads failing as they do offline, and places a
 state dict there as a torchvision weights file would be (a name carrying its SHA-256 prefix).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import operator
+import os
 import shutil
 import urllib.error
 from pathlib import Path
@@ -82,3 +91,40 @@ def count_batchnorms():
     from maskrcnn.model.backbone import FrozenBatchNorm2d
 
     return lambda model: sum(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
+
+
+def fixture_seed() -> int:
+    """The seed of the training fixtures (MASKRCNN_TEST_SEED, default 0): tests/variations.py sets others."""
+    return int(os.environ.get("MASKRCNN_TEST_SEED", "0"))
+
+
+def fixture_threads() -> int:
+    """The thread count the training fixtures train with (MASKRCNN_TEST_THREADS, default 2): float sums, and so
+    the trained weights, depend on it; tests/variations.py sets 1."""
+    return int(os.environ.get("MASKRCNN_TEST_THREADS", "2"))
+
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+class Margin:
+    """`margin.check("mask IoU (worst object)", value, ">", 0.7)` asserts `value > 0.7` and keeps the three for
+    tests/variations.py (written to $MASKRCNN_MARGINS when set, one JSON line each)."""
+
+    def __init__(self, nodeid: str):
+        self.nodeid = nodeid
+
+    def check(self, name: str, value: float, op: str, threshold: float, detail=None) -> None:
+        value = float(value)
+        path = os.environ.get("MASKRCNN_MARGINS")
+        if path:
+            record = {"test": self.nodeid, "statistic": name, "value": value, "op": op, "threshold": threshold,
+                      "passed": bool(_OPS[op](value, threshold))}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        assert _OPS[op](value, threshold), (name, value, op, threshold, detail)
+
+
+@pytest.fixture
+def margin(request) -> Margin:
+    return Margin(request.node.nodeid)
