@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -157,12 +158,35 @@ def test_upgrade_command_line(run, tmp_path):
         load_checkpoint(path)  # --out leaves the original as it was
 
 
-def test_truncated_file_is_one_line(run, tmp_path):
-    path = tmp_path / "cut.pth"
-    path.write_bytes((run / "model_final.pth").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable checkpoint") as e:
-        load_checkpoint(path)
-    assert "\n" not in str(e.value)
+def _not_a_checkpoint(run: Path, tmp_path: Path) -> dict[str, Path]:
+    """Files that are no checkpoint: a real one cut short (a copy interrupted), random bytes, a text file."""
+    real = (run / "model_final.pth").read_bytes()
+    files = {"truncated": real[:len(real) // 2], "random": random.Random(0).randbytes(100_000),
+             "text": b"model_final.pth\n"}
+    for name, data in files.items():
+        (tmp_path / f"{name}.pth").write_bytes(data)
+    return {name: tmp_path / f"{name}.pth" for name in files}
+
+
+def test_a_file_that_is_no_checkpoint_is_called_so(run, tmp_path, capsys):
+    """Not 'holds Python objects ... upgrade --trust' (which cannot help): the file could not be read."""
+    for name, path in _not_a_checkpoint(run, tmp_path).items():
+        with pytest.raises(ckpt.UnreadableCheckpoint) as e:
+            load_checkpoint(path)
+        assert str(e.value) == f"{path} could not be read (not a PyTorch checkpoint file)", name
+        with pytest.raises(SystemExit) as e:  # upgrade --trust: refused before anything is unpickled
+            ckpt.main(["upgrade", str(path), "--trust"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: {path} could not be read (not a PyTorch checkpoint file)\n"
+
+
+def test_evaluate_on_a_file_that_is_no_checkpoint_is_one_line(run, tmp_path, capsys):
+    import evaluate
+    for name, path in _not_a_checkpoint(run, tmp_path).items():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(path), "--no-progress", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: {path} could not be read (not a PyTorch checkpoint file)\n", name
 
 
 # ------------------------------------------------------------------------------------- disk full

@@ -116,29 +116,58 @@ def _upgrade_hint(path: Path) -> str:
     return f"if you trust it, convert it once with `python -m maskrcnn.engine.checkpoint upgrade {path} --trust`"
 
 
+class UnreadableCheckpoint(ValueError):
+    """The file is no PyTorch checkpoint at all (random bytes, a text file) or a truncated one (a copy or a
+    download cut short): nothing can be recovered from it, not even with `upgrade --trust`."""
+
+
+class ObjectsInCheckpoint(ValueError):
+    """A real PyTorch file holding Python objects (e.g. an older checkpoint of this project): weights-only
+    loading refused it without running anything; `upgrade --trust` converts it."""
+
+
+def _torch_file_header(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or (the legacy format) a pickle of protocol 2+."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True); UnreadableCheckpoint or ObjectsInCheckpoint (one line) when it fails."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The weights-only unpickler refuses an object at its GLOBAL opcode ("Unsupported global: GLOBAL
+        # posix.system ..."); any other refusal ("Unsupported operand 100") means bytes that are no pickle. The
+        # header check keeps random bytes that happen to decode as a GLOBAL from being called a pickle.
+        if "global" in str(e).lower() and _torch_file_header(path):
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
+            raise ObjectsInCheckpoint(f"{path}: not a weights-only checkpoint ({what}, which would need to run "
+                                      "code to load); " + _upgrade_hint(path)) from None
+        raise UnreadableCheckpoint(f"{path} could not be read (not a PyTorch checkpoint file)") from None
+    except OSError:  # permissions, an I/O error: says so itself, and the file may be fine
+        raise
+    except Exception:  # truncated zip ("failed finding central directory"), a text file (KeyError), empty (EOFError)
+        raise UnreadableCheckpoint(f"{path} could not be read (not a PyTorch checkpoint file)") from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint as a dict, loaded with weights_only=True (no code runs): "model" (a bare state dict is
     wrapped as {"model": ...}), and when present "config" (a Config), "class_names" (a list), "stage",
-    "iteration", "optimizer", "scheduler", "scaler", "rng", "data", "history"."""
+    "iteration", "optimizer", "scheduler", "scaler", "rng", "data", "history". A file that is no checkpoint or
+    a truncated one is an UnreadableCheckpoint; one holding Python objects an ObjectsInCheckpoint (both
+    ValueErrors with a one-line message)."""
     from ..config import ConfigError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise ValueError(f"{path}: not a readable checkpoint (UnpicklingError: {str(e).splitlines()[0]})") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
-        raise ValueError(f"{path}: not a weights-only checkpoint ({what}, which would need to run code to load); "
-                         + _upgrade_hint(path)) from None
-    except Exception as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    state = _load_weights_only(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a checkpoint dict")
+        raise UnreadableCheckpoint(f"{path}: not a checkpoint (a PyTorch file holding a {type(state).__name__}, "
+                                   "not a dict)")
     if "model" not in state:  # a bare state dict
         state = {"model": state}
     if isinstance(state.get("config"), str):
@@ -289,12 +318,10 @@ def upgrade(path: str | Path, out: str | Path | None, trust: bool) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        _load_weights_only(path)
         safe = True
-    except pickle.UnpicklingError:
+    except ObjectsInCheckpoint:
         safe = False
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if safe:
         print(f"{path}: already a weights-only checkpoint, nothing to do")
         return path
