@@ -68,13 +68,15 @@ def _resumed_config(cfg, args):
     """A resumed run continues with the config saved in its run directory (plus this command's --set), so
     forgetting --stage or --feature-noise cannot silently change the experiment half-way."""
     from maskrcnn.config import load_config
+    from maskrcnn.engine.checkpoint import resume_candidates
     if not args.name:
         raise ValueError("--resume needs --name of the run to continue")
     if args.overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     run_dir = Path(cfg.train.output_dir) / args.name
-    if not (run_dir / "last_checkpoint.pth").is_file():
-        raise FileNotFoundError(f"--resume: no {run_dir / 'last_checkpoint.pth'} to continue from")
+    if not resume_candidates(run_dir):
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from (last_checkpoint.pth or "
+                                "model_<iter>.pth)")
     saved = load_config(run_dir / "config.yaml", args.set)
     if args.stage and args.stage != saved.stage:
         raise ValueError(f"--resume: run {run_dir} is a {saved.stage}-stage run, not --stage {args.stage}")

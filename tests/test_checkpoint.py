@@ -161,8 +161,8 @@ def test_upgrade_command_line(run, tmp_path):
 def _not_a_checkpoint(run: Path, tmp_path: Path) -> dict[str, Path]:
     """Files that are no checkpoint: a real one cut short (a copy interrupted), random bytes, a text file."""
     real = (run / "model_final.pth").read_bytes()
-    files = {"truncated": real[:len(real) // 2], "random": random.Random(0).randbytes(100_000),
-             "text": b"model_final.pth\n"}
+    files = {"truncated": real[:len(real) // 2], "cut-early": real[:5000],
+             "random": random.Random(0).randbytes(100_000), "text": b"model_final.pth\n"}
     for name, data in files.items():
         (tmp_path / f"{name}.pth").write_bytes(data)
     return {name: tmp_path / f"{name}.pth" for name in files}

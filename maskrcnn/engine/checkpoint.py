@@ -120,6 +120,10 @@ class UnreadableCheckpoint(ValueError):
     """The file is no PyTorch checkpoint at all (random bytes, a text file) or a truncated one (a copy or a
     download cut short): nothing can be recovered from it, not even with `upgrade --trust`."""
 
+    def __init__(self, path: Path, reason: str = "not a PyTorch checkpoint file"):
+        super().__init__(f"{path} could not be read ({reason})")
+        self.path, self.reason = path, reason
+
 
 class ObjectsInCheckpoint(ValueError):
     """A real PyTorch file holding Python objects (e.g. an older checkpoint of this project): weights-only
@@ -135,22 +139,25 @@ def _torch_file_header(path: Path) -> bool:
 
 def _load_weights_only(path: Path) -> Any:
     """torch.load(weights_only=True); UnreadableCheckpoint or ObjectsInCheckpoint (one line) when it fails."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # The weights-only unpickler refuses an object at its GLOBAL opcode ("Unsupported global: GLOBAL
-        # posix.system ..."); any other refusal ("Unsupported operand 100") means bytes that are no pickle. The
-        # header check keeps random bytes that happen to decode as a GLOBAL from being called a pickle.
-        if "global" in str(e).lower() and _torch_file_header(path):
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
-            raise ObjectsInCheckpoint(f"{path}: not a weights-only checkpoint ({what}, which would need to run "
-                                      "code to load); " + _upgrade_hint(path)) from None
-        raise UnreadableCheckpoint(f"{path} could not be read (not a PyTorch checkpoint file)") from None
-    except OSError:  # permissions, an I/O error: says so itself, and the file may be fine
-        raise
-    except Exception:  # truncated zip ("failed finding central directory"), a text file (KeyError), empty (EOFError)
-        raise UnreadableCheckpoint(f"{path} could not be read (not a PyTorch checkpoint file)") from None
+    with open(path, "rb") as f:  # a file that cannot be opened (permissions) says so itself
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # The weights-only unpickler refuses an object at its GLOBAL opcode ("Unsupported global: GLOBAL
+            # posix.system ..."); any other refusal ("Unsupported operand 100") means bytes that are no pickle.
+            # The header check keeps random bytes that happen to decode as a GLOBAL from being called a pickle.
+            if "global" in str(e).lower() and _torch_file_header(path):
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
+                raise ObjectsInCheckpoint(f"{path}: not a weights-only checkpoint ({what}, which would need to "
+                                          "run code to load); " + _upgrade_hint(path)) from None
+            raise UnreadableCheckpoint(path) from None
+        except OSError as e:
+            if e.errno == errno.EIO:  # the disk, not the file
+                raise
+            raise UnreadableCheckpoint(path) from None  # a truncated zip can end in a seek past its end (EINVAL)
+        except Exception:  # truncated zip ("failed finding central directory"), text (KeyError), empty (EOFError)
+            raise UnreadableCheckpoint(path) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -166,8 +173,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = _load_weights_only(path)
     if not isinstance(state, dict):
-        raise UnreadableCheckpoint(f"{path}: not a checkpoint (a PyTorch file holding a {type(state).__name__}, "
-                                   "not a dict)")
+        raise UnreadableCheckpoint(path, f"a PyTorch file holding a {type(state).__name__}, not a checkpoint dict")
     if "model" not in state:  # a bare state dict
         state = {"model": state}
     if isinstance(state.get("config"), str):
@@ -178,6 +184,38 @@ def load_checkpoint(path: str | Path) -> dict:
     if state.get("class_names") is not None:
         state["class_names"] = list(state["class_names"])
     return state
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The checkpoints a run can continue from, in the order to try them: last_checkpoint.pth, then the numbered
+    ones (model_<iter>.pth), newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    numbered = sorted(((int(m.group(1)), p) for p in run_dir.iterdir() if (m := NUMBERED.fullmatch(p.name))),
+                      reverse=True)
+    return [p for p in [run_dir / LAST] + [p for _, p in numbered] if p.is_file()]
+
+
+def load_resume_checkpoint(run_dir: Path) -> tuple[Path, dict, str | None]:
+    """(path, state, note) of the newest checkpoint of `run_dir` that can be read: last_checkpoint.pth, or when
+    that is unreadable (truncated by a copy, overwritten) the newest numbered one that is; `note` is one line
+    naming what was skipped and why, None when nothing was. No readable checkpoint: one UnreadableCheckpoint line
+    naming them all. Any other problem (a checkpoint holding objects, a config that does not fit) is raised as is."""
+    candidates = resume_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from ({LAST} or model_<iter>.pth)")
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except UnreadableCheckpoint as e:
+            skipped.append(f"{path.name} ({e.reason})")
+            continue
+        note = (f"warning: --resume skipped unreadable {', '.join(skipped)}; continuing from {path} at iteration "
+                f"{state.get('iteration')}") if skipped else None
+        return path, state, note
+    raise ValueError(f"--resume: no checkpoint of {run_dir} can be read: {', '.join(skipped)}")
 
 
 def config_to_yaml(cfg) -> str:

@@ -41,8 +41,8 @@ from ..cli import Stopped
 from ..model.build import build_model
 from ..model.latent_noise import LatentNoise
 from ..model.precision import choose_precision, training_precision
-from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_checkpoint, numbered_name,
-                         partial_load, prune_checkpoints, save_checkpoint)
+from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_resume_checkpoint,
+                         numbered_name, partial_load, prune_checkpoints, resume_candidates, save_checkpoint)
 from ..config import Config, TrainConfig, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
@@ -109,8 +109,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, delete: bool =
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     if resume:
-        if not (run_dir / LAST).is_file():
-            raise FileNotFoundError(f"--resume: no {run_dir / LAST} to continue from")
+        if not resume_candidates(run_dir):
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from ({LAST} or "
+                                    "model_<iter>.pth)")
         return
     held = [p for p in run_files(run_dir) if p.name == "config.yaml" or p.suffix == ".pth"]
     if not held:
@@ -302,8 +303,11 @@ class Trainer:
             self._print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
                         f"(was {cfg.model.num_classes})")
             cfg.model.num_classes = self.train_set.num_classes
-        resume_path = self.run_dir / LAST
-        state = load_checkpoint(resume_path) if resume else None  # before anything is written: a bad one stops here
+        # Before anything is written: a bad checkpoint stops here. An unreadable last_checkpoint.pth (a copy cut
+        # short) falls back to the newest numbered checkpoint that reads.
+        resume_path, state, note = load_resume_checkpoint(self.run_dir) if resume else (None, None, None)
+        if note:
+            self._print(note)
         resumed_step = ((state.get("position") or {}).get("samples_per_step")) if state is not None else None
         self.accumulate, lines = resolve_batch(cfg, self.world, resumed_step)
         for line in lines:
