@@ -244,3 +244,23 @@ def test_run_directory_of_another_run_is_refused(tmp_path, capsys):
     assert summary["iterations"] == 2 and "removed" in capsys.readouterr().out
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the old run's events are gone
     assert load_checkpoint(run / "last_checkpoint.pth")["iteration"] == 2
+
+
+# ------------------------------------------------------------------------------------------ --init report
+def test_init_report_says_per_module_loaded_partly_loaded_not_loaded_or_new():
+    """An RPN-stage checkpoint of FPN width 32 into a full model of width 64: the backbone fits, the FPN not at
+    all, the RPN head only in its 1x1 convolutions' biases, the RoI heads are new."""
+    from maskrcnn.model.build import build_model
+
+    rpn = build_model(load_config("configs/tiny.yaml", ["stage=rpn"]), load_weights=False)
+    full = build_model(load_config("configs/tiny.yaml", ["stage=full", "model.fpn.out_channels=64"]),
+                       load_weights=False)
+    report = ckpt.partial_load(full, rpn.state_dict())
+    assert report.modules() == {"bottom_up": ("loaded", ""), "fpn": ("not loaded (shape mismatch)", ""),
+                                "rpn.head": ("partly loaded", "2 of 6 tensors; 4 shape mismatch"),
+                                "roi_heads.box_head": ("new", ""), "roi_heads.mask_head": ("new", "")}
+    lines = report.summary().splitlines()
+    assert lines[1:5] == ["  loaded: bottom_up", "  partly loaded: rpn.head (2 of 6 tensors; 4 shape mismatch)",
+                          "  not loaded (shape mismatch): fpn", "  new: roi_heads.box_head, roi_heads.mask_head"]
+    assert lines[5].startswith("  shape mismatch: fpn.inner_blocks.0.weight (32, 64, 1, 1) -> (64, 64, 1, 1), ")
+    assert lines[5].endswith(", ... (12 more)") and len(lines) == 6

@@ -233,29 +233,55 @@ def config_from_yaml(text: str):
 
 
 # ------------------------------------------------------------------------------------- partial loading
+def _unit(key: str) -> str:
+    """The module a tensor belongs to in the --init report: bottom_up, fpn, rpn.head, roi_heads.box_head, ..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("rpn", "roi_heads") and len(parts) > 2 else parts[0]
+
+
 @dataclass
 class LoadReport:
     source: str
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
-    skipped: list[str] = field(default_factory=list)  # shape mismatch
+    skipped: list[str] = field(default_factory=list)  # shape mismatch: "name (shape) -> (shape)"
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
 
-    @staticmethod
-    def _modules(keys: list[str], depth: int = 2) -> list[str]:
-        return sorted({".".join(k.split(".")[:depth]) for k in keys})
+    def modules(self) -> dict[str, tuple[str, str]]:
+        """Each module of the model (bottom_up, fpn, rpn.head, roi_heads.box_head, ...) -> (status, detail): "loaded"
+        (every tensor), "partly loaded" (detail: "2 of 6 tensors; 4 shape mismatch"), "not loaded (shape mismatch)"
+        (in the checkpoint, no tensor fits) or "new" (not in the checkpoint)."""
+        counts: dict[str, dict[str, int]] = {}
+        for kind, keys in (("loaded", self.loaded), ("shape mismatch", [k.split(" ")[0] for k in self.skipped]),
+                           ("new", self.new)):
+            for k in keys:
+                c = counts.setdefault(_unit(k), {"loaded": 0, "shape mismatch": 0, "new": 0})
+                c[kind] += 1
+        out = {}
+        for unit, c in sorted(counts.items()):
+            total = sum(c.values())
+            if c["loaded"] == total:
+                out[unit] = ("loaded", "")
+            elif c["loaded"]:
+                why = ", ".join(f"{n} {kind}" for kind, n in c.items() if kind != "loaded" and n)
+                out[unit] = ("partly loaded", f"{c['loaded']} of {total} tensors; {why}")
+            else:
+                out[unit] = ("not loaded (shape mismatch)" if c["shape mismatch"] else "new", "")
+        return out
 
     def summary(self) -> str:
         lines = [f"init from {self.source}: {len(self.loaded)} tensors loaded, {len(self.new)} new, "
                  f"{len(self.skipped)} skipped (shape mismatch), {len(self.unused)} unused"]
-        if self.loaded:
-            lines.append("  loaded: " + ", ".join(self._modules(self.loaded)))
-        if self.new:
-            lines.append("  new:    " + ", ".join(self._modules(self.new)))
+        modules = self.modules()
+        for status in ("loaded", "partly loaded", "not loaded (shape mismatch)", "new"):
+            names = [f"{u} ({detail})" if detail else u for u, (st, detail) in modules.items() if st == status]
+            if names:
+                lines.append(f"  {status}: " + ", ".join(names))
         if self.skipped:
-            lines.append("  skipped: " + ", ".join(self.skipped))
+            more = len(self.skipped) - 8
+            lines.append("  shape mismatch: " + ", ".join(self.skipped[:8]) + (f", ... ({more} more)" if more > 0 else ""))
         if self.unused:
-            lines.append("  unused: " + ", ".join(self._modules(self.unused)))
+            lines.append("  unused: " + ", ".join(sorted({_unit(k) for k in self.unused})))
         return "\n".join(lines)
 
 
