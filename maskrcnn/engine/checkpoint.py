@@ -279,7 +279,8 @@ class LoadReport:
                 lines.append(f"  {status}: " + ", ".join(names))
         if self.skipped:
             more = len(self.skipped) - 8
-            lines.append("  shape mismatch: " + ", ".join(self.skipped[:8]) + (f", ... ({more} more)" if more > 0 else ""))
+            lines.append("  shape mismatch: " + ", ".join(self.skipped[:8])
+                         + (f", ... ({more} more)" if more > 0 else ""))
         if self.unused:
             lines.append("  unused: " + ", ".join(sorted({_unit(k) for k in self.unused})))
         return "\n".join(lines)
