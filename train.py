@@ -1,4 +1,4 @@
-"""Train the RPN stage or the whole Mask R-CNN.
+r"""Train the RPN stage or the whole Mask R-CNN.
 
     python train.py --stage rpn
     python train.py --stage full --feature-noise --init runs/rpn/model_final.pth
@@ -20,6 +20,7 @@ once. Exit status 2: a user error (one line), 3: a non-finite loss.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ DEFAULT_CONFIG = "configs/shapes.yaml"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, DEFAULT_CONFIG)
+    p.set_defaults(config=None)  # None: not given (--resume says that it does not read one); resolve_config's default
     p.add_argument("--stage", choices=["rpn", "full"], help="rpn: backbone+FPN+RPN; full: Mask R-CNN "
                    "(default: the config's stage)")
     p.add_argument("--feature-noise", action="store_true", help="switch on the configured LatentNoise")
@@ -68,14 +70,17 @@ def _resumed_config(cfg, args):
     """A resumed run continues with the config saved in its run directory (plus this command's --set), so
     forgetting --stage or --feature-noise cannot silently change the experiment half-way."""
     from maskrcnn.config import load_config
+    from maskrcnn.engine.trainer import check_run_dir
     if not args.name:
         raise ValueError("--resume needs --name of the run to continue")
     if args.overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     run_dir = Path(cfg.train.output_dir) / args.name
-    if not (run_dir / "last_checkpoint.pth").is_file():
-        raise FileNotFoundError(f"--resume: no {run_dir / 'last_checkpoint.pth'} to continue from")
+    check_run_dir(run_dir, resume=True, overwrite=False)  # a checkpoint to continue from
     saved = load_config(run_dir / "config.yaml", args.set)
+    if args.config is not None and os.environ.get("RANK", "0") == "0":
+        print(f"note: --resume continues with {run_dir / 'config.yaml'} (and --set); --config {args.config} is not "
+              "read")
     if args.stage and args.stage != saved.stage:
         raise ValueError(f"--resume: run {run_dir} is a {saved.stage}-stage run, not --stage {args.stage}")
     if args.feature_noise and not saved.model.noise.enabled:
@@ -98,7 +103,8 @@ def main(argv=None) -> dict:
 def resolve_config(args):
     """The config of this run: the file and --set, or the resumed run's own; then --stage, --feature-noise, --seed."""
     from maskrcnn.config import load_config
-    cfg = load_config(args.config, args.set)
+    # --resume: the run's own config.yaml (the defaults and --set only say where the run is)
+    cfg = load_config(None if args.resume else args.config or DEFAULT_CONFIG, args.set)
     if args.resume:
         cfg = _resumed_config(cfg, args)
     if args.stage:
@@ -109,7 +115,23 @@ def resolve_config(args):
         cfg.train.seed = args.seed
     if args.init and args.init != "torchvision" and not Path(args.init).is_file():
         raise FileNotFoundError(f"--init checkpoint not found: {args.init}")
+    check_device(cfg.train.device)
     return cfg
+
+
+def check_device(name: str) -> None:
+    """train.device names a device of this machine (checked before the run directory is made)."""
+    import torch
+
+    from maskrcnn.engine.device import select_device
+    try:
+        device = select_device(name)
+    except RuntimeError as e:
+        if "Expected one of" in str(e):  # torch.device's parser
+            raise ValueError(f"train.device={name}: not a device name (auto, cpu, cuda or cuda:<index>)") from None
+        raise ValueError(f"train.device={name}: {str(e).splitlines()[0]}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def trainer_hooks(init_torchvision: bool = False):

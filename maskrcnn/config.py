@@ -223,6 +223,11 @@ class TestConfig:
     # the device computes it natively (false: fp32)
 
 
+# The named losses the model returns in training, over both stages (the RPN stage returns the first two): the
+# keys loss_weights may name. A weight for a loss the stage being trained does not compute is unused, not an error.
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+
+
 @dataclass
 class Config:
     stage: str = "full"  # rpn: backbone + FPN + RPN | full: the whole Mask R-CNN
@@ -317,9 +322,20 @@ def _merge(obj: Any, data: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             _merge(current, value, prefix=f"{path}.")
         elif isinstance(current, dict):  # a mapping is merged key by key (--set loss_weights.loss_mask=2)
-            setattr(obj, key, {**current, **_coerce(value, hints[key], path)})
+            value = _coerce(value, hints[key], path)
+            if path == "loss_weights":
+                _check_loss_names(value)
+            setattr(obj, key, {**current, **value})
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _check_loss_names(weights: dict) -> None:
+    for name in weights:
+        if name not in LOSS_NAMES:
+            match = difflib.get_close_matches(name, LOSS_NAMES, n=1, cutoff=0.0)
+            raise ConfigError(f"loss_weights.{name}: not a loss of this model (its losses, over both stages: "
+                              f"{', '.join(LOSS_NAMES)})" + (f"; did you mean {match[0]}?" if match else ""))
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -157,12 +158,35 @@ def test_upgrade_command_line(run, tmp_path):
         load_checkpoint(path)  # --out leaves the original as it was
 
 
-def test_truncated_file_is_one_line(run, tmp_path):
-    path = tmp_path / "cut.pth"
-    path.write_bytes((run / "model_final.pth").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="not a readable checkpoint") as e:
-        load_checkpoint(path)
-    assert "\n" not in str(e.value)
+def _not_a_checkpoint(run: Path, tmp_path: Path) -> dict[str, Path]:
+    """Files that are no checkpoint: a real one cut short (a copy interrupted), random bytes, a text file."""
+    real = (run / "model_final.pth").read_bytes()
+    files = {"truncated": real[:len(real) // 2], "cut-early": real[:5000],
+             "random": random.Random(0).randbytes(100_000), "text": b"model_final.pth\n"}
+    for name, data in files.items():
+        (tmp_path / f"{name}.pth").write_bytes(data)
+    return {name: tmp_path / f"{name}.pth" for name in files}
+
+
+def test_a_file_that_is_no_checkpoint_is_called_so(run, tmp_path, capsys):
+    """Not 'holds Python objects ... upgrade --trust' (which cannot help): the file could not be read."""
+    for name, path in _not_a_checkpoint(run, tmp_path).items():
+        with pytest.raises(ckpt.UnreadableCheckpoint) as e:
+            load_checkpoint(path)
+        assert str(e.value) == f"{path} could not be read (not a PyTorch checkpoint file)", name
+        with pytest.raises(SystemExit) as e:  # upgrade --trust: refused before anything is unpickled
+            ckpt.main(["upgrade", str(path), "--trust"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: {path} could not be read (not a PyTorch checkpoint file)\n"
+
+
+def test_evaluate_on_a_file_that_is_no_checkpoint_is_one_line(run, tmp_path, capsys):
+    import evaluate
+    for name, path in _not_a_checkpoint(run, tmp_path).items():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(path), "--no-progress", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == f"error: {path} could not be read (not a PyTorch checkpoint file)\n", name
 
 
 # ------------------------------------------------------------------------------------- disk full
@@ -220,3 +244,23 @@ def test_run_directory_of_another_run_is_refused(tmp_path, capsys):
     assert summary["iterations"] == 2 and "removed" in capsys.readouterr().out
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the old run's events are gone
     assert load_checkpoint(run / "last_checkpoint.pth")["iteration"] == 2
+
+
+# ------------------------------------------------------------------------------------------ --init report
+def test_init_report_says_per_module_loaded_partly_loaded_not_loaded_or_new():
+    """An RPN-stage checkpoint of FPN width 32 into a full model of width 64: the backbone fits, the FPN not at
+    all, the RPN head only in its 1x1 convolutions' biases, the RoI heads are new."""
+    from maskrcnn.model.build import build_model
+
+    rpn = build_model(load_config("configs/tiny.yaml", ["stage=rpn"]), load_weights=False)
+    full = build_model(load_config("configs/tiny.yaml", ["stage=full", "model.fpn.out_channels=64"]),
+                       load_weights=False)
+    report = ckpt.partial_load(full, rpn.state_dict())
+    assert report.modules() == {"bottom_up": ("loaded", ""), "fpn": ("not loaded (shape mismatch)", ""),
+                                "rpn.head": ("partly loaded", "2 of 6 tensors; 4 shape mismatch"),
+                                "roi_heads.box_head": ("new", ""), "roi_heads.mask_head": ("new", "")}
+    lines = report.summary().splitlines()
+    assert lines[1:5] == ["  loaded: bottom_up", "  partly loaded: rpn.head (2 of 6 tensors; 4 shape mismatch)",
+                          "  not loaded (shape mismatch): fpn", "  new: roi_heads.box_head, roi_heads.mask_head"]
+    assert lines[5].startswith("  shape mismatch: fpn.inner_blocks.0.weight (32, 64, 1, 1) -> (64, 64, 1, 1), ")
+    assert lines[5].endswith(", ... (12 more)") and len(lines) == 6

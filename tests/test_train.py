@@ -58,8 +58,8 @@ def test_full_stage_init_from_rpn_reports_modules(rpn_run, capsys):
                       f"train.output_dir={tmp}", "train.eval_at_end=false"])
     printed = capsys.readouterr().out
     assert "loaded: bottom_up" in printed and "rpn.head" in printed
-    assert "new:    roi_heads.box_head, roi_heads.mask_head" in printed
-    assert set(out["last_losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask",
+    assert "new: roi_heads.box_head, roi_heads.mask_head" in printed
+    assert set(out["loss_end"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask",
                                        "total_loss"}
     assert load_config(tmp / "full-noise" / "config.yaml").model.noise.enabled
 
@@ -390,7 +390,7 @@ def test_cpu_amp_trains_in_bf16_and_evaluates(tmp_path):
     trainer = Trainer(cfg, tmp_path / "amp", progress=False, hooks=train.trainer_hooks())
     assert trainer.amp and not trainer.scaler.is_enabled()
     summary = trainer.train()
-    assert all(math.isfinite(v) for v in summary["last_losses"].values())
+    assert all(math.isfinite(v) for v in summary["loss_end"].values())
     assert "bbox" in summary["val"]
     assert summary["precision"]["train"]["name"] == summary["precision"]["eval"]["name"] == "bf16 autocast"
 

@@ -116,29 +116,64 @@ def _upgrade_hint(path: Path) -> str:
     return f"if you trust it, convert it once with `python -m maskrcnn.engine.checkpoint upgrade {path} --trust`"
 
 
+class UnreadableCheckpoint(ValueError):
+    """The file is no PyTorch checkpoint at all (random bytes, a text file) or a truncated one (a copy or a
+    download cut short): nothing can be recovered from it, not even with `upgrade --trust`."""
+
+    def __init__(self, path: Path, reason: str = "not a PyTorch checkpoint file"):
+        super().__init__(f"{path} could not be read ({reason})")
+        self.path, self.reason = path, reason
+
+
+class ObjectsInCheckpoint(ValueError):
+    """A real PyTorch file holding Python objects (e.g. an older checkpoint of this project): weights-only
+    loading refused it without running anything; `upgrade --trust` converts it."""
+
+
+def _torch_file_header(path: Path) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or (the legacy format) a pickle of protocol 2+."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True); UnreadableCheckpoint or ObjectsInCheckpoint (one line) when it fails."""
+    with open(path, "rb") as f:  # a file that cannot be opened (permissions) says so itself
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # The weights-only unpickler refuses an object at its GLOBAL opcode ("Unsupported global: GLOBAL
+            # posix.system ..."); any other refusal ("Unsupported operand 100") means bytes that are no pickle.
+            # The header check keeps random bytes that happen to decode as a GLOBAL from being called a pickle.
+            if "global" in str(e).lower() and _torch_file_header(path):
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
+                raise ObjectsInCheckpoint(f"{path}: not a weights-only checkpoint ({what}, which would need to "
+                                          "run code to load); " + _upgrade_hint(path)) from None
+            raise UnreadableCheckpoint(path) from None
+        except OSError as e:
+            if e.errno == errno.EIO:  # the disk, not the file
+                raise
+            raise UnreadableCheckpoint(path) from None  # a truncated zip can end in a seek past its end (EINVAL)
+        except Exception:  # truncated zip ("failed finding central directory"), text (KeyError), empty (EOFError)
+            raise UnreadableCheckpoint(path) from None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint as a dict, loaded with weights_only=True (no code runs): "model" (a bare state dict is
     wrapped as {"model": ...}), and when present "config" (a Config), "class_names" (a list), "stage",
-    "iteration", "optimizer", "scheduler", "scaler", "rng", "data", "history"."""
+    "iteration", "optimizer", "scheduler", "scaler", "rng", "data", "history". A file that is no checkpoint or
+    a truncated one is an UnreadableCheckpoint; one holding Python objects an ObjectsInCheckpoint (both
+    ValueErrors with a one-line message)."""
     from ..config import ConfigError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise ValueError(f"{path}: not a readable checkpoint (UnpicklingError: {str(e).splitlines()[0]})") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it holds a {found.group(1)} object" if found else "it holds Python objects"
-        raise ValueError(f"{path}: not a weights-only checkpoint ({what}, which would need to run code to load); "
-                         + _upgrade_hint(path)) from None
-    except Exception as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    state = _load_weights_only(path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a checkpoint dict")
+        raise UnreadableCheckpoint(path, f"a PyTorch file holding a {type(state).__name__}, not a checkpoint dict")
     if "model" not in state:  # a bare state dict
         state = {"model": state}
     if isinstance(state.get("config"), str):
@@ -149,6 +184,38 @@ def load_checkpoint(path: str | Path) -> dict:
     if state.get("class_names") is not None:
         state["class_names"] = list(state["class_names"])
     return state
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """The checkpoints a run can continue from, in the order to try them: last_checkpoint.pth, then the numbered
+    ones (model_<iter>.pth), newest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    numbered = sorted(((int(m.group(1)), p) for p in run_dir.iterdir() if (m := NUMBERED.fullmatch(p.name))),
+                      reverse=True)
+    return [p for p in [run_dir / LAST] + [p for _, p in numbered] if p.is_file()]
+
+
+def load_resume_checkpoint(run_dir: Path) -> tuple[Path, dict, str | None]:
+    """(path, state, note) of the newest checkpoint of `run_dir` that can be read: last_checkpoint.pth, or when
+    that is unreadable (truncated by a copy, overwritten) the newest numbered one that is; `note` is one line
+    naming what was skipped and why, None when nothing was. No readable checkpoint: one UnreadableCheckpoint line
+    naming them all. Any other problem (a checkpoint holding objects, a config that does not fit) is raised as is."""
+    candidates = resume_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from ({LAST} or model_<iter>.pth)")
+    skipped = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except UnreadableCheckpoint as e:
+            skipped.append(f"{path.name} ({e.reason})")
+            continue
+        note = (f"warning: --resume skipped unreadable {', '.join(skipped)}; continuing from {path} at iteration "
+                f"{state.get('iteration')}") if skipped else None
+        return path, state, note
+    raise ValueError(f"--resume: no checkpoint of {run_dir} can be read: {', '.join(skipped)}")
 
 
 def config_to_yaml(cfg) -> str:
@@ -166,29 +233,56 @@ def config_from_yaml(text: str):
 
 
 # ------------------------------------------------------------------------------------- partial loading
+def _unit(key: str) -> str:
+    """The module a tensor belongs to in the --init report: bottom_up, fpn, rpn.head, roi_heads.box_head, ..."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("rpn", "roi_heads") and len(parts) > 2 else parts[0]
+
+
 @dataclass
 class LoadReport:
     source: str
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
-    skipped: list[str] = field(default_factory=list)  # shape mismatch
+    skipped: list[str] = field(default_factory=list)  # shape mismatch: "name (shape) -> (shape)"
     unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
 
-    @staticmethod
-    def _modules(keys: list[str], depth: int = 2) -> list[str]:
-        return sorted({".".join(k.split(".")[:depth]) for k in keys})
+    def modules(self) -> dict[str, tuple[str, str]]:
+        """Each module of the model (bottom_up, fpn, rpn.head, roi_heads.box_head, ...) -> (status, detail): "loaded"
+        (every tensor), "partly loaded" (detail: "2 of 6 tensors; 4 shape mismatch"), "not loaded (shape mismatch)"
+        (in the checkpoint, no tensor fits) or "new" (not in the checkpoint)."""
+        counts: dict[str, dict[str, int]] = {}
+        for kind, keys in (("loaded", self.loaded), ("shape mismatch", [k.split(" ")[0] for k in self.skipped]),
+                           ("new", self.new)):
+            for k in keys:
+                c = counts.setdefault(_unit(k), {"loaded": 0, "shape mismatch": 0, "new": 0})
+                c[kind] += 1
+        out = {}
+        for unit, c in sorted(counts.items()):
+            total = sum(c.values())
+            if c["loaded"] == total:
+                out[unit] = ("loaded", "")
+            elif c["loaded"]:
+                why = ", ".join(f"{n} {kind}" for kind, n in c.items() if kind != "loaded" and n)
+                out[unit] = ("partly loaded", f"{c['loaded']} of {total} tensors; {why}")
+            else:
+                out[unit] = ("not loaded (shape mismatch)" if c["shape mismatch"] else "new", "")
+        return out
 
     def summary(self) -> str:
         lines = [f"init from {self.source}: {len(self.loaded)} tensors loaded, {len(self.new)} new, "
                  f"{len(self.skipped)} skipped (shape mismatch), {len(self.unused)} unused"]
-        if self.loaded:
-            lines.append("  loaded: " + ", ".join(self._modules(self.loaded)))
-        if self.new:
-            lines.append("  new:    " + ", ".join(self._modules(self.new)))
+        modules = self.modules()
+        for status in ("loaded", "partly loaded", "not loaded (shape mismatch)", "new"):
+            names = [f"{u} ({detail})" if detail else u for u, (st, detail) in modules.items() if st == status]
+            if names:
+                lines.append(f"  {status}: " + ", ".join(names))
         if self.skipped:
-            lines.append("  skipped: " + ", ".join(self.skipped))
+            more = len(self.skipped) - 8
+            lines.append("  shape mismatch: " + ", ".join(self.skipped[:8])
+                         + (f", ... ({more} more)" if more > 0 else ""))
         if self.unused:
-            lines.append("  unused: " + ", ".join(self._modules(self.unused)))
+            lines.append("  unused: " + ", ".join(sorted({_unit(k) for k in self.unused})))
         return "\n".join(lines)
 
 
@@ -289,12 +383,10 @@ def upgrade(path: str | Path, out: str | Path | None, trust: bool) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        _load_weights_only(path)
         safe = True
-    except pickle.UnpicklingError:
+    except ObjectsInCheckpoint:
         safe = False
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if safe:
         print(f"{path}: already a weights-only checkpoint, nothing to do")
         return path

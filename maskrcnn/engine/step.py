@@ -21,11 +21,14 @@ Batch = tuple[list[Tensor], list[dict]]
 
 
 def total_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
-    """The one place loss weights are applied: a loss not named in `weights` weighs 1.0."""
-    unknown = sorted(set(weights) - set(losses))
+    """The one place loss weights are applied: a loss not named in `weights` weighs 1.0; a weight for a loss of
+    the model that this stage does not compute (loss_mask in the RPN stage) is unused. The config checks the
+    names when it is loaded (maskrcnn.config.LOSS_NAMES); a name neither returned here nor the model's is an error."""
+    from ..config import LOSS_NAMES
+    unknown = sorted(set(weights) - set(losses) - set(LOSS_NAMES))
     if unknown:
         raise ValueError(f"loss_weights names {unknown[0]!r}, which the model does not return "
-                         f"(its losses: {', '.join(losses)})")
+                         f"(its losses: {', '.join(dict.fromkeys([*losses, *LOSS_NAMES]))})")
     return sum(weights.get(name, 1.0) * value for name, value in losses.items())
 
 

@@ -41,8 +41,8 @@ from ..cli import Stopped
 from ..model.build import build_model
 from ..model.latent_noise import LatentNoise
 from ..model.precision import choose_precision, training_precision
-from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_checkpoint, numbered_name,
-                         partial_load, prune_checkpoints, save_checkpoint)
+from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_resume_checkpoint,
+                         numbered_name, partial_load, prune_checkpoints, resume_candidates, save_checkpoint)
 from ..config import Config, TrainConfig, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
@@ -102,29 +102,38 @@ def run_files(run_dir: Path) -> list[Path]:
                      or p.name.startswith("events.out.tfevents.") or p.name.endswith(".pth.tmp")])
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, delete: bool = True) -> None:
-    """Refuse to start a new run in a directory that holds another one, unless it is resumed or overwritten
-    (then the old run's files go: its TensorBoard events would otherwise mix with the new ones). `delete`:
-    False checks only (the processes other than rank 0 under torchrun)."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to start a new run in a directory that holds another one (a checkpoint), unless it is resumed or
+    overwritten. Returns the files to delete before the new run writes: the old run's with --overwrite (its
+    TensorBoard events would otherwise mix with the new ones), or those of a start that stopped before its first
+    checkpoint (a directory without a checkpoint is no run: the same command starts it again)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
     if resume:
-        if not (run_dir / LAST).is_file():
-            raise FileNotFoundError(f"--resume: no {run_dir / LAST} to continue from")
-        return
-    held = [p for p in run_files(run_dir) if p.name == "config.yaml" or p.suffix == ".pth"]
-    if not held:
-        return
-    if not overwrite:
+        if not resume_candidates(run_dir):
+            started = (run_dir / "config.yaml").is_file()
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from ({LAST} or "
+                                    "model_<iter>.pth)" + ("; its start stopped before the first checkpoint: run the "
+                                                           "same command without --resume" if started else ""))
+        return []
+    old = run_files(run_dir)
+    held = [p for p in old if p.suffix == ".pth"]
+    if held and not overwrite:
         names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
         raise ValueError(f"{run_dir} already holds a run ({names}); continue it with --resume, "
                          "or start it again with --overwrite (deletes its checkpoints and events)")
-    if not delete:
-        return
-    old = run_files(run_dir)
+    return old
+
+
+def clear_run_dir(run_dir: Path, old: list[Path], overwrite: bool) -> None:
+    """Delete `old` (check_run_dir's list), saying so."""
     for p in old:
         p.unlink(missing_ok=True)
-    print(f"--overwrite: removed {len(old)} files of the previous run in {run_dir}")
+    if old and overwrite:
+        print(f"--overwrite: removed {len(old)} files of the previous run in {run_dir}")
+    elif old:
+        print(f"note: {run_dir} held a start that stopped before its first checkpoint "
+              f"({', '.join(p.name for p in old)}): removed, starting again")
 
 
 def resume_command(run_dir: Path, world_size: int = 1) -> str:
@@ -276,9 +285,9 @@ class Trainer:
         self.main = self.rank == 0
         if cfg.train.keep_checkpoints < 0:
             raise ValueError(f"train.keep_checkpoints must be >= 0, got {cfg.train.keep_checkpoints}")
-        prepare_run_dir(self.run_dir, resume, overwrite, delete=self.main)
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Everything that can fail on the user's input (the run directory, device, data, checkpoint, model, weights,
+        # data loader) is checked before the directory is made or anything in it is deleted or written.
+        old_files = check_run_dir(self.run_dir, resume, overwrite)
         self.progress = progress and self.main
         seed_everything(cfg.train.seed)
         if cfg.train.num_threads > 0:
@@ -302,20 +311,20 @@ class Trainer:
             self._print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
                         f"(was {cfg.model.num_classes})")
             cfg.model.num_classes = self.train_set.num_classes
-        resume_path = self.run_dir / LAST
-        state = load_checkpoint(resume_path) if resume else None  # before anything is written: a bad one stops here
+        # Before anything is written: a bad checkpoint stops here. An unreadable last_checkpoint.pth (a copy cut
+        # short) falls back to the newest numbered checkpoint that reads.
+        resume_path, state, note = load_resume_checkpoint(self.run_dir) if resume else (None, None, None)
+        if note:
+            self._print(note)
         resumed_step = ((state.get("position") or {}).get("samples_per_step")) if state is not None else None
         self.accumulate, lines = resolve_batch(cfg, self.world, resumed_step)
         for line in lines:
             self._print(line)
-        if self.main:
-            save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
         from_elsewhere = hooks.initialise is not None and state is None
         self.model = build_model(cfg, load_weights=state is None and not from_elsewhere)
         if from_elsewhere:  # e.g. torchvision's COCO Mask R-CNN
+            # the weights may come with settings (torchvision's: the frozen-BN eps), saved in config.yaml below
             report = hooks.initialise(self.model, cfg, getattr(self.train_set, "class_names", None))
-            if self.main:  # the weights may come with settings (torchvision's: the frozen-BN eps)
-                save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
             self._print(report)
         elif init and state is None:
             report = partial_load(self.model, init)
@@ -334,7 +343,6 @@ class Trainer:
         self.start_iter = 0
         self.resume_state = state  # RNGs, data position and loss history are restored by train()
         self.history: list[dict[str, float]] = []
-        self.loader = None
         self.writer = None
         self._saved_iter = None
         self._checkpoint_seconds = 0.0  # how long the last checkpoint took to write (rank 0)
@@ -356,6 +364,17 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             self.start_iter = state["iteration"]
             self._print(f"resumed from {resume_path} at iteration {self.start_iter}")
+        # Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part. (It draws
+        # from its own generators only: building it here changes no random stream.)
+        self.loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
+                                   seed=cfg.train.seed, drop_last=True, infinite=True,
+                                   pin_memory=self.device.type == "cuda",
+                                   aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, num_replicas=self.world,
+                                   rank=self.rank, accumulate=self.accumulate)
+        if self.main:  # nothing failed: now the run directory
+            clear_run_dir(self.run_dir, old_files, overwrite)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
         # `self.model` is the model itself (state dicts, attributes such as rpn or features); `self.ddp` runs the
         # training forward: DistributedDataParallel under torchrun, else the model.
         self.ddp = self._wrap_ddp() if self.world > 1 else self.model
@@ -572,12 +591,7 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
-        # Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part.
-        self.loader = loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True,
-                                            num_workers=cfg.data.num_workers, seed=t.seed, drop_last=True,
-                                            infinite=True, pin_memory=self.device.type == "cuda",
-                                            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping,
-                                            num_replicas=self.world, rank=self.rank, accumulate=self.accumulate)
+        loader = self.loader
         self._notes = []
         if self.resume_state is not None:
             self._restore_progress(self.resume_state)
@@ -634,12 +648,12 @@ class Trainer:
                             + (f" on each of {self.world} processes" if self.world > 1 else ""))
         final = self.checkpoint(it, final=True)
         summary = {"stage": cfg.stage, "iterations": it, "checkpoint": str(final),
-                   "precision": {"train": self.precision.as_dict(), "eval": self.eval_precision.as_dict()},
-                   "first_losses": history[0] if history else {}, "last_losses": history[-1] if history else {}}
-        if history:
-            n = max(1, min(20, len(history) // 5))
-            summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]}
-            summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]}
+                   "precision": {"train": self.precision.as_dict(), "eval": self.eval_precision.as_dict()}}
+        # The losses at the start and end of the whole run: means over its first and last n iterations (n = a fifth
+        # of the run, 1 to 20; a run of under 10 iterations: its first and last). Every iteration is in TensorBoard.
+        n = max(1, min(20, len(history) // 5))
+        summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]} if history else {}
+        summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]} if history else {}
         if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
             summary["val"], line, scalars = self.hooks.evaluate(
                 self.model, self.val_set, self.device, batch_size=cfg.test.ims_per_batch,
