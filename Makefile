@@ -1,5 +1,6 @@
 # make demo: the whole experiment on the generated shapes data (creates .venv on first use)
 # make test: the test suite
+# make notebooks: the guided-tour notebooks executed into notebooks/executed/*.ipynb (not committed)
 # make test-avx2: the precision- and kernel-sensitive tests again as on a CPU without native bfloat16 (AVX2 only)
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ KERNEL_SENSITIVE := tests/test_bf16.py tests/test_precision.py tests/test_torchv
 	tests/test_train.py::test_the_run_prints_and_keeps_its_precision \
 	tests/test_evaluation.py::test_evaluation_is_fp32_unless_asked
 
-.PHONY: demo test test-avx2 venv clean
+.PHONY: demo test test-avx2 venv clean notebooks
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ test: venv $(VENV)/.installed-test
 
 test-avx2: venv $(VENV)/.installed-test
 	$(AVX2) $(PY) -m pytest $(KERNEL_SENSITIVE) -q
+
+notebooks: venv $(VENV)/.installed-test
+	$(PY) notebooks/render.py --out notebooks/executed
 
 clean:
 	rm -rf runs datasets
