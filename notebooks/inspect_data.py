@@ -50,7 +50,7 @@ from maskrcnn.model.build import build_model
 from maskrcnn.model.mask_targets import mask_targets
 from maskrcnn.model.postprocess import paste_masks
 from maskrcnn.vis.panels import label_counts
-from maskrcnn.vis.primitives import GT_COLOUR, colour, draw_boxes, draw_masks, save_png, side_by_side
+from maskrcnn.vis.primitives import GT_COLOUR, caption, colour, draw_boxes, draw_masks, save_png, side_by_side
 from maskrcnn.vis.views import anchor_labels_view, anchor_levels, anchors_view, dataset_view, input_image, rois_view
 
 random.seed(seed)
@@ -244,7 +244,9 @@ else:
 # %%
 if gallery:
     Path(gallery).mkdir(parents=True, exist_ok=True)
-    save_png(side_by_side([dataset_view(record, 0, class_names).picture, tiles[0][:, tiles[0].shape[1] // 2 :]]),
+    n = len(record["targets"][0]["boxes"])
+    pasted_back = caption(tiles[0][:, -record["image_sizes"][0][1] :], f"{size}x{size} targets, IoU >= {min(mask_iou[:n]):.2f}")
+    save_png(side_by_side([dataset_view(record, 0, class_names).picture, pasted_back]),
              Path(gallery) / "inspect_data.png", palette=256)
 summary = {"instances": len(labels), "images": len(per_image), "class_counts": class_counts,
            "box_from_mask_diff": box_from_mask_diff, "mask_iou": mask_iou, "best_anchor_iou": best_anchor_iou,
