@@ -34,13 +34,14 @@ def data_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tour") / "shapes-tiny")
 
 
-def run(name: str, noise: bool, data_root: str, monkeypatch) -> dict:
-    """Execute notebooks/<name>.py with these parameters; its `summary`."""
+def run(name: str, noise: bool, data_root: str, monkeypatch, **params: str) -> dict:
+    """Execute notebooks/<name>.py with these parameters (Python source of each value); its `summary`."""
     require_packages()
     import nbformat
 
     monkeypatch.setenv("MPLBACKEND", "Agg")  # the kernel inherits it: no display, no inline images
-    nb = render.load(name, {"noise": repr(noise), "overrides": repr([f"data.root={data_root}"]), "gallery": "None"})
+    nb = render.load(name, {"noise": repr(noise), "overrides": repr([f"data.root={data_root}"]), "gallery": "None",
+                            **params})
     nb.cells.append(nbformat.v4.new_code_cell("import json\nprint(json.dumps(summary))"))
     render.execute(nb, timeout=300)
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
@@ -125,3 +126,20 @@ def test_inspect_weights(noise, data_root, monkeypatch):
     assert set(s["grad_norms"]) == stages and all(0 < g < math.inf for g in s["grad_norms"].values())
     assert set(s["relative_change"]) == stages and all(r > 0 for r in s["relative_change"].values())
     assert len(s["step_losses"]) == 3 and all(math.isfinite(v) for v in s["step_losses"])
+
+
+def test_inspect_model_on_a_checkpoint_and_image_files(data_root, tmp_path, monkeypatch):
+    """A user's trained model (its checkpoint's own config) on their own image files (no ground truth)."""
+    from maskrcnn.engine.checkpoint import config_to_yaml, save_checkpoint
+
+    cfg = load_config(CONFIG, [f"data.root={data_root}", "model.roi_heads.detections_per_image=7"])
+    model = build_model(cfg)
+    path = tmp_path / "model_final.pth"
+    save_checkpoint({"format": 2, "model": model.state_dict(), "config": config_to_yaml(cfg), "stage": "full",
+                     "class_names": build_eval_dataset(cfg, "val").class_names}, path)
+    files = sorted(str(p) for p in (Path(data_root) / "val").glob("*.png"))[:2]
+    s = run("inspect_model", False, data_root, monkeypatch, config="None", checkpoint=repr(str(path)),
+            images=repr(files))
+    assert len(files) == 2 and s["rpn_recall"] is None and s["best_detection_iou"] == []  # no ground truth
+    assert all(0 < counts[-1] <= 7 for counts in s["refinement_counts"])  # the checkpoint's config
+    assert s["forward_detections"] == s["output_detections"] == [c[-1] for c in s["refinement_counts"]]
