@@ -1,5 +1,6 @@
 # make demo: the whole experiment on the generated shapes data (creates .venv on first use)
 # make test: the test suite
+# make notebooks: the guided-tour notebooks executed into notebooks/executed/*.ipynb (not committed)
 # make test-avx2: the precision- and kernel-sensitive tests again as on a CPU without native bfloat16 (AVX2 only)
 # make test-variations: the tests that train (pytest -m trains) under 3 seeds x (2 threads, 1 thread, AVX2 only),
 #   every thresholded statistic printed beside its threshold (tests/variations.py; about N min on 2 cores)
@@ -15,7 +16,7 @@ KERNEL_SENSITIVE := tests/test_bf16.py tests/test_precision.py tests/test_torchv
 	tests/test_train.py::test_the_run_prints_and_keeps_its_precision \
 	tests/test_evaluation.py::test_evaluation_is_fp32_unless_asked
 
-.PHONY: demo test test-avx2 test-variations venv clean
+.PHONY: demo test test-avx2 test-variations venv clean notebooks
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ test-avx2: venv $(VENV)/.installed-test
 
 test-variations: venv $(VENV)/.installed-test
 	$(PY) tests/variations.py
+
+notebooks: venv $(VENV)/.installed-test
+	$(PY) notebooks/render.py --out notebooks/executed
 
 clean:
 	rm -rf runs datasets

@@ -7,6 +7,8 @@ D detections per image.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,10 +94,14 @@ class BoxHead(RoIHead):
         return [r["proposals"] for r in results]
 
     @torch.no_grad()
-    def inference(self, predictions: tuple[Tensor, Tensor], results: list[dict]) -> list[dict[str, Tensor]]:
+    def inference(self, predictions: tuple[Tensor, Tensor], results: list[dict], record: Optional[dict] = None
+                  ) -> list[dict[str, Tensor]]:
         """Per image dict(boxes [D, 4], scores [D], labels [D]) from the scores and deltas of the proposals in
         `results` (dict(proposals, image_size)): class-specific boxes, score threshold, per-class NMS, the top
-        `detections_per_image`."""
+        `detections_per_image`. `record` receives "box_refinement": per image dict(proposals [Pi, 4],
+        class_logits [Pi, K+1], box_deltas [Pi, 4(K+1)], steps): steps maps "class_boxes" (every proposal's
+        box for every class, clipped), "score_threshold", "nms" and "top_k" (the detections) to dict(boxes,
+        scores, labels, roi: the index of the proposal each box came from), in that order."""
         scores, deltas = predictions
         proposals = [r["proposals"] for r in results]
         image_sizes = [r["image_size"] for r in results]
@@ -103,15 +109,29 @@ class BoxHead(RoIHead):
         boxes = self.box_coder.decode(deltas, torch.cat(proposals))  # [R, 4(K+1)]
         boxes = boxes.view(-1, self.num_classes + 1, 4)[:, 1:]  # [R, K, 4]
         counts = [len(p) for p in proposals]
-        results = []
-        for boxes_i, probs_i, size in zip(boxes.split(counts), probs.split(counts), image_sizes):
+        results, refinement = [], []
+        for i, (boxes_i, probs_i, size) in enumerate(zip(boxes.split(counts), probs.split(counts), image_sizes)):
             b = clip_boxes(boxes_i, size).reshape(-1, 4)  # [Ri*K, 4], class-major inside each RoI
             s = probs_i.reshape(-1)
             labels = torch.arange(1, self.num_classes + 1, device=b.device).repeat(len(boxes_i))
             keep = (s > self.score_thresh) & nonempty(b, self.min_box_size)
+            if record is not None:  # the probe: every step, each box with the index of its proposal
+                roi = torch.arange(len(boxes_i), device=b.device).repeat_interleave(self.num_classes)  # [Ri*K]
+                steps = {"class_boxes": {"boxes": b, "scores": s, "labels": labels, "roi": roi}}
+                roi = roi[keep]
             b, s, labels = b[keep], s[keep], labels[keep]
-            keep = batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_image]
+            kept = batched_nms(b, s, labels, self.nms_thresh)  # sorted by score
+            keep = kept[: self.detections_per_image]
             results.append({"boxes": b[keep], "scores": s[keep], "labels": labels[keep]})
+            if record is not None:
+                steps["score_threshold"] = {"boxes": b, "scores": s, "labels": labels, "roi": roi}
+                steps["nms"] = {"boxes": b[kept], "scores": s[kept], "labels": labels[kept], "roi": roi[kept]}
+                steps["top_k"] = {**results[-1], "roi": roi[keep]}
+                rows = slice(sum(counts[:i]), sum(counts[: i + 1]))
+                refinement.append({"proposals": proposals[i], "class_logits": scores[rows].float(),
+                                   "box_deltas": deltas[rows].float(), "steps": steps})
+        if record is not None:
+            record["box_refinement"] = refinement
         return results
 
     def extra_repr(self) -> str:

@@ -9,6 +9,8 @@ layers make of Sm: it is read from the logits, never assumed).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,13 +76,18 @@ class MaskHead(RoIHead):
         return [r["boxes"] for r in results]
 
     @torch.no_grad()
-    def inference(self, predictions: Tensor, results: list[dict]) -> list[dict]:
+    def inference(self, predictions: Tensor, results: list[dict], record: Optional[dict] = None) -> list[dict]:
         """Each detection gets "masks" [Di, 1, M, M]: the mask probabilities of its class (pasted into the image
-        by the model's postprocess)."""
+        by the model's postprocess). `record` receives "mask_logits": per image [Di, M, M], the logits of each
+        detection's class before the sigmoid."""
         labels = torch.cat([r["labels"] for r in results])
-        probs = predictions[torch.arange(labels.numel(), device=labels.device), labels].float().sigmoid()[:, None]
-        for r, m in zip(results, probs.split([len(r["boxes"]) for r in results])):
+        logits = predictions[torch.arange(labels.numel(), device=labels.device), labels].float()  # [D, M, M]
+        probs = logits.sigmoid()[:, None]
+        counts = [len(r["boxes"]) for r in results]
+        for r, m in zip(results, probs.split(counts)):
             r["masks"] = m
+        if record is not None:
+            record["mask_logits"] = list(logits.split(counts))
         return results
 
     def extra_repr(self) -> str:

@@ -117,6 +117,8 @@ class MaskRCNN(nn.Module):
                                                  image_list.image_sizes, targets, record, self._roi_noise(record))
         if self.training:
             return {**losses, **head_losses}
+        if record is not None:
+            record["detections"] = detections
         return postprocess_detections(detections, image_list.image_sizes, original_sizes, self.mask_paste)
 
     @torch.no_grad()
@@ -132,11 +134,21 @@ class MaskRCNN(nn.Module):
                            RPN sees them (after the fpn noise site)
           noise            dict(site, active, before, after): the tensors at the noise site without and with the
                            noise (the roi site: "box" and "mask", pooled RoI features of the batch)
-          anchors          list per level of [Ai, 4]; objectness: list per level of [N, Ai] logits
+          anchors          list per level of [Ai, 4]; objectness: list per level of [N, Ai] logits;
+                           rpn_deltas: list per level of [N, Ai, 4] box deltas of each anchor
           anchor_labels    [N, Atot] 1 / 0 / -1 (positive, negative, ignored); sampled_anchor_labels: the same
-                           after sampling (-1: not sampled)                                  (with targets)
+                           after sampling (-1: not sampled); anchor_matched_boxes [N, Atot, 4]: the GT box
+                           each anchor is matched with (its regression target's box)       (with targets)
+          pre_nms          per image dict(boxes, scores, levels, anchor_index): the RPN's per-level top-k
+                           anchors, decoded and clipped, before its filters and NMS
           proposals        per image dict(boxes [P, 4], scores [P], levels [P]) in the model-input frame
           roi_samples      per image dict(boxes, labels, matched_idx)              (full stage, with targets)
+          box_refinement   per image dict(proposals, class_logits [P, K+1], box_deltas [P, 4(K+1)], steps):
+                           steps "class_boxes" -> "score_threshold" -> "nms" -> "top_k", each dict(boxes,
+                           scores, labels, roi: index of the proposal)      (full stage, eval mode, see BoxHead)
+          mask_logits      per image [D, M, M]: each detection's class logits before the sigmoid
+          detections       per image dict(boxes, scores, labels, masks [D, 1, M, M]) in the model-input frame,
+                           before the paste                                      (full stage, eval mode)
           output           what forward returns: losses (training) or detections/proposals in input pixels
         `noise`: None: LatentNoise as configured and as the mode says; True: the configured noise switched on and
         applied as in training (even where the config has it off: the features view); False: skipped.

@@ -51,8 +51,9 @@ class RoIHead(nn.Module, ABC):
         """The boxes per image this head pools at inference (proposals, or the detections so far)."""
 
     @abstractmethod
-    def inference(self, predictions: Any, results: list[dict]) -> list[dict]:
-        """The detections per image with this head's outputs added (or made, by the first head)."""
+    def inference(self, predictions: Any, results: list[dict], record: Optional[dict] = None) -> list[dict]:
+        """The detections per image with this head's outputs added (or made, by the first head); `record`
+        (the model's probe, else None) receives the head's intermediate results."""
 
     @abstractmethod
     def reset_predictor(self) -> None:
@@ -110,7 +111,8 @@ class RoIHeads(nn.Module):
                 pooled_hook: Optional[Callable[[str, Tensor], Tensor]] = None
                 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """proposals: list of [Pi, 4] (constants). Training: ([], losses); eval: (detections per image, {}).
-        `record` (the model's probe) receives "roi_samples" when there are targets. `pooled_hook(name, x)`:
+        `record` (the model's probe) receives "roi_samples" when there are targets and, in inference, what each
+        head's inference records (box head: "box_refinement", mask head: "mask_logits"). `pooled_hook(name, x)`:
         applied to each head's pooled features (name "box" or "mask") before the head (the model's RoI site)."""
         feats = self.box_pooler.prepare([features[name] for name in self.in_features])
         if self.training and targets is None:
@@ -134,5 +136,5 @@ class RoIHeads(nn.Module):
         with torch.no_grad():
             results: list[dict] = [{"proposals": p, "image_size": s} for p, s in zip(proposals, image_sizes)]
             for name, pooler, head in self.heads():
-                results = head.inference(head(pooled(name, pooler, head.inference_rois(results))), results)
+                results = head.inference(head(pooled(name, pooler, head.inference_rois(results))), results, record)
         return results, {}

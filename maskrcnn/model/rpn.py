@@ -86,8 +86,8 @@ class RPN(nn.Module):
     def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None,
                 record: Optional[dict] = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}. `record` (the
-        model's probe) receives "anchors", "objectness", "proposals" and, with targets, "anchor_labels" and
-        "sampled_anchor_labels"."""
+        model's probe) receives "anchors", "objectness", "rpn_deltas", "pre_nms", "proposals" and, with targets,
+        "anchor_labels", "sampled_anchor_labels" and "anchor_matched_boxes"."""
         feats = [features[name] for name in self.in_features]
         logits, deltas = self.head(feats)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], tuple(images.tensor.shape[-2:]))
@@ -98,9 +98,10 @@ class RPN(nn.Module):
         deltas = [x.view(n, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
                   for x in deltas]
         proposals = self.select_proposals(anchors, [x.detach() for x in logits], [x.detach() for x in deltas],
-                                          images.image_sizes)
+                                          images.image_sizes, record)
         if record is not None:
-            record.update(anchors=anchors, objectness=[x.detach() for x in logits], proposals=proposals)
+            record.update(anchors=anchors, objectness=[x.detach() for x in logits],
+                          rpn_deltas=[x.detach() for x in deltas], proposals=proposals)
         losses: dict[str, Tensor] = {}
         if self.training and targets is None:
             raise ValueError("RPN in training mode needs targets")
@@ -108,7 +109,7 @@ class RPN(nn.Module):
             all_anchors = torch.cat(anchors)
             labels, sampled, matched_boxes = self.label_and_sample(all_anchors, targets)
             if record is not None:
-                record.update(anchor_labels=labels, sampled_anchor_labels=sampled)
+                record.update(anchor_labels=labels, sampled_anchor_labels=sampled, anchor_matched_boxes=matched_boxes)
             if self.training:
                 losses = self.losses(all_anchors, torch.cat(logits, 1), torch.cat(deltas, 1), sampled, matched_boxes)
         return proposals, losses
@@ -116,24 +117,31 @@ class RPN(nn.Module):
     # ------------------------------------------------------------------------------------- proposals
     @torch.no_grad()
     def select_proposals(self, anchors: list[Tensor], logits: list[Tensor], deltas: list[Tensor],
-                         image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Per level: top-k over the whole batch, decode; per image: clip, drop small, NMS per level, top-k."""
+                         image_sizes: list[tuple[int, int]], record: Optional[dict] = None) -> list[dict[str, Tensor]]:
+        """Per level: top-k over the whole batch, decode; per image: clip, drop small, NMS per level, top-k.
+        `record` receives "pre_nms": per image dict(boxes [k, 4] decoded and clipped, scores [k], levels [k],
+        anchor_index [k] into the concatenated anchors): the per-level top-k before the filters and NMS."""
         pre_k = self.pre_nms_topk[0 if self.training else 1]
         post_k = self.post_nms_topk[0 if self.training else 1]
         n = logits[0].shape[0]
         batch_idx = torch.arange(n, device=logits[0].device)[:, None]
-        all_boxes, all_scores, all_levels = [], [], []
+        all_boxes, all_scores, all_levels, all_idx, offset = [], [], [], [], 0
         for level, (anc, lg, dl) in enumerate(zip(anchors, logits, deltas)):
             k = min(pre_k, lg.shape[1])
             scores, idx = lg.topk(k, dim=1)  # [N, k]
+            if record is not None:
+                all_idx.append(idx + offset)
+                offset += len(anc)
             boxes = self.box_coder.decode(dl[batch_idx, idx].reshape(-1, 4), anc[idx].reshape(-1, 4))
             all_boxes.append(boxes.view(n, k, 4))
             all_scores.append(scores.float().sigmoid() if self.sigmoid_scores else scores.float())
             all_levels.append(torch.full((n, k), level, dtype=torch.int64, device=lg.device))
         boxes, scores, levels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_levels, 1)
-        results = []
+        results, pre_nms = [], []
         for i, size in enumerate(image_sizes):  # the per-image loop only around NMS
             b, s, lv = clip_boxes(boxes[i], size), scores[i], levels[i]
+            if record is not None:
+                pre_nms.append({"boxes": b, "scores": s, "levels": lv, "anchor_index": torch.cat(all_idx, 1)[i]})
             keep = nonempty(b, self.min_size) & torch.isfinite(b).all(dim=1) & torch.isfinite(s)
             if self.score_thresh > 0:
                 prob = s if self.sigmoid_scores else s.sigmoid()
@@ -141,6 +149,8 @@ class RPN(nn.Module):
             b, s, lv = b[keep], s[keep], lv[keep]
             keep = batched_nms(b, s, lv, self.nms_thresh)[:post_k]  # sorted by score
             results.append({"boxes": b[keep], "scores": s[keep], "levels": lv[keep]})
+        if record is not None:
+            record["pre_nms"] = pre_nms
         return results
 
     # ----------------------------------------------------------------------------------------- losses
