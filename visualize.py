@@ -218,7 +218,7 @@ def main(argv=None) -> list[Path]:
         from maskrcnn.engine.device import select_device
         args.device = str(select_device(args.device))  # an unknown or absent device: one line, exit status 2
         if args.what == "report":
-            from maskrcnn.vis.report import make_report
+            from maskrcnn.report.command import make_report
 
             path, lines = make_report(args, DEFAULT_CONFIG)
         else:

@@ -20,7 +20,7 @@ from maskrcnn.data.build import build_eval_dataset
 from maskrcnn.engine.checkpoint import config_to_yaml, save_checkpoint
 from maskrcnn.model.build import build_model
 from maskrcnn.vis import anchor_fit as af
-from maskrcnn.vis.report import recall_numbers
+from maskrcnn.report.measure import recall_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128  # every image is SIZE x SIZE and the model's test resize keeps it so
@@ -242,7 +242,8 @@ def test_recall_numbers():
 def test_summary_marks_better_and_worse():
     from types import SimpleNamespace
 
-    from maskrcnn.vis.report import summary_html, summary_rows
+    from maskrcnn.report.measure import summary_rows
+    from maskrcnn.report.page import summary_html
 
     def side(label, iou, missed, loss):
         return SimpleNamespace(label=label, stats={"anchor_fit": {"current": {"all": {

@@ -99,3 +99,20 @@ def test_heads_share_one_interface():
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete()
+
+
+def test_drawing_builds_no_training_and_the_page_no_model():
+    """vis draws and the report measures and renders: none of them builds an optimiser or reaches into the
+    trainer or its recipe (timing a training step is the engine's: maskrcnn/engine/step.py, which the report
+    calls), vis imports no engine module at all, and the report's page reads report.json with no torch, numpy or
+    model code."""
+    allowed = {"vis": set(), "report": {"maskrcnn.engine.checkpoint", "maskrcnn.engine.device", "maskrcnn.engine.step"}}
+    for package, engine_modules in allowed.items():
+        for path in sorted((PACKAGE / package).glob("*.py")):
+            for module, names in imports(path):
+                where = f"{path.relative_to(ROOT)} imports {module}"
+                assert not module.startswith("maskrcnn.engine") or module in engine_modules, where
+                assert not module.startswith("torch.optim") and "build_optimizer" not in names, where
+    model_code = ("torch", "numpy", "maskrcnn.model", "maskrcnn.engine", "maskrcnn.data", "maskrcnn.evaluation")
+    for module, _ in imports(PACKAGE / "report" / "page.py"):
+        assert not module.startswith(model_code), f"report/page.py imports {module}"

@@ -2,6 +2,7 @@
 measures, so that all three time and train the same thing in the same precision.
 
     values = train_step(model, [(images, targets)], optimizer, amp=True)
+    seconds, precision = time_training_steps(cfg, model, loader, 5)   # the first-day report's time per iteration
 
 A step is: zero the gradients; per micro-batch, the forward under autocast (when `amp`: bf16 on a CPU, fp16 on
 CUDA), the losses in fp32, their weighted sum (`total_loss`: the one place loss weights are applied), and the
@@ -9,13 +10,15 @@ backward (through the grad scaler, which is a no-op unless enabled); then gradie
 """
 from __future__ import annotations
 
+import statistics
+import time
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..model.precision import autocast
+from ..model.precision import Precision, autocast, training_precision
 
 Batch = tuple[list[Tensor], list[dict]]
 
@@ -98,3 +101,32 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
     else:
         optimizer.step()
     return result
+
+
+def time_training_steps(cfg, model: nn.Module, loader: Iterable[Batch], n: int,
+                        tick: Optional[Callable[[], None]] = None) -> tuple[float, Precision]:
+    """Median seconds of `n` training steps (data, forward, backward, update) of `model` on batches drawn from
+    `loader`, after one warm-up step that is not counted: train_step with the run's optimiser, loss weights and
+    gradient clipping, in the precision the run would choose on the model's device (returned with the seconds).
+    The model is trained by these steps: give it a fresh one. `tick` is called after every step (progress)."""
+    from .trainer import build_optimizer
+
+    if n < 1:
+        raise ValueError(f"time_training_steps: n must be >= 1 (steps timed after the warm-up), got {n}")
+    device = next(model.parameters()).device
+    precision = training_precision(cfg.train, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.solver)
+    scaler = grad_scaler(device, precision.autocast)
+    batches = iter(loader)
+    times = []
+    for _ in range(n + 1):
+        start = time.perf_counter()
+        train_step(model, [next(batches)], optimizer, amp=precision.autocast, scaler=scaler,
+                   loss_weights=cfg.loss_weights, clip_grad_norm=cfg.solver.clip_grad_norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if tick is not None:
+            tick()
+    return float(statistics.median(times[1:])), precision
