@@ -15,7 +15,7 @@ import pytest
 from maskrcnn.data.coco import CocoInstances, DatasetError
 from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.data.check import check_coco_data, check_dataset_files, main
-from maskrcnn.data.coco import scan_coco
+from maskrcnn.data.rules import scan_coco
 
 
 @pytest.fixture(scope="module")

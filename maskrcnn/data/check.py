@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .coco import (ERROR, DatasetError, Problem, Problems, all_degenerate_problem, check_image_file,
+from .rules import (ERROR, DatasetError, Problem, Problems, all_degenerate_problem, check_image_file,
                    decode_instance, instance_box, mask_problem, read_coco_json, scan_coco)
 
 __all__ = ["CheckReport", "check_dataset_files", "check_coco_data"]
