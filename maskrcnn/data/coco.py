@@ -17,16 +17,17 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 
-# DatasetError, read_coco_json, read_image and decode_segmentation are re-exported: the dataset's reading API.
-from .rules import (ERROR, WARNING, DatasetError, all_degenerate_problem, check_image_file, decode_instance,
+# DatasetError, read_coco_json, read_image, decode_segmentation and instance_box are re-exported: the API of
+# the dataset that converters, tools and drawings use.
+from .rules import (ERROR, DatasetError, Problem, all_degenerate_problem, check_image_file, decode_instance,
                     decode_segmentation, instance_box, mask_problem, read_coco_json, read_image, scan_coco,
-                    segmentation_area)
+                    segmentation_area, training_box, trains_as_instance)
 
 __all__ = [
     "DatasetError",
@@ -40,14 +41,21 @@ __all__ = [
 ]
 
 Target = dict[str, Any]
+Box = tuple[float, float, float, float]
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target]]
 
 
+def _stop_on(problem: Problem | None) -> None:
+    """Training stops on an error: raise it as a :class:`DatasetError` (a warning or None passes)."""
+    if problem is not None and problem.severity == ERROR:
+        raise DatasetError(problem.message)
+
+
 def validate_coco(data: Any, source: str) -> None:
-    """Raise :class:`DatasetError` on the first error :func:`scan_coco` finds in a loaded COCO dict."""
+    """Raise :class:`DatasetError` on the first error :func:`~maskrcnn.data.rules.scan_coco` finds in a loaded
+    COCO dict."""
     for problem in scan_coco(data, source).problems:
-        if problem.severity == ERROR:
-            raise DatasetError(problem.message)
+        _stop_on(problem)
 
 
 def load_coco_json(ann_file: str | os.PathLike[str]) -> dict[str, Any]:
@@ -65,6 +73,24 @@ def load_coco_json(ann_file: str | os.PathLike[str]) -> dict[str, Any]:
             h, w = sizes[ann["image_id"]]
             ann["area"] = segmentation_area(ann["segmentation"], h, w)
     return data
+
+
+def _kept_categories(records: list[dict[str, Any]], names: list[str] | None, source: str) -> list[dict[str, Any]]:
+    """The category records of ``names`` (None: all), sorted by id; an unknown name is an error."""
+    cats = sorted(records, key=lambda c: c["id"])
+    if names is not None:
+        by_name = {c["name"]: c["id"] for c in cats}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise DatasetError(
+                f"{source}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
+                f"{', '.join(map(repr, unknown))}; valid names: {', '.join(c['name'] for c in cats)}"
+            )
+        wanted = {by_name[n] for n in names}
+        cats = [c for c in cats if c["id"] in wanted]
+    if not cats:
+        raise DatasetError(f"{source}: no categories to train on")
+    return cats
 
 
 # --------------------------------------------------------------------------- #
@@ -120,20 +146,7 @@ class CocoInstances(torch.utils.data.Dataset):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco.createIndex()
 
-        all_cats = sorted(data["categories"], key=lambda c: c["id"])
-        if categories is not None:
-            by_name = {c["name"]: c["id"] for c in all_cats}
-            unknown = [n for n in categories if n not in by_name]
-            if unknown:
-                raise DatasetError(
-                    f"{self._source}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
-                    f"{', '.join(map(repr, unknown))}; valid names: {', '.join(c['name'] for c in all_cats)}"
-                )
-            wanted = {by_name[n] for n in categories}
-            all_cats = [c for c in all_cats if c["id"] in wanted]
-        if not all_cats:
-            raise DatasetError(f"{self._source}: no categories to train on")
-
+        all_cats = _kept_categories(data["categories"], categories, self._source)
         self.cat_ids: list[int] = [c["id"] for c in all_cats]
         self.cat_id_to_contiguous: dict[int, int] = {cid: k + 1 for k, cid in enumerate(self.cat_ids)}
         self.contiguous_to_cat_id: dict[int, int] = {v: k for k, v in self.cat_id_to_contiguous.items()}
@@ -143,21 +156,17 @@ class CocoInstances(torch.utils.data.Dataset):
         image_ids = sorted(self.coco.imgs)
         if remove_images_without_annotations:
             image_ids = [i for i in image_ids if any(self._is_target(a) for a in self.coco.imgToAnns.get(i, ()))]
-            kept_anns = [a for a in data["annotations"] if a["category_id"] in self.cat_id_to_contiguous
-                         and not a.get("iscrowd", 0)]
+            kept_anns = [a for a in data["annotations"] if trains_as_instance(a, self.cat_id_to_contiguous)]
             sizes = {i: (info["height"], info["width"]) for i, info in self.coco.imgs.items()}
-            problem = all_degenerate_problem(self._source, kept_anns, sizes, self.min_box_size)
-            if problem is not None:
-                raise DatasetError(problem.message)
+            _stop_on(all_degenerate_problem(self._source, kept_anns, sizes, self.min_box_size))
         self.image_ids: list[int] = image_ids
 
     # ------------------------------------------------------------------ #
     def _is_target(self, ann: dict[str, Any]) -> bool:
         """Whether an annotation becomes a training instance (kept class, not crowd, box big enough)."""
-        if ann["category_id"] not in self.cat_id_to_contiguous or ann.get("iscrowd", 0):
-            return False
         info = self.coco.imgs[ann["image_id"]]
-        return instance_box(ann["bbox"], info["width"], info["height"], self.min_box_size) is not None
+        return training_box(ann, info["width"], info["height"], self.min_box_size, self.cat_id_to_contiguous) \
+            is not None
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -171,45 +180,35 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def _load_image(self, info: dict[str, Any]) -> np.ndarray:
         image, problem = check_image_file(self.image_dir / info["file_name"], info, self._source)
-        if problem is not None:
-            raise DatasetError(problem.message)
+        _stop_on(problem)
         return image
 
-    def _check_mask(self, ann: dict[str, Any], mask: np.ndarray, box: Sequence[float]) -> bool:
-        """Raise on a mask that cannot belong to its box; False for a sub-pixel sliver (skipped)."""
-        problem = mask_problem(ann, mask, box, self._source)
-        if problem is None:
-            return True
-        if problem.severity == WARNING:
-            return False
-        raise DatasetError(problem.message)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        image_id = self.image_ids[index]
-        info = self.coco.imgs[image_id]
-        image = self._load_image(info)
-        h, w = image.shape[:2]
-
-        boxes: list[tuple[float, float, float, float]] = []
+    def _instances(self, image_id: int, h: int, w: int) -> tuple[list[Box], list[int], list[np.ndarray]]:
+        """Boxes, contiguous labels and masks of the training instances of an image (crowd regions, other
+        categories, degenerate boxes and sub-pixel slivers left out); raises on a mask that cannot be one."""
+        boxes: list[Box] = []
         labels: list[int] = []
         masks: list[np.ndarray] = []
         for ann in self.coco.imgToAnns.get(image_id, ()):
-            # Crowd annotations are no targets: their regions train as background, as in detectron2, whose
-            # mapper drops them too (COCO evaluation reads iscrowd from the JSON itself).
-            if ann["category_id"] not in self.cat_id_to_contiguous or ann.get("iscrowd", 0):
-                continue
-            box = instance_box(ann["bbox"], w, h, self.min_box_size)
+            box = training_box(ann, w, h, self.min_box_size, self.cat_id_to_contiguous)
             if box is None:
-                continue  # degenerate (or entirely outside the image)
-            mask, problem = decode_instance(ann, h, w, self._source)
-            if problem is not None:
-                raise DatasetError(problem.message)
-            if not self._check_mask(ann, mask, box):
                 continue
+            mask, problem = decode_instance(ann, h, w, self._source)
+            _stop_on(problem)
+            problem = mask_problem(ann, mask, box, self._source)
+            _stop_on(problem)
+            if problem is not None:
+                continue  # a warning: a sub-pixel sliver
             boxes.append(box)
             labels.append(self.cat_id_to_contiguous[ann["category_id"]])
             masks.append(mask)
+        return boxes, labels, masks
 
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image_id = self.image_ids[index]
+        image = self._load_image(self.coco.imgs[image_id])
+        h, w = image.shape[:2]
+        boxes, labels, masks = self._instances(image_id, h, w)
         target: Target = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),

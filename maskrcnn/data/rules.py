@@ -1,4 +1,4 @@
-"""The rules a COCO-format instance segmentation dataset must follow, one place for all of them.
+"""The rules a COCO-format instance segmentation dataset must follow, all in one place.
 
 Users bring their own data, and a malformed annotation file usually does not
 crash training: it silently produces empty or wrong masks and an AP of 0.0.
@@ -9,8 +9,28 @@ message is ONE line naming the file, the record and the problem, e.g.::
 
 The dataset (:mod:`maskrcnn.data.coco`) raises a :class:`DatasetError` on the
 first error; the checker (``python -m maskrcnn.data.check``) collects them all.
-Both apply exactly these functions, so the check reports what training would
-stop on.
+Both apply these functions, so the check reports exactly what training would
+stop on. One function per kind of record:
+
+    structure_problems     the file's top level                -> Problems
+    category_problems      a category record                   -> Problems
+    image_problems         an image record                     -> Problems, its (height, width)
+    annotation_problems    an annotation record: ids, category, iscrowd, bbox (bbox_problem),
+                           segmentation polygons / RLE (segmentation_problem), area, box warnings
+                           (box_warning)                        -> Problems, its image id if it trains
+    scan_coco              a whole loaded file: all of the above -> CocoScan
+    trains_as_instance, instance_box, training_box
+                           which annotations train, with which box (degenerate boxes are dropped)
+    all_degenerate_problem every box too small (a unit mistake) -> Problem or None
+    check_image_file       an image file against its record     -> pixels, Problem
+    decode_instance        a segmentation decoded to a mask     -> mask, Problem
+    mask_problem           a mask against its box               -> Problem (a warning means: skip it)
+
+An error is something training stops on; a warning is something it repairs
+silently (drops or clips), counted by the checker so nothing is lost unseen.
+What the rules read (the JSON file, an image as displayed, a segmentation as a
+mask) is read here too: :func:`read_coco_json`, :func:`read_image`,
+:func:`decode_segmentation`.
 """
 
 from __future__ import annotations
@@ -22,7 +42,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Container, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -31,6 +51,14 @@ from pycocotools import mask as mask_utils
 from .exif import apply_orientation, exif_orientation
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
+ERROR = "error"
+WARNING = "warning"
+Box = tuple[float, float, float, float]
+
+
+# --------------------------------------------------------------------------- #
+# Problems: what a rule finds
+# --------------------------------------------------------------------------- #
 
 
 class DatasetError(ValueError):
@@ -39,41 +67,6 @@ class DatasetError(ValueError):
     def __init__(self, message: str) -> None:
         # Keep it one line even if a user-provided value contains newlines.
         super().__init__(" ".join(message.split("\n")))
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """Compact JSON-ish rendering of a value for error messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# --------------------------------------------------------------------------- #
-# Rules
-#
-# One set of rule functions serves training (which raises on the first error)
-# and ``python -m maskrcnn.data.check`` (which collects everything):
-#   scan_coco        JSON records                 -> Problems (errors and warnings)
-#   instance_box     the degenerate-box rule      -> clipped box or None (dropped)
-#   check_image_file image file vs its record     -> pixels, Problem
-#   decode_instance  segmentation -> mask          -> mask, Problem
-#   mask_problem     mask vs its box              -> Problem (a warning means: skip it)
-#   all_degenerate_problem  every box too small   -> Problem or None
-# An error is something training stops on; a warning is something it repairs
-# silently (drops or clips), counted by the checker so nothing is lost unseen.
-# --------------------------------------------------------------------------- #
-ERROR = "error"
-WARNING = "warning"
 
 
 @dataclass(frozen=True)
@@ -106,13 +99,40 @@ class Problems:
 class CocoScan(Problems):
     """What :func:`scan_coco` found, plus what the pixel checks need.
 
-    ``sizes`` holds ``(height, width)`` of the well-formed image records;
-    ``bad_annotations`` the indices (in ``data["annotations"]``) of records with an error.
+    ``images`` holds the well-formed image records by id (the first of a repeated id), ``sizes`` their
+    ``(height, width)``; ``bad_annotations`` the indices (in ``data["annotations"]``) of records with an error.
     """
 
     problems: list[Problem] = field(default_factory=list)
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    images: dict[int, dict[str, Any]] = field(default_factory=dict)
     bad_annotations: set[int] = field(default_factory=set)
+
+
+def _problem(kind: str, source: str, where: str, text: str, severity: str = ERROR) -> Problem:
+    return Problem(kind, f"{source}: {where}: {text}", severity)
+
+
+# --------------------------------------------------------------------------- #
+# Values
+# --------------------------------------------------------------------------- #
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """Compact JSON-ish rendering of a value for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _finite_numbers(values: list[Any]) -> bool:
@@ -124,51 +144,242 @@ def _finite_numbers(values: list[Any]) -> bool:
     return math.isfinite(total) and {type(v) for v in values} <= {int, float}
 
 
-def _check_segmentation(segm: Any, height: int, width: int) -> str | None:
-    """Return a description of what is wrong with ``segm``, or None if it is valid."""
+# --------------------------------------------------------------------------- #
+# Reading: the JSON file, an image as displayed, a segmentation as a mask
+# --------------------------------------------------------------------------- #
+
+
+def read_coco_json(ann_file: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file, or raise :class:`DatasetError` (not found, not JSON); nothing is validated."""
+    source = os.fspath(ann_file)
+    path = Path(ann_file)
+    if not path.is_file():
+        raise DatasetError(f"{source}: annotation file not found")
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{source}: not valid JSON (not UTF-8 text: {e.reason})") from None
+    return data
+
+
+def _to_rle(segm: Any, height: int, width: int) -> dict[str, Any]:
+    if isinstance(segm, list):  # polygons: one RLE per part, merged
+        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    if isinstance(segm["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segm, height, width)
+    return segm  # compressed RLE (str or bytes counts)
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO polygon list / uncompressed RLE / compressed RLE to a uint8 HxW 0/1 mask."""
+    rle = _to_rle(segm, height, width)
+    # pycocotools' decode emits a harmless NumPy 2 DeprecationWarning (its
+    # __array__ lacks copy=) on every call, which would flood training logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+def segmentation_area(segm: Any, height: int, width: int) -> float:
+    """The pixel area of a COCO segmentation: what a record without ``area`` gets (COCOeval needs it)."""
+    return float(mask_utils.area(_to_rle(segm, height, width)))
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as uint8 RGB HxWx3 as displayed (EXIF orientation applied), or raise DatasetError.
+
+    Grayscale, RGBA and 16-bit files are handled.  Annotation tools (VIA, labelme) and detectron2 work on the
+    image as displayed, so a photo stored sideways with an EXIF Orientation tag is turned here, and COCO's
+    ``width``/``height`` refer to the turned image.
+    """
+    return _read_image(path)[0]
+
+
+def _read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """:func:`read_image` and the file's EXIF orientation (1: none)."""
+    # imdecode(fromfile) instead of imread: works with non-ASCII paths everywhere.
+    try:
+        buf = np.fromfile(os.fspath(path), dtype=np.uint8)
+    except OSError as e:
+        raise DatasetError(f"{os.fspath(path)}: cannot read image ({e.strerror})") from None
+    # IMREAD_UNCHANGED (-1) includes IMREAD_IGNORE_ORIENTATION: pixels come as stored (TIFF aside, see
+    # exif.py), and the orientation is applied below by one rule for every OpenCV build.
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise DatasetError(f"{os.fspath(path)}: cannot decode image (corrupt or unsupported format)")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DatasetError(f"{os.fspath(path)}: unsupported pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 2:  # grey + alpha
+        img = img[:, :, 0]
+    if img.ndim == 2 or img.shape[2] == 1:
+        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
+    else:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    orientation = exif_orientation(buf)
+    return apply_orientation(rgb, orientation), orientation
+
+
+# --------------------------------------------------------------------------- #
+# Records: the file's top level, categories, images
+# --------------------------------------------------------------------------- #
+
+
+def structure_problems(data: Any, source: str) -> list[Problem]:
+    """The rules for the file's top level: an object whose 'images', 'annotations' and 'categories' are lists."""
+    if not isinstance(data, dict):
+        return [Problem("json-structure", f"{source}: top level is a {type(data).__name__}; expected an object "
+                                          "with keys 'images', 'annotations' and 'categories'")]
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        return [Problem("json-structure", f"{source}: missing top-level key(s) {', '.join(map(repr, missing))}")]
+    return [Problem("json-structure", f"{source}: top-level '{key}' is a {type(data[key]).__name__}, expected a list")
+            for key in _REQUIRED_KEYS if not isinstance(data[key], list)]
+
+
+def _record_id(section: str, k: int, record: Any, kind: str, source: str) -> tuple[int | None, Problem | None]:
+    """The id of record ``k`` of ``section`` (every kind of record has one), or why it has none."""
+    if not isinstance(record, dict):
+        return None, _problem(kind, source, f"{section}[{k}]", "not an object")
+    rid = record.get("id")
+    if not _is_int(rid):
+        return None, _problem(kind, source, f"{section}[{k}]", f"'id' must be an integer, got {_short(rid)}")
+    return rid, None
+
+
+def category_problems(k: int, cat: Any, ids: set[int], names: set[str], source: str) -> list[Problem]:
+    """The rules for category record ``k``; ``ids`` and ``names`` are those of the records before it (this
+    record's are added to them)."""
+    cid, problem = _record_id("categories", k, cat, "category-malformed", source)
+    if problem is not None:
+        return [problem]
+    problems = []
+    where = f"category id {cid}"
+    name = cat.get("name")
+    if not isinstance(name, str):
+        problems.append(_problem("category-malformed", source, where, f"'name' must be a string, got {_short(name)}"))
+    if cid in ids:
+        problems.append(_problem("duplicate-category-id", source, where, "duplicate category id"))
+    elif isinstance(name, str) and name in names:
+        problems.append(_problem("duplicate-category-name", source, where, f"duplicate category name {name!r}"))
+    ids.add(cid)
+    if isinstance(name, str):
+        names.add(name)
+    return problems
+
+
+def image_problems(k: int, img: Any, ids: set[int], file_names: dict[str, int],
+                   source: str) -> tuple[list[Problem], tuple[int, int] | None]:
+    """The rules for image record ``k``: its problems, and its ``(height, width)`` when it is well-formed.
+
+    ``ids`` and ``file_names`` (name -> image id) are those of the records before it (this record's are added).
+    """
+    iid, problem = _record_id("images", k, img, "image-record-malformed", source)
+    if problem is not None:
+        return [problem], None
+    where = f"image id {iid}"
+    if iid in ids:
+        return [_problem("duplicate-image-id", source, where, "duplicate image id")], None
+    ids.add(iid)
+    file_name = img.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        return [_problem("image-record-malformed", source, where,
+                         f"'file_name' must be a non-empty string, got {_short(file_name)}")], None
+    where = f"image id {iid} ({file_name!r})"
+    problems = []
+    for key in ("height", "width"):
+        if key not in img:
+            problems.append(_problem("image-record-malformed", source, where,
+                                     f"missing '{key}' (needed to decode masks)"))
+        elif not _is_int(img[key]) or img[key] <= 0:
+            problems.append(_problem("image-record-malformed", source, where,
+                                     f"'{key}' must be a positive integer, got {_short(img[key])}"))
+    size = None if problems else (img["height"], img["width"])
+    if file_name in file_names:
+        problems.append(_problem("duplicate-file-name", source, where, f"same file as image id {file_names[file_name]}",
+                                 WARNING))
+    else:
+        file_names[file_name] = iid
+    return problems, size
+
+
+# --------------------------------------------------------------------------- #
+# Annotation records: segmentation, bbox, the box training uses, the whole record
+# --------------------------------------------------------------------------- #
+
+
+def segmentation_problem(segm: Any, height: int, width: int) -> str | None:
+    """The rule for an annotation's ``segmentation`` on a ``height`` x ``width`` image: what is wrong, or None."""
     if isinstance(segm, list):
-        if not segm:
-            return "segmentation is an empty list"
-        if _is_number(segm[0]):
-            return ("segmentation is a flat list of numbers; expected a list of polygons "
-                    "[[x1, y1, x2, y2, ...], ...]")
-        for k, poly in enumerate(segm):
-            if not isinstance(poly, list):
-                return f"segmentation polygon {k} is a {type(poly).__name__}, expected a list of numbers"
-            if len(poly) < 6 or len(poly) % 2:
-                return (f"segmentation polygon {k} has {len(poly)} coordinates; a polygon needs "
-                        "an even number >= 6 (x, y pairs of at least 3 points)")
-            try:
-                # sum() runs in C: much faster than a per-coordinate check on big files.
-                ok = math.isfinite(sum(poly))
-            except TypeError:
-                ok = False
-            if not ok:
-                return f"segmentation polygon {k} contains non-numeric or non-finite values: {_short(poly)}"
-        return None
+        return _polygons_problem(segm)
     if isinstance(segm, dict):
-        if "counts" not in segm or "size" not in segm:
-            return f"RLE segmentation needs 'counts' and 'size', got keys {sorted(segm)}"
-        size = segm["size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-            return f"RLE 'size' must be [height, width], got {_short(size)}"
-        if size != [height, width]:
-            return (f"RLE size {_short(size)} (height, width) disagrees with the image's "
-                    f"height={height}, width={width}")
-        counts = segm["counts"]
-        if isinstance(counts, list):
-            try:
-                total = sum(counts)
-            except TypeError:
-                return "uncompressed RLE 'counts' must be a list of integers"
-            if total != height * width:
-                return (f"uncompressed RLE counts sum to {total} but the image has "
-                        f"{height}x{width}={height * width} pixels")
-        elif not isinstance(counts, (str, bytes)):
-            return f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}"
-        return None
+        return _rle_problem(segm, height, width)
     return (f"segmentation is a {type(segm).__name__}; expected a list of polygons "
             "or an RLE dict {'size': [h, w], 'counts': ...}")
+
+
+def _polygons_problem(segm: list[Any]) -> str | None:
+    if not segm:
+        return "segmentation is an empty list"
+    if _is_number(segm[0]):
+        return ("segmentation is a flat list of numbers; expected a list of polygons "
+                "[[x1, y1, x2, y2, ...], ...]")
+    for k, poly in enumerate(segm):
+        if not isinstance(poly, list):
+            return f"segmentation polygon {k} is a {type(poly).__name__}, expected a list of numbers"
+        if len(poly) < 6 or len(poly) % 2:
+            return (f"segmentation polygon {k} has {len(poly)} coordinates; a polygon needs "
+                    "an even number >= 6 (x, y pairs of at least 3 points)")
+        try:
+            # sum() runs in C: much faster than a per-coordinate check on big files.
+            ok = math.isfinite(sum(poly))
+        except TypeError:
+            ok = False
+        if not ok:
+            return f"segmentation polygon {k} contains non-numeric or non-finite values: {_short(poly)}"
+    return None
+
+
+def _rle_problem(segm: dict[str, Any], height: int, width: int) -> str | None:
+    if "counts" not in segm or "size" not in segm:
+        return f"RLE segmentation needs 'counts' and 'size', got keys {sorted(segm)}"
+    size = segm["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+        return f"RLE 'size' must be [height, width], got {_short(size)}"
+    if size != [height, width]:
+        return (f"RLE size {_short(size)} (height, width) disagrees with the image's "
+                f"height={height}, width={width}")
+    counts = segm["counts"]
+    if isinstance(counts, list):
+        try:
+            total = sum(counts)
+        except TypeError:
+            return "uncompressed RLE 'counts' must be a list of integers"
+        if total != height * width:
+            return (f"uncompressed RLE counts sum to {total} but the image has "
+                    f"{height}x{width}={height * width} pixels")
+    elif not isinstance(counts, (str, bytes)):
+        return f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}"
+    return None
+
+
+def bbox_problem(bbox: Any) -> tuple[str, str] | None:
+    """The rule for an annotation's ``bbox`` (``[x, y, width, height]``): ``(kind, what is wrong)``, or None."""
+    if bbox is None:
+        return "bbox-malformed", "missing 'bbox' ([x, y, width, height] in pixels)"
+    if not (type(bbox) is list and len(bbox) == 4 and _finite_numbers(bbox)):
+        return "bbox-malformed", f"bbox {_short(bbox)} is not 4 finite numbers [x, y, width, height]"
+    if bbox[2] < 0:
+        return "bbox-negative-size", f"bbox {_short(bbox)} has negative width"
+    if bbox[3] < 0:
+        return "bbox-negative-size", f"bbox {_short(bbox)} has negative height"
+    return None
 
 
 def instance_box(bbox: Sequence[float], width: int, height: int,
@@ -184,6 +395,42 @@ def instance_box(bbox: Sequence[float], width: int, height: int,
     return x0, y0, x1, y1
 
 
+def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    x, y, w, h = bbox
+    return (min(max(x, 0.0), width), min(max(y, 0.0), height),
+            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
+
+
+def trains_as_instance(ann: dict[str, Any], cat_ids: Container[int] | None = None) -> bool:
+    """Whether a valid annotation is an instance to train on: not a crowd region and (with ``cat_ids``) of a
+    category trained on.  Crowd regions train as background, as in detectron2, whose mapper drops them too
+    (COCO evaluation reads iscrowd from the JSON itself)."""
+    return not ann.get("iscrowd", 0) and (cat_ids is None or ann["category_id"] in cat_ids)
+
+
+def training_box(ann: dict[str, Any], width: int, height: int, min_box_size: float,
+                 cat_ids: Container[int] | None = None) -> Box | None:
+    """The box a valid annotation trains with (:func:`instance_box`), or None when training leaves it out."""
+    if not trains_as_instance(ann, cat_ids):
+        return None
+    return instance_box(ann["bbox"], width, height, min_box_size)
+
+
+def box_warning(bbox: Sequence[float], width: int, height: int, min_box_size: float) -> tuple[str, str] | None:
+    """What training repairs in a valid box without telling: ``(kind, what)`` of a box dropped as degenerate
+    (``"degenerate-box"``) or clipped to the image (``"bbox-clipped"``), or None."""
+    x, y, w, h = bbox
+    if instance_box(bbox, width, height, min_box_size) is None:
+        inside = x < width and y < height and x + w > 0 and y + h > 0
+        return "degenerate-box", (
+            f"bbox {_short(bbox)} is smaller than min_box_size={min_box_size} px after clipping to the "
+            f"{width}x{height} image (dropped from training)" if inside else
+            f"bbox {_short(bbox)} lies outside the {width}x{height} image (dropped from training)")
+    if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+        return "bbox-clipped", f"bbox {_short(bbox)} extends outside the {width}x{height} image (clipped to it)"
+    return None
+
+
 @dataclass(frozen=True)
 class _AnnContext:
     source: str
@@ -194,30 +441,26 @@ class _AnnContext:
     min_box_size: float
 
 
-def _annotation_problems(k: int, ann: Any, duplicate: bool,
-                         ctx: _AnnContext) -> tuple[list[Problem], int | None]:
-    """The rules for annotation record ``k``: its problems, and its image id if it is a training instance.
+def annotation_problems(k: int, ann: Any, duplicate: bool,
+                        ctx: _AnnContext) -> tuple[list[Problem], int | None]:
+    """The rules for annotation record ``k`` (``duplicate``: a record before it has its id): its problems, and
+    its image id if it is a training instance.
 
     A record's later checks are skipped once they cannot mean anything.
     """
+    aid, problem = _record_id("annotations", k, ann, "annotation-malformed", ctx.source)
+    if problem is not None:
+        return [problem], None
     problems: list[Problem] = []
 
     def add(kind: str, where: str, text: str, severity: str = ERROR) -> None:
-        problems.append(Problem(kind, f"{ctx.source}: {where}: {text}", severity))
+        problems.append(_problem(kind, ctx.source, where, text, severity))
 
-    if not isinstance(ann, dict):
-        add("annotation-malformed", f"annotations[{k}]", "not an object")
-        return problems, None
-    aid = ann.get("id")
-    if not _is_int(aid):
-        add("annotation-malformed", f"annotations[{k}]", f"'id' must be an integer, got {_short(aid)}")
-        return problems, None
-    where = f"annotation id {aid}"
     if duplicate:
-        add("duplicate-annotation-id", where, "duplicate annotation id")
+        add("duplicate-annotation-id", f"annotation id {aid}", "duplicate annotation id")
     image_id = ann.get("image_id")
     if not _is_int(image_id) or image_id not in ctx.image_ids:
-        add("unknown-image-id", where, f"image_id {_short(image_id)} not found in 'images'")
+        add("unknown-image-id", f"annotation id {aid}", f"image_id {_short(image_id)} not found in 'images'")
     where = f"annotation id {aid} (image {image_id})"
     category_id = ann.get("category_id")
     if not _is_int(category_id) or category_id not in ctx.cat_ids:
@@ -227,49 +470,35 @@ def _annotation_problems(k: int, ann: Any, duplicate: bool,
     if iscrowd not in (0, 1) or type(iscrowd) not in (int, bool):
         add("annotation-malformed", where, f"'iscrowd' must be 0 or 1, got {_short(iscrowd)}")
     bbox = ann.get("bbox")
-    bbox_ok = False
-    if bbox is None:
-        add("bbox-malformed", where, "missing 'bbox' ([x, y, width, height] in pixels)")
-    elif not (type(bbox) is list and len(bbox) == 4 and _finite_numbers(bbox)):
-        add("bbox-malformed", where, f"bbox {_short(bbox)} is not 4 finite numbers [x, y, width, height]")
-    elif bbox[2] < 0:
-        add("bbox-negative-size", where, f"bbox {_short(bbox)} has negative width")
-    elif bbox[3] < 0:
-        add("bbox-negative-size", where, f"bbox {_short(bbox)} has negative height")
-    else:
-        bbox_ok = True
+    bbox_wrong = bbox_problem(bbox)
+    if bbox_wrong is not None:
+        add(bbox_wrong[0], where, bbox_wrong[1])
     size = ctx.sizes.get(image_id) if _is_int(image_id) else None
     if "segmentation" not in ann:
         add("segmentation-malformed", where, "missing 'segmentation' (instance masks are required)")
-    elif size is not None:
-        problem = _check_segmentation(ann["segmentation"], *size)
-        if problem is not None:
-            add("segmentation-malformed", where, problem)
+    elif size is not None and (segm_wrong := segmentation_problem(ann["segmentation"], *size)) is not None:
+        add("segmentation-malformed", where, segm_wrong)
     if "area" in ann and not _is_number(ann["area"]):
         add("annotation-malformed", where, f"'area' must be a number, got {_short(ann['area'])}")
-    if problems or not bbox_ok or size is None or iscrowd:
+    if problems or bbox_wrong is not None or size is None or iscrowd:
         return problems, None
-    # Warnings: what training repairs without telling.
-    height, width = size
-    x, y, w, h = bbox
-    if instance_box(bbox, width, height, ctx.min_box_size) is None:
-        inside = x < width and y < height and x + w > 0 and y + h > 0
-        add("degenerate-box", where,
-            f"bbox {_short(bbox)} is smaller than min_box_size={ctx.min_box_size} px after clipping to the "
-            f"{width}x{height} image (dropped from training)" if inside else
-            f"bbox {_short(bbox)} lies outside the {width}x{height} image (dropped from training)", WARNING)
-        return problems, None
-    if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
-        add("bbox-clipped", where, f"bbox {_short(bbox)} extends outside the {width}x{height} image "
-                                   "(clipped to it)", WARNING)
-    return problems, image_id
+    warning = box_warning(bbox, size[1], size[0], ctx.min_box_size)  # what training repairs without telling
+    if warning is None:
+        return problems, image_id
+    add(warning[0], where, warning[1], WARNING)
+    return problems, None if warning[0] == "degenerate-box" else image_id
+
+
+# --------------------------------------------------------------------------- #
+# The whole file
+# --------------------------------------------------------------------------- #
 
 
 def _screen_annotations(anns: list[Any], ctx: _AnnContext) -> tuple[list[tuple[int, bool]], set[int]] | None:
     """Vectorised pre-pass: ``([(index, duplicate id)] of records that may break a rule, image ids with
     a clean training instance)``, or None when value types are too mixed to screen.
 
-    It flags a superset of what :func:`_annotation_problems` reports (errors and
+    It flags a superset of what :func:`annotation_problems` reports (errors and
     warnings), so screened and unscreened scans agree; ~5x faster on COCO-sized files.
     """
     n = len(anns)
@@ -303,7 +532,7 @@ def _screen_annotations(anns: list[Any], ctx: _AnnContext) -> tuple[list[tuple[i
     hw = np.zeros((n, 2))
     hw[known] = sized_hw[pos[known]]
     # The segmentation rule itself is as fast as any screen of it (one C-level sum per polygon).
-    segm_bad = np.fromiter((k and _check_segmentation(a.get("segmentation"), *ctx.sizes[i]) is not None
+    segm_bad = np.fromiter((k and segmentation_problem(a.get("segmentation"), *ctx.sizes[i]) is not None
                             for a, i, k in zip(anns, image_ids, known.tolist())), bool, n)
     with np.errstate(invalid="ignore", over="ignore"):
         x0, y0 = box[:, 0], box[:, 1]
@@ -325,96 +554,42 @@ def _screen_annotations(anns: list[Any], ctx: _AnnContext) -> tuple[list[tuple[i
 def scan_coco(data: Any, source: str, min_box_size: float = 1.0, _slow: bool = False) -> CocoScan:
     """Check a loaded COCO dict record by record and return every problem found.
 
-    Errors are what :func:`validate_coco` raises on (the first one); warnings are
-    what training repairs silently: boxes dropped as degenerate (``min_box_size``)
+    Errors are what training stops on (:func:`maskrcnn.data.coco.validate_coco` raises the first one);
+    warnings are what training repairs silently: boxes dropped as degenerate (``min_box_size``)
     or clipped to the image, images left without a usable instance, repeated file names.
     ``_slow`` skips the vectorised screen (tests check both paths agree).
     """
-    scan = CocoScan()
-    problems = scan.problems
-
-    def add(kind: str, where: str, text: str, severity: str = ERROR) -> None:
-        problems.append(Problem(kind, f"{source}: {where}: {text}", severity))
-
-    if not isinstance(data, dict):
-        problems.append(Problem("json-structure", f"{source}: top level is a {type(data).__name__}; expected an "
-                                                  "object with keys 'images', 'annotations' and 'categories'"))
+    scan = CocoScan(structure_problems(data, source))
+    if scan.problems:
         return scan
-    missing = [k for k in _REQUIRED_KEYS if k not in data]
-    if missing:
-        problems.append(Problem("json-structure",
-                                f"{source}: missing top-level key(s) {', '.join(map(repr, missing))}"))
-        return scan
-    for key in _REQUIRED_KEYS:
-        if not isinstance(data[key], list):
-            problems.append(Problem("json-structure", f"{source}: top-level '{key}' is a "
-                                                      f"{type(data[key]).__name__}, expected a list"))
-    if problems:
-        return scan
-
-    # Categories.
     cat_ids: set[int] = set()
     cat_names: set[str] = set()
     for k, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict):
-            add("category-malformed", f"categories[{k}]", "not an object")
-            continue
-        if not _is_int(cat.get("id")):
-            add("category-malformed", f"categories[{k}]", f"'id' must be an integer, got {_short(cat.get('id'))}")
-            continue
-        where = f"category id {cat['id']}"
-        name = cat.get("name")
-        if not isinstance(name, str):
-            add("category-malformed", where, f"'name' must be a string, got {_short(name)}")
-        if cat["id"] in cat_ids:
-            add("duplicate-category-id", where, "duplicate category id")
-        elif isinstance(name, str) and name in cat_names:
-            add("duplicate-category-name", where, f"duplicate category name {name!r}")
-        cat_ids.add(cat["id"])
-        if isinstance(name, str):
-            cat_names.add(name)
-
-    # Images.
+        scan.problems.extend(category_problems(k, cat, cat_ids, cat_names, source))
     image_ids: set[int] = set()
-    sizes = scan.sizes
     file_names: dict[str, int] = {}
     for k, img in enumerate(data["images"]):
-        if not isinstance(img, dict):
-            add("image-record-malformed", f"images[{k}]", "not an object")
-            continue
-        if not _is_int(img.get("id")):
-            add("image-record-malformed", f"images[{k}]", f"'id' must be an integer, got {_short(img.get('id'))}")
-            continue
-        where = f"image id {img['id']}"
-        if img["id"] in image_ids:
-            add("duplicate-image-id", where, "duplicate image id")
-            continue
-        image_ids.add(img["id"])
-        file_name = img.get("file_name")
-        if not isinstance(file_name, str) or not file_name:
-            add("image-record-malformed", where, f"'file_name' must be a non-empty string, got {_short(file_name)}")
-            continue
-        where = f"image id {img['id']} ({file_name!r})"
-        size_ok = True
-        for key in ("height", "width"):
-            if key not in img:
-                add("image-record-malformed", where, f"missing '{key}' (needed to decode masks)")
-                size_ok = False
-            elif not _is_int(img[key]) or img[key] <= 0:
-                add("image-record-malformed", where, f"'{key}' must be a positive integer, got {_short(img[key])}")
-                size_ok = False
-        if size_ok:
-            sizes[img["id"]] = (img["height"], img["width"])
-        if file_name in file_names:
-            add("duplicate-file-name", where, f"same file as image id {file_names[file_name]}", WARNING)
-        else:
-            file_names[file_name] = img["id"]
+        found, size = image_problems(k, img, image_ids, file_names, source)
+        scan.problems.extend(found)
+        if size is not None:
+            scan.sizes[img["id"]] = size
+            scan.images[img["id"]] = img
+    ctx = _AnnContext(source, image_ids, scan.sizes, cat_ids, ", ".join(str(c) for c in sorted(cat_ids)),
+                      min_box_size)
+    with_instances = _scan_annotations(data["annotations"], ctx, scan, _slow)
+    for img in data["images"]:
+        if isinstance(img, dict) and _is_int(img.get("id")) and img["id"] in scan.sizes \
+                and img["id"] not in with_instances:
+            scan.problems.append(_problem("image-without-instances", source,
+                                          f"image id {img['id']} ({img['file_name']!r})",
+                                          "no usable instance (dropped from training, kept for evaluation)", WARNING))
+    return scan
 
-    # Annotations: a vectorised screen finds the records that may break a rule;
-    # only those go through the per-record rules, which write the messages.
-    anns = data["annotations"]
-    ctx = _AnnContext(source, image_ids, sizes, cat_ids, ", ".join(str(c) for c in sorted(cat_ids)), min_box_size)
-    screened = None if _slow else _screen_annotations(anns, ctx)
+
+def _scan_annotations(anns: list[Any], ctx: _AnnContext, scan: CocoScan, slow: bool) -> set[int]:
+    """Every annotation record that may break a rule through :func:`annotation_problems` (a vectorised screen
+    finds them unless ``slow``), into ``scan``; returns the ids of the images with a training instance."""
+    screened = None if slow else _screen_annotations(anns, ctx)
     if screened is None:  # unusual value types somewhere: every record through the rules
         seen: set[Any] = set()
         suspects, with_instances = [], set()
@@ -426,18 +601,13 @@ def scan_coco(data: Any, source: str, min_box_size: float = 1.0, _slow: bool = F
     else:
         suspects, with_instances = screened
     for k, duplicate in suspects:
-        found, image_id = _annotation_problems(k, anns[k], duplicate, ctx)
+        found, image_id = annotation_problems(k, anns[k], duplicate, ctx)
         if any(p.severity == ERROR for p in found):
             scan.bad_annotations.add(k)
-        problems.extend(found)
+        scan.problems.extend(found)
         if image_id is not None:
             with_instances.add(image_id)
-    for img in data["images"]:
-        if isinstance(img, dict) and img.get("id") in sizes and img["id"] not in with_instances:
-            add("image-without-instances", f"image id {img['id']} ({img['file_name']!r})",
-                "no usable instance (dropped from training, kept for evaluation)", WARNING)
-    return scan
-
+    return with_instances
 
 
 def all_degenerate_problem(source: str, candidates: Sequence[dict[str, Any]], sizes: Mapping[int, tuple[int, int]],
@@ -461,6 +631,11 @@ def all_degenerate_problem(source: str, candidates: Sequence[dict[str, Any]], si
                    f"{source}: all {len(candidates)} annotations have boxes smaller than {limit} px (e.g. "
                    f"annotation id {first['id']} bbox {_short(first['bbox'])}); are coordinates normalised to "
                    "0..1 instead of pixels?")
+
+
+# --------------------------------------------------------------------------- #
+# Pixels: an image file against its record, a mask against its box
+# --------------------------------------------------------------------------- #
 
 
 def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
@@ -532,89 +707,3 @@ def mask_problem(ann: dict[str, Any], mask: np.ndarray, box: Sequence[float], so
         return Problem("mask-outside-box", f"{where}: only {inside} of the {n} mask pixels lie inside bbox "
                                            f"{_short(ann['bbox'])} (x/y swapped, or bbox not [x, y, width, height]?)")
     return None
-
-
-def read_coco_json(ann_file: str | os.PathLike[str]) -> Any:
-    """Parse a JSON file, or raise :class:`DatasetError` (not found, not JSON); nothing is validated."""
-    source = os.fspath(ann_file)
-    path = Path(ann_file)
-    if not path.is_file():
-        raise DatasetError(f"{source}: annotation file not found")
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{source}: not valid JSON (not UTF-8 text: {e.reason})") from None
-    return data
-
-
-# --------------------------------------------------------------------------- #
-# Decoding
-# --------------------------------------------------------------------------- #
-def _to_rle(segm: Any, height: int, width: int) -> dict[str, Any]:
-    if isinstance(segm, list):  # polygons: one RLE per part, merged
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm["counts"], list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm  # compressed RLE (str or bytes counts)
-
-
-def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO polygon list / uncompressed RLE / compressed RLE to a uint8 HxW 0/1 mask."""
-    rle = _to_rle(segm, height, width)
-    # pycocotools' decode emits a harmless NumPy 2 DeprecationWarning (its
-    # __array__ lacks copy=) on every call, which would flood training logs.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(rle)
-
-
-def segmentation_area(segm: Any, height: int, width: int) -> float:
-    """The pixel area of a COCO segmentation: what a record without ``area`` gets (COCOeval needs it)."""
-    return float(mask_utils.area(_to_rle(segm, height, width)))
-
-
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as uint8 RGB HxWx3 as displayed (EXIF orientation applied), or raise DatasetError.
-
-    Grayscale, RGBA and 16-bit files are handled.  Annotation tools (VIA, labelme) and detectron2 work on the
-    image as displayed, so a photo stored sideways with an EXIF Orientation tag is turned here, and COCO's
-    ``width``/``height`` refer to the turned image.
-    """
-    return _read_image(path)[0]
-
-
-def _read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
-    """:func:`read_image` and the file's EXIF orientation (1: none)."""
-    # imdecode(fromfile) instead of imread: works with non-ASCII paths everywhere.
-    try:
-        buf = np.fromfile(os.fspath(path), dtype=np.uint8)
-    except OSError as e:
-        raise DatasetError(f"{os.fspath(path)}: cannot read image ({e.strerror})") from None
-    # IMREAD_UNCHANGED (-1) includes IMREAD_IGNORE_ORIENTATION: pixels come as stored (TIFF aside, see
-    # exif.py), and the orientation is applied below by one rule for every OpenCV build.
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if img is None:
-        raise DatasetError(f"{os.fspath(path)}: cannot decode image (corrupt or unsupported format)")
-    if img.dtype == np.uint16:
-        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise DatasetError(f"{os.fspath(path)}: unsupported pixel type {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 2:  # grey + alpha
-        img = img[:, :, 0]
-    if img.ndim == 2 or img.shape[2] == 1:
-        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
-    elif img.shape[2] == 4:
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)  # alpha dropped
-    else:
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    orientation = exif_orientation(buf)
-    return apply_orientation(rgb, orientation), orientation
-
-
-def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
-    x, y, w, h = bbox
-    return (min(max(x, 0.0), width), min(max(y, 0.0), height),
-            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
