@@ -12,19 +12,19 @@ first error; the checker (``python -m maskrcnn.data.check``) collects them all.
 Both apply these functions, so the check reports exactly what training would
 stop on. One function per kind of record:
 
-    structure_problems     the file's top level                -> Problems
-    category_problems      a category record                   -> Problems
-    image_problems         an image record                     -> Problems, its (height, width)
-    annotation_problems    an annotation record: ids, category, iscrowd, bbox (bbox_problem),
-                           segmentation polygons / RLE (segmentation_problem), area, box warnings
-                           (box_warning)                        -> Problems, its image id if it trains
-    scan_coco              a whole loaded file: all of the above -> CocoScan
-    trains_as_instance, instance_box, training_box
-                           which annotations train, with which box (degenerate boxes are dropped)
-    all_degenerate_problem every box too small (a unit mistake) -> Problem or None
-    check_image_file       an image file against its record     -> pixels, Problem
-    decode_instance        a segmentation decoded to a mask     -> mask, Problem
-    mask_problem           a mask against its box               -> Problem (a warning means: skip it)
+    structure_problems      the file's top level                   -> Problems
+    category_problems       a category record                      -> Problems
+    image_problems          an image record                        -> Problems, its (height, width)
+    annotation_problems     an annotation record: ids, category, iscrowd, bbox (bbox_problem),
+                            segmentation polygons / RLE (segmentation_problem), area, and what
+                            training repairs in its box (box_warning) -> Problems, its image id if it trains
+    scan_coco               a whole loaded file: all of the above   -> CocoScan
+    trains_as_instance, training_box, instance_box
+                            which annotations train, with which box (degenerate boxes are dropped)
+    all_degenerate_problem  every box too small (a unit mistake)   -> Problem or None
+    check_image_file        an image file against its record       -> pixels, Problem
+    decode_instance         a segmentation decoded to a mask       -> mask, Problem
+    mask_problem            a mask against its box                 -> Problem (a warning means: skip it)
 
 An error is something training stops on; a warning is something it repairs
 silently (drops or clips), counted by the checker so nothing is lost unseen.
@@ -59,8 +59,6 @@ Box = tuple[float, float, float, float]
 # --------------------------------------------------------------------------- #
 # Problems: what a rule finds
 # --------------------------------------------------------------------------- #
-
-
 class DatasetError(ValueError):
     """A problem with a dataset, described in a single line naming file and record."""
 
@@ -116,8 +114,6 @@ def _problem(kind: str, source: str, where: str, text: str, severity: str = ERRO
 # --------------------------------------------------------------------------- #
 # Values
 # --------------------------------------------------------------------------- #
-
-
 def _short(value: Any, limit: int = 80) -> str:
     """Compact JSON-ish rendering of a value for error messages."""
     try:
@@ -147,8 +143,6 @@ def _finite_numbers(values: list[Any]) -> bool:
 # --------------------------------------------------------------------------- #
 # Reading: the JSON file, an image as displayed, a segmentation as a mask
 # --------------------------------------------------------------------------- #
-
-
 def read_coco_json(ann_file: str | os.PathLike[str]) -> Any:
     """Parse a JSON file, or raise :class:`DatasetError` (not found, not JSON); nothing is validated."""
     source = os.fspath(ann_file)
@@ -229,8 +223,6 @@ def _read_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
 # --------------------------------------------------------------------------- #
 # Records: the file's top level, categories, images
 # --------------------------------------------------------------------------- #
-
-
 def structure_problems(data: Any, source: str) -> list[Problem]:
     """The rules for the file's top level: an object whose 'images', 'annotations' and 'categories' are lists."""
     if not isinstance(data, dict):
@@ -312,8 +304,6 @@ def image_problems(k: int, img: Any, ids: set[int], file_names: dict[str, int],
 # --------------------------------------------------------------------------- #
 # Annotation records: segmentation, bbox, the box training uses, the whole record
 # --------------------------------------------------------------------------- #
-
-
 def segmentation_problem(segm: Any, height: int, width: int) -> str | None:
     """The rule for an annotation's ``segmentation`` on a ``height`` x ``width`` image: what is wrong, or None."""
     if isinstance(segm, list):
@@ -382,8 +372,7 @@ def bbox_problem(bbox: Any) -> tuple[str, str] | None:
     return None
 
 
-def instance_box(bbox: Sequence[float], width: int, height: int,
-                 min_box_size: float) -> tuple[float, float, float, float] | None:
+def instance_box(bbox: Sequence[float], width: int, height: int, min_box_size: float) -> Box | None:
     """The rule for a usable box: COCO ``bbox`` clipped to the image, or None when it is degenerate.
 
     Degenerate boxes (narrower or shorter than ``min_box_size`` after clipping,
@@ -492,8 +481,6 @@ def annotation_problems(k: int, ann: Any, duplicate: bool,
 # --------------------------------------------------------------------------- #
 # The whole file
 # --------------------------------------------------------------------------- #
-
-
 def _screen_annotations(anns: list[Any], ctx: _AnnContext) -> tuple[list[tuple[int, bool]], set[int]] | None:
     """Vectorised pre-pass: ``([(index, duplicate id)] of records that may break a rule, image ids with
     a clean training instance)``, or None when value types are too mixed to screen.
@@ -636,8 +623,6 @@ def all_degenerate_problem(source: str, candidates: Sequence[dict[str, Any]], si
 # --------------------------------------------------------------------------- #
 # Pixels: an image file against its record, a mask against its box
 # --------------------------------------------------------------------------- #
-
-
 def check_image_file(path: str | os.PathLike[str], info: dict[str, Any],
                      source: str) -> tuple[np.ndarray | None, Problem | None]:
     """Read the image of record ``info``: ``(RGB pixels or None, problem or None)``.
