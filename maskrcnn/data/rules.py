@@ -384,7 +384,7 @@ def instance_box(bbox: Sequence[float], width: int, height: int, min_box_size: f
     return x0, y0, x1, y1
 
 
-def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+def _clipped_xyxy(bbox: Sequence[float], width: int, height: int) -> Box:
     x, y, w, h = bbox
     return (min(max(x, 0.0), width), min(max(y, 0.0), height),
             min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
