@@ -15,7 +15,7 @@ import pytest
 from maskrcnn.data.coco import CocoInstances, DatasetError
 from maskrcnn.data.shapes import generate_shapes
 from maskrcnn.data.check import check_coco_data, check_dataset_files, main
-from maskrcnn.data.coco import scan_coco
+from maskrcnn.data.rules import scan_coco
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,17 @@ def test_all_boxes_degenerate_and_bad_json(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     report = check_dataset_files(tmp_path / "bad.json", None)
     assert [p.kind for p in report.errors] == ["json-invalid"] and "not valid JSON" in report.summary()
+
+
+@pytest.mark.parametrize("bad_id", [[1], {"a": 1}])
+def test_unhashable_image_id_is_one_error(shapes: dict[str, Path], tmp_path: Path, bad_id: Any) -> None:
+    """An image id that is a list or an object is one malformed-record error, for the check and the dataset
+    (it used to crash the scan with a TypeError)."""
+    data, ann, images = _copy(shapes, tmp_path)
+    data["images"][2]["id"] = bad_id
+    report = check_coco_data(copy.deepcopy(data), "ann.json", images, workers=1, progress=False)
+    malformed = [p.message for p in report.errors if p.kind == "image-record-malformed"]
+    assert malformed == [f"ann.json: images[2]: 'id' must be an integer, got {json.dumps(bad_id)}"]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"images\[2\]: 'id' must be an integer"):
+        CocoInstances(images, ann)

@@ -116,3 +116,19 @@ def test_drawing_builds_no_training_and_the_page_no_model():
     model_code = ("torch", "numpy", "maskrcnn.model", "maskrcnn.engine", "maskrcnn.data", "maskrcnn.evaluation")
     for module, _ in imports(PACKAGE / "report" / "page.py"):
         assert not module.startswith(model_code), f"report/page.py imports {module}"
+
+
+def test_the_data_rules_live_in_one_module():
+    """The dataset (coco.py) and the checker (check.py) take the data rules from rules.py and never import each
+    other; the rules import neither, and neither defines a rule of its own (a ``*_problem(s)`` function)."""
+    data = PACKAGE / "data"
+    modules = {name: {module for module, _ in imports(data / f"{name}.py")} for name in ("coco", "check", "rules")}
+    assert "maskrcnn.data.check" not in modules["coco"], "coco.py imports check.py"
+    assert "maskrcnn.data.coco" not in modules["check"], "check.py imports coco.py"
+    assert not modules["rules"] & {"maskrcnn.data.coco", "maskrcnn.data.check"}, modules["rules"]
+    assert "maskrcnn.data.rules" in modules["coco"] and "maskrcnn.data.rules" in modules["check"]
+    for name in ("coco", "check"):
+        tree = ast.parse((data / f"{name}.py").read_text())
+        rules = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                 and n.name.rstrip("s").endswith("_problem")]
+        assert not rules, f"{name}.py defines the rules {rules}: they belong in maskrcnn/data/rules.py"

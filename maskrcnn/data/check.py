@@ -2,9 +2,10 @@
 
 Training (:class:`maskrcnn.data.coco.CocoInstances`) stops on the first error
 it meets, possibly hours in when a bad image is finally loaded.  This reports
-all of them at once, by the same rule functions training applies
-(``scan_coco`` for the JSON; ``check_image_file``, ``decode_instance`` and
-``mask_problem`` for pixels):
+all of them at once, by the rule functions training applies (all in
+:mod:`maskrcnn.data.rules`: ``scan_coco`` for the JSON; ``check_image_file``,
+``decode_instance`` and ``mask_problem`` for pixels); this module is the
+command line and the report:
 
 * **errors**: training would stop (malformed records, unknown ids, duplicate
   ids, images missing/unreadable/of the wrong size, masks empty or outside their box);
@@ -36,10 +37,10 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .coco import (ERROR, DatasetError, Problem, Problems, all_degenerate_problem, check_image_file,
-                   decode_instance, instance_box, mask_problem, read_coco_json, scan_coco)
+from .rules import (ERROR, CocoScan, DatasetError, Problem, Problems, all_degenerate_problem, check_image_file,
+                    decode_instance, mask_problem, read_coco_json, scan_coco, training_box, trains_as_instance)
 
-__all__ = ["CheckReport", "check_dataset_files", "check_coco_data"]
+__all__ = ["CheckReport", "CheckOptions", "check_dataset_files", "check_coco_data"]
 
 
 @dataclass
@@ -53,7 +54,6 @@ class CheckReport(Problems):
     num_annotations: int = 0
     num_categories: int = 0
     images_checked: int = 0  # image files opened (0 with images=False)
-
 
     @property
     def ok(self) -> bool:
@@ -91,9 +91,20 @@ class CheckReport(Problems):
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CheckOptions:
+    """How a check runs: the keyword arguments of :func:`check_dataset_files` and :func:`check_coco_data`."""
+
+    workers: int | None = None  # threads (or processes) opening images; default min(8, CPUs)
+    progress: bool = True  # a tqdm bar on stderr
+    min_box_size: float = 1.0  # as in CocoInstances: smaller boxes are dropped by training (a warning)
+    processes: bool = False  # a process pool instead of threads
+
+
+Instance = tuple[dict[str, Any], tuple[float, float, float, float]]  # an annotation and the box it trains with
 # One image and the instances training would decode from it; a top-level
-# function so that a process pool can pickle it.
-_Task = tuple[str, str, dict[str, Any], list[tuple[dict[str, Any], tuple[float, float, float, float]]]]
+# function checks it so that a process pool can pickle it.
+_Task = tuple[str, str, dict[str, Any], list[Instance]]
 
 
 def _check_image(task: _Task) -> list[Problem]:
@@ -110,77 +121,65 @@ def _check_image(task: _Task) -> list[Problem]:
     return found
 
 
-def check_coco_data(
-    data: Any,
-    source: str,
-    image_dir: str | os.PathLike[str] | None,
-    workers: int | None = None,
-    progress: bool = True,
-    min_box_size: float = 1.0,
-    processes: bool = False,
-) -> CheckReport:
-    """Check an already-parsed COCO dict (see :func:`check_dataset_files`)."""
-    scan = scan_coco(data, source, min_box_size)
+def _training_instances(data: dict[str, Any], scan: CocoScan, source: str,
+                        min_box_size: float) -> tuple[dict[int, list[Instance]], Problem | None]:
+    """The instances training decodes, by image id (error-free, non-crowd, non-degenerate box, on a well-formed
+    image), and the problem of a dataset whose every box is degenerate."""
+    instances: dict[int, list[Instance]] = {}
+    candidates = []
+    for k, ann in enumerate(data["annotations"]):
+        if k in scan.bad_annotations or not trains_as_instance(ann) or ann["image_id"] not in scan.sizes:
+            continue
+        candidates.append(ann)
+        h, w = scan.sizes[ann["image_id"]]
+        box = training_box(ann, w, h, min_box_size)
+        if box is not None:
+            instances.setdefault(ann["image_id"], []).append((ann, box))
+    return instances, all_degenerate_problem(source, candidates, scan.sizes, min_box_size)
+
+
+def _check_images(report: CheckReport, tasks: list[_Task], options: CheckOptions) -> None:
+    """Every image file and its instances' masks, in parallel, into ``report``."""
+    workers = options.workers or min(8, os.cpu_count() or 1)
+    pool: Executor = ProcessPoolExecutor(workers) if options.processes else ThreadPoolExecutor(workers)
+    with pool:
+        # Threads suffice: image decoding (OpenCV) releases the GIL.
+        results: Iterator[list[Problem]] = pool.map(_check_image, tasks, chunksize=16 if options.processes else 1)
+        for found in tqdm(results, total=len(tasks), desc="checking images", unit="img",
+                          disable=not options.progress, file=sys.stderr):
+            report.problems.extend(found)
+            report.images_checked += 1
+
+
+def check_coco_data(data: Any, source: str, image_dir: str | os.PathLike[str] | None,
+                    **options: Any) -> CheckReport:
+    """Check an already-parsed COCO dict (see :func:`check_dataset_files`; ``options``: :class:`CheckOptions`)."""
+    opts = CheckOptions(**options)
+    scan = scan_coco(data, source, opts.min_box_size)
     report = CheckReport(source, None if image_dir is None else os.fspath(image_dir), list(scan.problems))
     if not isinstance(data, dict) or any(p.kind == "json-structure" for p in scan.problems):
         return report
     report.num_images = len(data["images"])
     report.num_annotations = len(data["annotations"])
     report.num_categories = len(data["categories"])
-
-    # Instances training decodes: error-free, non-crowd, non-degenerate box, on a well-formed image.
-    instances: dict[int, list[tuple[dict[str, Any], tuple[float, float, float, float]]]] = {}
-    candidates = []
-    for k, ann in enumerate(data["annotations"]):
-        if k in scan.bad_annotations or ann.get("iscrowd", 0) or ann["image_id"] not in scan.sizes:
-            continue
-        candidates.append(ann)
-        h, w = scan.sizes[ann["image_id"]]
-        box = instance_box(ann["bbox"], w, h, min_box_size)
-        if box is not None:
-            instances.setdefault(ann["image_id"], []).append((ann, box))
-    problem = all_degenerate_problem(source, candidates, scan.sizes, min_box_size)
+    instances, problem = _training_instances(data, scan, source, opts.min_box_size)
     if problem is not None:
         report.problems.append(problem)
-    if image_dir is None:
-        return report
-
-    seen: set[int] = set()
-    tasks: list[_Task] = []
-    for info in data["images"]:
-        if isinstance(info, dict) and info.get("id") in scan.sizes and info["id"] not in seen:
-            seen.add(info["id"])
-            tasks.append((source, os.fspath(Path(image_dir) / info["file_name"]), info,
-                          instances.get(info["id"], [])))
-    workers = workers or min(8, os.cpu_count() or 1)
-    pool: Executor = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers)
-    with pool:
-        # Threads suffice: image decoding (OpenCV) releases the GIL.
-        results: Iterator[list[Problem]] = pool.map(_check_image, tasks, chunksize=16 if processes else 1)
-        for found in tqdm(results, total=len(tasks), desc="checking images", unit="img", disable=not progress,
-                          file=sys.stderr):
-            report.problems.extend(found)
-            report.images_checked += 1
+    if image_dir is not None:
+        tasks = [(source, os.fspath(Path(image_dir) / info["file_name"]), info, instances.get(image_id, []))
+                 for image_id, info in scan.images.items()]
+        _check_images(report, tasks, opts)
     return report
 
 
-def check_dataset_files(
-    ann_file: str | os.PathLike[str],
-    image_dir: str | os.PathLike[str] | None,
-    workers: int | None = None,
-    progress: bool = True,
-    min_box_size: float = 1.0,
-    processes: bool = False,
-) -> CheckReport:
+def check_dataset_files(ann_file: str | os.PathLike[str], image_dir: str | os.PathLike[str] | None,
+                        **options: Any) -> CheckReport:
     """Check a COCO instances file and (unless ``image_dir`` is None) its images and masks.
 
     Args:
         ann_file: COCO instances JSON.
         image_dir: folder that ``file_name`` entries are relative to; None checks the JSON only.
-        workers: threads (or processes) opening images; default min(8, CPUs).
-        progress: show a tqdm bar on stderr.
-        min_box_size: as in :class:`~maskrcnn.data.coco.CocoInstances` (smaller boxes are dropped).
-        processes: use a process pool instead of threads.
+        options: ``workers``, ``progress``, ``min_box_size``, ``processes`` (see :class:`CheckOptions`).
 
     Raises:
         DatasetError: ``image_dir`` is given but is not a folder.
@@ -195,7 +194,7 @@ def check_dataset_files(
     except DatasetError as e:
         kind = "file-missing" if not Path(ann_file).is_file() else "json-invalid"
         return CheckReport(source, None if image_dir is None else os.fspath(image_dir), [Problem(kind, str(e))])
-    return check_coco_data(data, source, image_dir, workers, progress, min_box_size, processes)
+    return check_coco_data(data, source, image_dir, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
