@@ -70,7 +70,7 @@ def _resumed_config(cfg, args):
     """A resumed run continues with the config saved in its run directory (plus this command's --set), so
     forgetting --stage or --feature-noise cannot silently change the experiment half-way."""
     from maskrcnn.config import load_config
-    from maskrcnn.engine.trainer import check_run_dir
+    from maskrcnn.engine.rundir import check_run_dir
     if not args.name:
         raise ValueError("--resume needs --name of the run to continue")
     if args.overwrite:

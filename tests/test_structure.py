@@ -132,3 +132,67 @@ def test_the_data_rules_live_in_one_module():
         rules = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
                  and n.name.rstrip("s").endswith("_problem")]
         assert not rules, f"{name}.py defines the rules {rules}: they belong in maskrcnn/data/rules.py"
+
+
+# ------------------------------------------------------------------------------------- the engine's rooms
+ENGINE_MODEL_FUNCTIONS = {"maskrcnn.model.build": {"build_model"},  # the model's one public builder
+                          "maskrcnn.model.precision": {"autocast", "choose_precision", "training_precision"},
+                          "maskrcnn.model.fuse": {"fold_batchnorm"}}
+
+
+def engine_model_imports(path: Path) -> list[str]:
+    """What a file of maskrcnn/engine/ imports from maskrcnn.model that is not one of the functions it may use."""
+    wrong = []
+    for module, names in imports(path):
+        if module == "maskrcnn.model" or module.startswith("maskrcnn.model."):
+            allowed = ENGINE_MODEL_FUNCTIONS.get(module, set())
+            wrong += [f"{module} (the module)"] if not names else [f"{module}.{n}" for n in names if n not in allowed]
+    return wrong
+
+
+def test_the_engine_names_no_model_class():
+    """The engine builds the model with build_model and reaches it through nn.Module and the model's own methods
+    (rng_state / set_rng_state for its generators): from maskrcnn.model it imports functions only, and only
+    those listed here (the builder, the precision policy, BatchNorm folding), never a class."""
+    import importlib
+
+    for module, names in ENGINE_MODEL_FUNCTIONS.items():  # the list itself names no class
+        for name in names:
+            assert inspect.isfunction(getattr(importlib.import_module(module), name)), f"{module}.{name}"
+    for path in sorted((PACKAGE / "engine").glob("*.py")):
+        assert not engine_model_imports(path), f"engine/{path.name} imports {engine_model_imports(path)}"
+
+
+def test_the_model_class_rule_catches_a_class_import(tmp_path, monkeypatch):
+    import sys
+
+    engine = tmp_path / "maskrcnn" / "engine"
+    engine.mkdir(parents=True)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)  # imports() resolves relative imports from ROOT
+    bad = engine / "bad.py"
+    bad.write_text("from ..model.latent_noise import LatentNoise\nfrom ..model.build import build_model\n"
+                   "import maskrcnn.model.mask_rcnn\n")
+    assert engine_model_imports(bad) == ["maskrcnn.model.latent_noise.LatentNoise",
+                                         "maskrcnn.model.mask_rcnn (the module)"]
+
+
+MAX_ENGINE_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path, limit: int = MAX_ENGINE_FUNCTION_LINES) -> list[str]:
+    """Functions and methods of a file longer than `limit` lines, decorators, docstring and comments included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if node.end_lineno - first + 1 > limit:
+                out.append(f"{node.name} ({node.end_lineno - first + 1} lines)")
+    return out
+
+
+def test_no_function_in_the_engine_is_longer_than_60_lines(tmp_path):
+    body = "".join(f"        x{i} = {i}\n" for i in range(MAX_ENGINE_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"class A:\n    @staticmethod\n    def f():\n{body}")
+    assert long_functions(tmp_path / "long.py") == [f"f ({MAX_ENGINE_FUNCTION_LINES + 2} lines)"]  # the rule bites
+    for path in sorted((PACKAGE / "engine").glob("*.py")):
+        assert not long_functions(path), f"engine/{path.name}: {', '.join(long_functions(path))} (split them)"

@@ -1,16 +1,20 @@
-"""Training: data, optimiser and schedule, the loop, checkpoints, and the end-of-run evaluation.
+"""Training: the loop, its checkpoints and the end-of-run evaluation. The trainer keeps the loop and delegates:
+the recipe (batch rule, optimiser, schedule) to maskrcnn.engine.recipe, every RNG to maskrcnn.engine.rng, the run
+directory's policy to maskrcnn.engine.rundir, stop signals to maskrcnn.engine.signals, one step to
+maskrcnn.engine.step, PreciseBN to maskrcnn.engine.precise_bn and the checkpoint files to maskrcnn.engine.checkpoint.
 
     from train import trainer_hooks
     run = Trainer(cfg, "runs/full", init="runs/rpn/model_final.pth", hooks=trainer_hooks()); run.train()
 
 Nothing is lost: a checkpoint holds the model, optimiser, scheduler, grad scaler, iteration, every RNG
-(python, numpy, torch CPU and CUDA, LatentNoise's generators), the position in the data order and the loss
+(python, numpy, torch CPU and CUDA, the model's own generators), the position in the data order and the loss
 history, so a resumed run continues exactly where the checkpointed one was (bit-identical losses on CPU).
 SIGTERM or SIGINT finishes the current step, writes a checkpoint, prints how to resume and exits with
 128 + the signal number (143, 130); a second signal exits at once.
 
 The trainer depends on nothing above the engine: the end-of-run evaluation, the TensorBoard pictures and weights
-from elsewhere (torchvision's COCO model) reach it as `Hooks` from the entry point (train.py).
+from elsewhere (torchvision's COCO model) reach it as `Hooks` from the entry point (train.py). It names no model
+class: the model is built by build_model and gives and takes its own generators' state (rng_state methods).
 
 Under torchrun the model is wrapped in DistributedDataParallel; each process loads its shard of the global
 order (maskrcnn.data.loader); rank 0 alone writes the run directory (config, TensorBoard, pictures,
@@ -22,12 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shlex
 import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -39,220 +39,20 @@ from tqdm import tqdm
 
 from ..cli import Stopped
 from ..model.build import build_model
-from ..model.latent_noise import LatentNoise
 from ..model.precision import choose_precision, training_precision
-from .checkpoint import (FORMAT, LAST, NUMBERED, config_to_yaml, link_checkpoint, load_resume_checkpoint,
-                         numbered_name, partial_load, prune_checkpoints, resume_candidates, save_checkpoint)
-from ..config import Config, TrainConfig, save_config
+from .checkpoint import (FORMAT, LAST, config_to_yaml, link_checkpoint, load_resume_checkpoint, numbered_name,
+                         partial_load, prune_checkpoints, save_checkpoint)
+from ..config import Config, save_config
 from ..data.build import build_datasets
 from ..data.loader import build_loader
 from . import distributed
 from .device import use_deterministic_algorithms
+from .precise_bn import update_bn_stats
+from .recipe import build_optimizer, build_scheduler, resolve_batch
+from .rng import rank_seed, rng_state, seed_everything, set_rng_state
+from .rundir import check_run_dir, clear_run_dir, resume_command
+from .signals import StopSignals, shutdown_time_note
 from .step import grad_scaler, train_step
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # checkpoint, then exit 128 + signum (143 / 130)
-DEFAULT_OUTPUT_DIR = TrainConfig.output_dir  # train.py --resume finds runs here without --set
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state(model: torch.nn.Module) -> dict:
-    """Every RNG the training loop draws from, as weights-only values (tensors, lists and tuples of ints)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(gauss)),
-            "torch": torch.get_rng_state(),
-            # Only when this process uses CUDA: get_rng_state_all() would initialise it.
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "noise": {n: m.get_state() for n, m in model.named_modules() if isinstance(m, LatentNoise)}}
-
-
-def set_rng_state(state: dict, model: torch.nn.Module) -> list[str]:
-    """Restore `rng_state`; returns what could not be restored (e.g. CUDA states on a CPU-only machine)."""
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    missing = []
-    if state["cuda"]:
-        if torch.cuda.is_available() and torch.cuda.device_count() >= len(state["cuda"]):
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            missing.append(f"CUDA RNG of {len(state['cuda'])} device(s)")
-    modules = dict(model.named_modules())
-    for n, noise_state in state["noise"].items():
-        if isinstance(modules.get(n), LatentNoise):
-            modules[n].set_state(noise_state)
-        else:
-            missing.append(f"LatentNoise generator {n!r}")
-    return missing
-
-
-def run_files(run_dir: Path) -> list[Path]:
-    """The files a training run writes in its directory."""
-    if not run_dir.is_dir():
-        return []
-    fixed = [run_dir / n for n in ("config.yaml", LAST, "model_final.pth", "metrics.json")]
-    return sorted([p for p in fixed if p.exists()]
-                  + [p for p in run_dir.iterdir() if NUMBERED.fullmatch(p.name)
-                     or p.name.startswith("events.out.tfevents.") or p.name.endswith(".pth.tmp")])
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
-    """Refuse to start a new run in a directory that holds another one (a checkpoint), unless it is resumed or
-    overwritten. Returns the files to delete before the new run writes: the old run's with --overwrite (its
-    TensorBoard events would otherwise mix with the new ones), or those of a start that stopped before its first
-    checkpoint (a directory without a checkpoint is no run: the same command starts it again)."""
-    if resume and overwrite:
-        raise ValueError("--resume continues a run and --overwrite starts it again: choose one")
-    if resume:
-        if not resume_candidates(run_dir):
-            started = (run_dir / "config.yaml").is_file()
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} to continue from ({LAST} or "
-                                    "model_<iter>.pth)" + ("; its start stopped before the first checkpoint: run the "
-                                                           "same command without --resume" if started else ""))
-        return []
-    old = run_files(run_dir)
-    held = [p for p in old if p.suffix == ".pth"]
-    if held and not overwrite:
-        names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
-        raise ValueError(f"{run_dir} already holds a run ({names}); continue it with --resume, "
-                         "or start it again with --overwrite (deletes its checkpoints and events)")
-    return old
-
-
-def clear_run_dir(run_dir: Path, old: list[Path], overwrite: bool) -> None:
-    """Delete `old` (check_run_dir's list), saying so."""
-    for p in old:
-        p.unlink(missing_ok=True)
-    if old and overwrite:
-        print(f"--overwrite: removed {len(old)} files of the previous run in {run_dir}")
-    elif old:
-        print(f"note: {run_dir} held a start that stopped before its first checkpoint "
-              f"({', '.join(p.name for p in old)}): removed, starting again")
-
-
-def resume_command(run_dir: Path, world_size: int = 1) -> str:
-    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-    cmd = f"{launcher} train.py --name {shlex.quote(run_dir.name)} --resume"
-    if run_dir.parent != Path(DEFAULT_OUTPUT_DIR):
-        cmd += f" --set train.output_dir={shlex.quote(str(run_dir.parent))}"
-    return cmd
-
-
-def lr_lambda(solver) -> callable:
-    """Linear warmup from warmup_factor, then x gamma at each step."""
-    def f(it: int) -> float:
-        factor = solver.gamma ** sum(it >= s for s in solver.steps)
-        if it < solver.warmup_iters:
-            alpha = it / solver.warmup_iters
-            factor *= solver.warmup_factor * (1 - alpha) + alpha
-        return factor
-    return f
-
-
-SCALE_RULES = ("linear", "accumulate", "none")
-
-
-def resolve_batch(cfg: Config, world_size: int = 1, resumed_step: Optional[int] = None) -> tuple[int, list[str]]:
-    """Adapt the recipe to the global batch (solver.ims_per_batch x `world_size` processes); returns the number
-    of micro-batches per optimiser step and the lines that say what changed.
-
-    With solver.reference_batch > 0 and a different global batch, solver.scale_rule decides:
-      linear      base_lr x batch/reference; max_iter, steps, warmup_iters and train.checkpoint_period x
-                  reference/batch (detectron2's auto_scale_workers); the config is changed in place and its
-                  reference_batch set to the batch, so the saved config is the recipe actually run;
-      accumulate  reference/batch micro-batches per optimiser step, each loss divided by their number, the
-                  schedule unchanged (iterations count optimiser steps); the reference must be a multiple;
-      none        the recipe as written.
-    `resumed_step`: images per step of the run being resumed; unless accumulating, solver.ims_per_batch is set
-    so that the global batch stays what it was (the iteration count and schedule are in that run's steps)."""
-    s = cfg.solver
-    if s.scale_rule not in SCALE_RULES:
-        raise ValueError(f"solver.scale_rule: expected {', '.join(SCALE_RULES)}, got {s.scale_rule!r}")
-    if s.reference_batch < 0 or s.ims_per_batch < 1:
-        raise ValueError(f"solver.reference_batch must be >= 0 and solver.ims_per_batch >= 1, got "
-                         f"{s.reference_batch} and {s.ims_per_batch}")
-    lines = []
-    accumulating = s.scale_rule == "accumulate" and s.reference_batch > 0
-    if resumed_step and not accumulating and s.ims_per_batch * world_size != resumed_step:
-        if resumed_step % world_size:
-            raise ValueError(f"--resume: the run's {resumed_step} images per step do not split over {world_size} "
-                             "processes; resume it on a number of processes that divides them")
-        lines.append(f"--resume on {world_size} process(es): solver.ims_per_batch {s.ims_per_batch} -> "
-                     f"{resumed_step // world_size}, the run's {resumed_step} images per step")
-        s.ims_per_batch = resumed_step // world_size
-    batch, ref = s.ims_per_batch * world_size, s.reference_batch
-    split = f"{s.ims_per_batch} x {world_size} processes" if world_size > 1 else "one process"
-    if ref == 0 or s.scale_rule == "none" or batch == ref:
-        if world_size > 1:
-            lines.append(f"global batch {batch} ({split})" + (
-                f"; solver.reference_batch {ref}: learning rate and schedule as written" if batch != ref else ""))
-        return 1, lines
-    if accumulating:
-        if ref % batch:
-            raise ValueError(f"solver.scale_rule=accumulate: solver.reference_batch {ref} is not a multiple of the "
-                             f"global batch {batch} ({split}); choose solver.ims_per_batch so that it divides "
-                             f"{ref}, or use solver.scale_rule=linear")
-        k = ref // batch
-        lines.append(f"gradient accumulation: {k} micro-batches of {batch} images ({split}) per optimiser step, "
-                     f"the reference batch of {ref}; the schedule is unchanged (iterations are optimiser steps)")
-        return k, lines
-    scale = batch / ref
-    before = (s.base_lr, s.max_iter, list(s.steps), s.warmup_iters, cfg.train.checkpoint_period)
-    s.base_lr = s.base_lr * scale
-    s.max_iter = max(1, int(round(s.max_iter / scale)))
-    s.steps = [int(round(step / scale)) for step in s.steps]
-    s.warmup_iters = int(round(s.warmup_iters / scale))
-    cfg.train.checkpoint_period = max(1, int(round(cfg.train.checkpoint_period / scale)))
-    s.reference_batch = batch  # the saved config is this recipe: resolving it again changes nothing
-    after = (s.base_lr, s.max_iter, s.steps, s.warmup_iters, cfg.train.checkpoint_period)
-    names = ("base_lr", "max_iter", "steps", "warmup_iters", "train.checkpoint_period")
-    lines.append(f"linear scaling rule, global batch {batch} ({split}) instead of {ref}: " + ", ".join(
-        f"{n} {b:g} -> {a:g}" if isinstance(a, float) else f"{n} {b} -> {a}" for n, b, a in zip(names, before, after))
-        + " (solver.scale_rule=accumulate keeps the schedule)")
-    return 1, lines
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process `rank`'s RNGs after the model is built (rank 0 keeps the run's own stream)."""
-    return int(np.random.SeedSequence([int(seed), int(rank), 0x5EED]).generate_state(1)[0])
-
-
-NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
-
-
-def param_groups(model: torch.nn.Module, solver) -> list[dict]:
-    """The trained parameters in optimiser groups: the normalisation layers' weights and biases get
-    solver.weight_decay_norm (detectron2's WEIGHT_DECAY_NORM, 0 by default: decaying a BatchNorm or GroupNorm
-    scale towards 0 only fights the normalisation), every other parameter solver.weight_decay. One group where
-    the two are equal."""
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    norm = [p for p in trained if id(p) in norm_ids]
-    if not norm or solver.weight_decay_norm == solver.weight_decay:
-        return [{"params": trained, "weight_decay": solver.weight_decay}]
-    return [{"params": [p for p in trained if id(p) not in norm_ids], "weight_decay": solver.weight_decay},
-            {"params": norm, "weight_decay": solver.weight_decay_norm}]
-
-
-def build_optimizer(model: torch.nn.Module, solver) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the model's trained parameters (param_groups: no weight decay on
-    normalisation layers unless solver.weight_decay_norm says so), fused (one kernel over all parameters) where
-    torch has the kernel: the same update as the loop over parameters, and on a CPU 7x faster for AdamW (12 vs
-    87 ms a step for the 12M parameters of the shapes model on one core: a fifth of its training step)."""
-    groups = param_groups(model, solver)
-    params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    if solver.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum, fused=fused)
-    if solver.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=solver.base_lr, fused=fused)
-    raise ValueError(f"solver.optimizer: expected sgd or adamw, got {solver.optimizer!r}")
 
 
 @dataclass
@@ -269,17 +69,22 @@ class Hooks:
     initialise: Optional[Callable[..., str]] = None
 
 
+def check_hooks(cfg: Config, hooks: Hooks) -> None:
+    """A setting that needs a hook (train.py passes them) is refused when the trainer has none."""
+    for key, on, hook in (("train.eval_at_end", cfg.train.eval_at_end, hooks.evaluate),
+                          ("train.vis_period", cfg.train.vis_period > 0, hooks.log_images)):
+        if on and hook is None:
+            raise ValueError(f"{key} is set but this Trainer was given no hook for it (train.py passes "
+                             "train.trainer_hooks())")
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, init: Optional[str] = None, resume: bool = False,
                  progress: bool = True, overwrite: bool = False, hooks: Optional[Hooks] = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.hooks = hooks = hooks or Hooks()
-        for key, on, hook in (("train.eval_at_end", cfg.train.eval_at_end, hooks.evaluate),
-                              ("train.vis_period", cfg.train.vis_period > 0, hooks.log_images)):
-            if on and hook is None:
-                raise ValueError(f"{key} is set but this Trainer was given no hook for it (train.py passes "
-                                 "train.trainer_hooks())")
+        check_hooks(cfg, hooks)
         # Under torchrun (maskrcnn.engine.distributed.init already called): rank 0 writes, every rank trains.
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
@@ -289,6 +94,37 @@ class Trainer:
         # data loader) is checked before the directory is made or anything in it is deleted or written.
         old_files = check_run_dir(self.run_dir, resume, overwrite)
         self.progress = progress and self.main
+        self._set_up_process()
+        self._load_data()
+        # Before anything is written: a bad checkpoint stops here. An unreadable last_checkpoint.pth (a copy cut
+        # short) falls back to the newest numbered checkpoint that reads.
+        resume_path, state, note = load_resume_checkpoint(self.run_dir) if resume else (None, None, None)
+        if note:
+            self._print(note)
+        resumed_step = ((state.get("position") or {}).get("samples_per_step")) if state is not None else None
+        self.accumulate, lines = resolve_batch(cfg, self.world, resumed_step)
+        for line in lines:
+            self._print(line)
+        self._build_model(init, from_checkpoint=state is not None)
+        self.optimizer = build_optimizer(self.model, cfg.solver)
+        self.scheduler = build_scheduler(self.optimizer, cfg.solver)
+        self.scaler = grad_scaler(self.device, self.amp)
+        self._init_run_state(state)
+        if state is not None:
+            self._load_state(state, resume_path)
+        self.loader = self._build_loader()
+        if self.main:  # nothing failed: now the run directory
+            clear_run_dir(self.run_dir, old_files, overwrite)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
+        # `self.model` is the model itself (state dicts, attributes such as rpn or features); `self.ddp` runs the
+        # training forward: DistributedDataParallel under torchrun, else the model.
+        self.ddp = self._wrap_ddp() if self.world > 1 else self.model
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _set_up_process(self) -> None:
+        """Seeds, threads, the device, deterministic algorithms and the precision of training and evaluation."""
+        cfg = self.cfg
         seed_everything(cfg.train.seed)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
@@ -305,28 +141,27 @@ class Trainer:
         for p in (self.precision, self.eval_precision):
             if p.warning:
                 self._print(p.warning)
+
+    def _load_data(self) -> None:
+        """The training and validation sets; model.num_classes follows the dataset."""
+        cfg = self.cfg
         with distributed.main_first():  # the shapes set is generated by rank 0 alone
             self.train_set, self.val_set = build_datasets(cfg)
         if cfg.model.num_classes != self.train_set.num_classes:
             self._print(f"model.num_classes set to {self.train_set.num_classes} from the dataset "
                         f"(was {cfg.model.num_classes})")
             cfg.model.num_classes = self.train_set.num_classes
-        # Before anything is written: a bad checkpoint stops here. An unreadable last_checkpoint.pth (a copy cut
-        # short) falls back to the newest numbered checkpoint that reads.
-        resume_path, state, note = load_resume_checkpoint(self.run_dir) if resume else (None, None, None)
-        if note:
-            self._print(note)
-        resumed_step = ((state.get("position") or {}).get("samples_per_step")) if state is not None else None
-        self.accumulate, lines = resolve_batch(cfg, self.world, resumed_step)
-        for line in lines:
-            self._print(line)
-        from_elsewhere = hooks.initialise is not None and state is None
-        self.model = build_model(cfg, load_weights=state is None and not from_elsewhere)
+
+    def _build_model(self, init: Optional[str], from_checkpoint: bool) -> None:
+        """The model with its first weights (unless a checkpoint brings them), on the device, in its layout."""
+        cfg, hooks = self.cfg, self.hooks
+        from_elsewhere = hooks.initialise is not None and not from_checkpoint
+        self.model = build_model(cfg, load_weights=not from_checkpoint and not from_elsewhere)
         if from_elsewhere:  # e.g. torchvision's COCO Mask R-CNN
             # the weights may come with settings (torchvision's: the frozen-BN eps), saved in config.yaml below
             report = hooks.initialise(self.model, cfg, getattr(self.train_set, "class_names", None))
             self._print(report)
-        elif init and state is None:
+        elif init and not from_checkpoint:
             report = partial_load(self.model, init)
             self._print(report.summary())
         if self.rank > 0:  # the same initial weights everywhere, then each process its own random stream
@@ -336,10 +171,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
-        s = cfg.solver
-        self.optimizer = build_optimizer(self.model, s)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s))
-        self.scaler = grad_scaler(self.device, self.amp)
+
+    def _init_run_state(self, state: Optional[dict]) -> None:
         self.start_iter = 0
         self.resume_state = state  # RNGs, data position and loss history are restored by train()
         self.history: list[dict[str, float]] = []
@@ -347,37 +180,34 @@ class Trainer:
         self._saved_iter = None
         self._checkpoint_seconds = 0.0  # how long the last checkpoint took to write (rank 0)
         self._shutdown_checked = False
-        self._stop_signal = None
+        self._signals = StopSignals(announce=self.main)
         self._bar = None
-        if state is not None:
-            if "optimizer" not in state:
-                raise ValueError(f"{resume_path}: holds no optimiser state, so the run cannot be continued")
-            self.model.load_state_dict(state["model"])
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except ValueError as e:  # e.g. a checkpoint written before the norm layers had their own group
-                raise ValueError(f"{resume_path}: its optimiser state does not fit this run's parameter groups "
-                                 f"({e}); set solver.weight_decay_norm equal to solver.weight_decay to resume a "
-                                 "run written with one group") from None
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(state["scaler"])
-            self.start_iter = state["iteration"]
-            self._print(f"resumed from {resume_path} at iteration {self.start_iter}")
-        # Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part. (It draws
-        # from its own generators only: building it here changes no random stream.)
-        self.loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
-                                   seed=cfg.train.seed, drop_last=True, infinite=True,
-                                   pin_memory=self.device.type == "cuda",
-                                   aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, num_replicas=self.world,
-                                   rank=self.rank, accumulate=self.accumulate)
-        if self.main:  # nothing failed: now the run directory
-            clear_run_dir(self.run_dir, old_files, overwrite)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml", comment=self._precision_comment())
-        # `self.model` is the model itself (state dicts, attributes such as rpn or features); `self.ddp` runs the
-        # training forward: DistributedDataParallel under torchrun, else the model.
-        self.ddp = self._wrap_ddp() if self.world > 1 else self.model
+
+    def _load_state(self, state: dict, resume_path: Path) -> None:
+        """The model, optimiser, scheduler and grad scaler of the run being resumed, and its iteration."""
+        if "optimizer" not in state:
+            raise ValueError(f"{resume_path}: holds no optimiser state, so the run cannot be continued")
+        self.model.load_state_dict(state["model"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. a checkpoint written before the norm layers had their own group
+            raise ValueError(f"{resume_path}: its optimiser state does not fit this run's parameter groups "
+                             f"({e}); set solver.weight_decay_norm equal to solver.weight_decay to resume a "
+                             "run written with one group") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_iter = state["iteration"]
+        self._print(f"resumed from {resume_path} at iteration {self.start_iter}")
+
+    def _build_loader(self):
+        """Seeded by train.seed alone: the order of epoch e is the same in a run and in its resumed part. (It draws
+        from its own generators only: building it here changes no random stream.)"""
+        cfg = self.cfg
+        return build_loader(self.train_set, cfg.solver.ims_per_batch, shuffle=True, num_workers=cfg.data.num_workers,
+                            seed=cfg.train.seed, drop_last=True, infinite=True, pin_memory=self.device.type == "cuda",
+                            aspect_ratio_grouping=cfg.data.aspect_ratio_grouping, num_replicas=self.world,
+                            rank=self.rank, accumulate=self.accumulate)
 
     def _precision_comment(self) -> str:
         """What the run's config.yaml says of the precision chosen (train.cpu_amp / test.amp may say auto)."""
@@ -502,40 +332,9 @@ class Trainer:
                 self._notes.append(f"the RNG states of every process (the run had {len(ranks or [0])} "
                                    f"process(es), it continues on {self.world})")
 
-    @contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM / SIGINT ask the loop to stop after the current step; a second one stops the process at
-        once (by the signal's default action; the atomic checkpoint writes leave no half-written file)."""
-        self._stop_signal = None
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            self._stop_signal = signum
-            if self.main:
-                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                            "(send it again to stop at once)\n".encode())  # os.write: safe inside a handler
-
-        main = threading.current_thread() is threading.main_thread()  # handlers only work there
-        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS} if main else {}
-        try:
-            yield
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-
     def _stop_requested(self) -> bool:
-        """Whether to stop after this step: a signal here, or (under torchrun) on any process, so that all
-        stop at the same step."""
-        if self.world == 1:
-            return self._stop_signal is not None
-        flag = torch.tensor([self._stop_signal or 0], device=self.device)
-        signum = int(distributed.all_reduce(flag, "max").item())
-        if signum and self._stop_signal is None:
-            self._stop_signal = signum
-        return bool(signum)
+        """Whether to stop after this step: a signal here, or (under torchrun) on any process."""
+        return self._signals.requested(self.world, self.device)
 
     def _stop(self, it: int, bar, writer) -> None:
         if self._saved_iter != it:
@@ -544,11 +343,11 @@ class Trainer:
         if writer is not None:
             writer.close()
         if not self.main:  # rank 0 says it
-            raise SystemExit(128 + self._stop_signal)
-        name = signal.Signals(self._stop_signal).name
+            raise SystemExit(128 + self._signals.signum)
+        name = signal.Signals(self._signals.signum).name
         raise Stopped(f"{name}: stopped at iteration {it}/{self.cfg.solver.max_iter} with checkpoint "
                       f"{self.run_dir / LAST}; resume with: {resume_command(self.run_dir, self.world)}",
-                      128 + self._stop_signal)
+                      128 + self._signals.signum)
 
     # --------------------------------------------------------------------------------------------- loop
     def _step(self, data_iter: Iterator, it: int, record: Optional[dict]) -> dict[str, float]:
@@ -564,19 +363,13 @@ class Trainer:
                           if not math.isfinite(values["total_loss"]) else None)
 
     def _check_shutdown_time(self, sec_per_iter: float) -> None:
-        """Under torchrun, once: a stop on SIGTERM finishes the step and writes a checkpoint, and torchrun kills
-        its workers --shutdown-timeout seconds after its own SIGTERM (30 by default). Say so when this run needs
-        more than 80% of that."""
+        """Under torchrun, once, after the first checkpoint: whether a stop fits in torchrun's shutdown timeout."""
         if self._shutdown_checked or not self.main or "TORCHELASTIC_RUN_ID" not in os.environ:
             return
         self._shutdown_checked = True
-        need = sec_per_iter + self._checkpoint_seconds
-        limit = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30))
-        if need > 0.8 * limit:
-            self._print(f"note: a stop on SIGTERM takes about {need:.0f} s here (a step {sec_per_iter:.1f} s + a "
-                        f"checkpoint {self._checkpoint_seconds:.1f} s), and torchrun kills its workers "
-                        f"{limit:g} s after its SIGTERM unless told otherwise: start it with torchrun "
-                        f"--shutdown-timeout {int(2 * need) + 10} (ignore this if you did)")
+        note = shutdown_time_note(sec_per_iter, self._checkpoint_seconds)
+        if note:
+            self._print(note)
 
     def _non_finite(self, it: int, values: dict[str, float]) -> None:
         if self._bar is not None:
@@ -590,27 +383,41 @@ class Trainer:
         raise FloatingPointError(f"iteration {it}: loss is {values['total_loss']} ({losses}); {where}")
 
     def train(self) -> dict:
-        cfg, s, t = self.cfg, self.cfg.solver, self.cfg.train
-        loader = self.loader
+        cfg, s = self.cfg, self.cfg.solver
         self._notes = []
         if self.resume_state is not None:
             self._restore_progress(self.resume_state)
         # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint.
-        self.writer = writer = (SummaryWriter(str(self.run_dir), purge_step=self.start_iter + 1 if self.start_iter
-                                              else None) if self.main else None)
+        self.writer = (SummaryWriter(str(self.run_dir), purge_step=self.start_iter + 1 if self.start_iter else None)
+                       if self.main else None)
         self.model.train()
-        it = self.start_iter
-        self._bar = bar = tqdm(total=s.max_iter, initial=it, desc=f"train {cfg.stage}", disable=not self.progress,
-                               dynamic_ncols=True)
-        data_iter = iter(loader)
-        history = self.history
+        self._bar = tqdm(total=s.max_iter, initial=self.start_iter, desc=f"train {cfg.stage}",
+                         disable=not self.progress, dynamic_ncols=True)
+        data_iter = iter(self.loader)
         if self.resume_state is not None:
             self._restore_rng(self.resume_state)
             if self._notes:
                 self._print(f"note: not restored: {'; '.join(self._notes)}: the resumed run is not an exact "
                             "continuation")
+        it = self._loop(data_iter, self.start_iter)
+        self._bar.close()
+        self._precise_bn(it)
+        summary = self._summary(it, self.checkpoint(it, final=True))
+        if cfg.train.eval_at_end:
+            self._evaluate(summary, it)
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = None
+        if self.main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _loop(self, data_iter: Iterator, it: int) -> int:
+        """Optimiser steps from iteration `it` to solver.max_iter, with the logging, pictures and checkpoints of
+        each; a stop signal ends it after the current step (with a checkpoint). Returns the last iteration."""
+        s, t = self.cfg.solver, self.cfg.train
         t_last = time.perf_counter()
-        with self._stop_on_signals():
+        with self._signals.installed():
             while it < s.max_iter:
                 # On a picture iteration the step records what it sees (the model's probe record), at no extra cost.
                 record = {} if self.main and t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
@@ -619,84 +426,64 @@ class Trainer:
                 it += 1
                 now = time.perf_counter()
                 sec_per_iter, t_last = now - t_last, now
-                history.append(values)
-                bar.update(1)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
-                if writer is not None and (it % t.log_period == 0 or it == s.max_iter):
-                    for k, v in values.items():
-                        writer.add_scalar(f"loss/{k}", v, it)
-                    writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
-                    writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
-                if record is not None:
-                    self.hooks.log_images(writer, record, it, class_names=getattr(self.train_set, "class_names", None),
-                                          logits=not self.model.rpn.sigmoid_scores)
+                self.history.append(values)
+                self._log(it, values, sec_per_iter, record)
                 if it % t.checkpoint_period == 0 and it < s.max_iter:
                     self.checkpoint(it)
                     self._check_shutdown_time(sec_per_iter)
                 if self._stop_requested():
-                    self._stop(it, bar, writer)
-        bar.close()
-        # Precise BN once per run: not again when a finished run is resumed (its final checkpoint has it).
+                    self._stop(it, self._bar, self.writer)
+        return it
+
+    def _log(self, it: int, values: dict[str, float], sec_per_iter: float, record: Optional[dict]) -> None:
+        """The progress bar, TensorBoard's scalars (every train.log_period and at the end) and pictures."""
+        s, t, writer, bar = self.cfg.solver, self.cfg.train, self.writer, self._bar
+        bar.update(1)
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
+        if writer is not None and (it % t.log_period == 0 or it == s.max_iter):
+            for k, v in values.items():
+                writer.add_scalar(f"loss/{k}", v, it)
+            writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
+            writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
+        if record is not None:
+            self.hooks.log_images(writer, record, it, class_names=getattr(self.train_set, "class_names", None),
+                                  logits=not self.model.rpn.sigmoid_scores)
+
+    def _precise_bn(self, it: int) -> None:
+        """Precise BN once per run: not again when a finished run is resumed (its final checkpoint has it)."""
+        s, t = self.cfg.solver, self.cfg.train
         resumed_final = self.resume_state is not None and self.resume_state.get("final", False)
-        if t.precise_bn_iters > 0 and it > 0 and not (it == self.start_iter and resumed_final):
-            bn_loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=0,
-                                     seed=t.seed + 7919, drop_last=True, num_replicas=self.world, rank=self.rank)
-            n = update_bn_stats(self.model, bn_loader, t.precise_bn_iters, self.device)
-            if n:
-                self._print(f"BatchNorm statistics of {n} layers recomputed over "
-                            f"{min(t.precise_bn_iters, len(bn_loader))} batches"
-                            + (f" on each of {self.world} processes" if self.world > 1 else ""))
-        final = self.checkpoint(it, final=True)
-        summary = {"stage": cfg.stage, "iterations": it, "checkpoint": str(final),
+        if t.precise_bn_iters <= 0 or it <= 0 or (it == self.start_iter and resumed_final):
+            return
+        bn_loader = build_loader(self.train_set, s.ims_per_batch, shuffle=True, num_workers=0,
+                                 seed=t.seed + 7919, drop_last=True, num_replicas=self.world, rank=self.rank)
+        n = update_bn_stats(self.model, bn_loader, t.precise_bn_iters, self.device)
+        if n:
+            self._print(f"BatchNorm statistics of {n} layers recomputed over "
+                        f"{min(t.precise_bn_iters, len(bn_loader))} batches"
+                        + (f" on each of {self.world} processes" if self.world > 1 else ""))
+
+    def _summary(self, it: int, final: Path) -> dict:
+        """metrics.json without the evaluation: the stage, iterations, final checkpoint, precision and losses."""
+        history = self.history
+        summary = {"stage": self.cfg.stage, "iterations": it, "checkpoint": str(final),
                    "precision": {"train": self.precision.as_dict(), "eval": self.eval_precision.as_dict()}}
         # The losses at the start and end of the whole run: means over its first and last n iterations (n = a fifth
         # of the run, 1 to 20; a run of under 10 iterations: its first and last). Every iteration is in TensorBoard.
         n = max(1, min(20, len(history) // 5))
         summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]} if history else {}
         summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]} if history else {}
-        if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
-            summary["val"], line, scalars = self.hooks.evaluate(
-                self.model, self.val_set, self.device, batch_size=cfg.test.ims_per_batch,
-                max_images=cfg.test.max_images, amp=self.eval_precision.autocast,
-                mask_threshold=cfg.model.roi_heads.mask_threshold, progress=self.progress)
-            self._print(f"val: {line}")
-            if writer is not None:
-                for k, v in scalars.items():
-                    writer.add_scalar(f"val/{k}", v, it)
-        if writer is not None:
-            writer.close()
-        self.writer = None
-        if self.main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-
-@torch.no_grad()
-def update_bn_stats(model: torch.nn.Module, loader, num_batches: int, device: torch.device) -> int:
-    """Precise BatchNorm statistics (detectron2's PreciseBN): the running mean and variance of every trained
-    BatchNorm layer are replaced by their plain average over `num_batches` training batches, computed with
-    the final weights (the running averages mix in statistics of weights from earlier iterations). Under
-    torchrun each process runs `num_batches` of its own and the statistics are averaged over processes.
-    Returns the number of layers updated (0 when the model has no trained BatchNorm)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats and any(p.requires_grad for p in m.parameters())]
-    if not bns:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
-    model.train()
-    for i, (images, targets) in enumerate(loader):
-        if i == num_batches:
-            break
-        model.features([img.to(device) for img in images])
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-        if distributed.is_distributed():  # the average over every process's batches (same count on each)
-            distributed.all_reduce(bn.running_mean, "mean")
-            distributed.all_reduce(bn.running_var, "mean")
-    model.train(was_training)
-    return len(bns)
-
+    def _evaluate(self, summary: dict, it: int) -> None:
+        """The end-of-run evaluation (the evaluate hook) into `summary` and TensorBoard: every process infers on
+        its share of the images; rank 0 runs pycocotools."""
+        cfg = self.cfg
+        summary["val"], line, scalars = self.hooks.evaluate(
+            self.model, self.val_set, self.device, batch_size=cfg.test.ims_per_batch,
+            max_images=cfg.test.max_images, amp=self.eval_precision.autocast,
+            mask_threshold=cfg.model.roi_heads.mask_threshold, progress=self.progress)
+        self._print(f"val: {line}")
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"val/{k}", v, it)

@@ -173,3 +173,19 @@ class MaskRCNN(nn.Module):
         t = self.transform
         return [(image_list.tensor[i, :, :h, :w].float() * t.pixel_std + t.pixel_mean).clamp(0, 1)
                 for i, (h, w) in enumerate(image_list.image_sizes)]
+
+    # ------------------------------------------------------------------ random state (the trainer's checkpoints)
+    def rng_state(self) -> dict[str, dict[str, Tensor]]:
+        """The state of the model's own random generators, {module name: LatentNoise.get_state()}: a checkpoint
+        holds it beside the global RNGs (maskrcnn.engine.rng), so a resumed run draws the same noise."""
+        return {n: m.get_state() for n, m in self.named_modules() if isinstance(m, LatentNoise)}
+
+    def set_rng_state(self, states: dict[str, dict[str, Tensor]]) -> list[str]:
+        """Restore `rng_state`; returns the generators named there that this model does not have."""
+        modules, missing = dict(self.named_modules()), []
+        for name, state in states.items():
+            if isinstance(modules.get(name), LatentNoise):
+                modules[name].set_state(state)
+            else:
+                missing.append(f"LatentNoise generator {name!r}")
+        return missing
