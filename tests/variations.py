@@ -1,7 +1,7 @@
 """Run the tests whose verdict depends on a training trajectory (`pytest -m trains`) under variations that move
 the low-order bits of training as another CPU does, and print every thresholded statistic next to its threshold.
 
-    python tests/variations.py                       # 3 seeds x (2 threads, 1 thread, AVX2 only): 9 pytest runs
+    python tests/variations.py                       # 3 seeds x (2 threads, 1 thread, AVX2, SSE): 12 pytest runs
     python tests/variations.py --seeds 1 --variations 1t      # one of them
     python tests/variations.py -- -k overfit         # arguments after -- go to pytest
 
@@ -9,7 +9,10 @@ A variation is a seed of the training fixtures (MASKRCNN_TEST_SEED) and one of:
   2t    two threads (the suite's default)
   1t    one thread (MASKRCNN_TEST_THREADS=1, OMP_NUM_THREADS=1): float sums in another order
   avx2  two threads with ATen, oneDNN and MKL limited to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-        MKL_ENABLE_INSTRUCTIONS=AVX2): other kernels, and bf16 emulated instead of native
+        MKL_ENABLE_INSTRUCTIONS=AVX2): other kernels, and bf16 emulated instead of native (on a CPU whose best
+        is AVX2 this is the same as 2t)
+  sse   two threads with ATen's scalar kernels and oneDNN and MKL limited to SSE4.1/4.2 (ATEN_CPU_CAPABILITY=default
+        ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2): other kernels on every x86 CPU, and slower
 Each test states its statistics through tests/conftest.py's `margin` fixture; the table has one row per
 statistic, the value under each variation, and the worst margin (how far the worst value is from the
 threshold, relative to the threshold). The exit status is 1 if any pytest run failed.
@@ -32,6 +35,8 @@ VARIATIONS = {
     "2t": {"MASKRCNN_TEST_THREADS": "2"},
     "1t": {"MASKRCNN_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"},
     "avx2": {"MASKRCNN_TEST_THREADS": "2", **AVX2},
+    "sse": {"MASKRCNN_TEST_THREADS": "2", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+            "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
 
 
