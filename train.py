@@ -121,17 +121,12 @@ def resolve_config(args):
 
 def check_device(name: str) -> None:
     """train.device names a device of this machine (checked before the run directory is made)."""
-    import torch
+    from maskrcnn.engine.device import DeviceError, select_device
 
-    from maskrcnn.engine.device import select_device
     try:
-        device = select_device(name)
-    except RuntimeError as e:
-        if "Expected one of" in str(e):  # torch.device's parser
-            raise ValueError(f"train.device={name}: not a device name (auto, cpu, cuda or cuda:<index>)") from None
-        raise ValueError(f"train.device={name}: {str(e).splitlines()[0]}") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        select_device(name)
+    except DeviceError as e:
+        raise ValueError(f"train.device={name}: {e}") from None
 
 
 def trainer_hooks(init_torchvision: bool = False):

@@ -47,7 +47,7 @@ from maskrcnn.config import load_config
 from maskrcnn.data.build import build_eval_dataset
 from maskrcnn.engine.checkpoint import model_from_checkpoint
 from maskrcnn.engine.step import total_loss
-from maskrcnn.engine.trainer import build_optimizer
+from maskrcnn.engine.recipe import build_optimizer
 from maskrcnn.model.build import build_model
 
 random.seed(seed)

@@ -113,7 +113,7 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize("bad, expected", [
     ("model.noise.site=neck", "error: model.noise.site: expected one of bottom_up, fpn, roi, got 'neck'"),
     ("solver.ims_per_batch=20", "error: dataset of 8 images gives no step of 20 with drop_last=True"),
-    ("train.device=gpu", "error: train.device=gpu: not a device name (auto, cpu, cuda or cuda:<index>)"),
+    ("train.device=gpu", "error: train.device=gpu: unknown device 'gpu' (choose auto, cpu, cuda or cuda:N)"),
     ("model.backbone.weights=imagenet", "error: ImageNet weights for ResNet-18 could not be downloaded (URLError"),
 ])
 def test_a_start_that_fails_on_the_input_leaves_no_run_directory(tmp_path, capsys, offline_hub, no_training,

@@ -10,7 +10,8 @@ from torch import nn
 import train
 from maskrcnn.config import load_config
 from maskrcnn.engine.checkpoint import load_checkpoint
-from maskrcnn.engine.trainer import Trainer, resolve_batch
+from maskrcnn.engine.recipe import resolve_batch
+from maskrcnn.engine.trainer import Trainer
 
 COCO = "configs/coco_r50_fpn_1x.yaml"
 

@@ -247,7 +247,7 @@ def test_init_torchvision_offline_is_one_line(tmp_path, offline_hub, capsys):
 
 def test_optimizer_choice():
     from maskrcnn.config import SolverConfig
-    from maskrcnn.engine.trainer import build_optimizer
+    from maskrcnn.engine.recipe import build_optimizer
 
     params = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3))])
     assert isinstance(build_optimizer(params, SolverConfig(optimizer="sgd")), torch.optim.SGD)
@@ -262,7 +262,7 @@ def test_no_weight_decay_on_normalisation_layers_by_default(name):
     """detectron2's WEIGHT_DECAY_NORM: BatchNorm / GroupNorm weights and biases get solver.weight_decay_norm (0 by
     default), every other trained parameter solver.weight_decay; one group where they are equal."""
     from maskrcnn.config import SolverConfig
-    from maskrcnn.engine.trainer import build_optimizer
+    from maskrcnn.engine.recipe import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1),
                                 torch.nn.GroupNorm(2, 4))
@@ -288,7 +288,7 @@ def test_no_weight_decay_on_normalisation_layers_by_default(name):
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_fused_optimizer_makes_the_same_update_as_the_loop(name):
     from maskrcnn.config import SolverConfig
-    from maskrcnn.engine.trainer import build_optimizer
+    from maskrcnn.engine.recipe import build_optimizer
 
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 3, 3, 3), (8,), (5, 7)]
@@ -315,7 +315,7 @@ def test_fused_optimizer_makes_the_same_update_as_the_loop(name):
 
 def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
     from maskrcnn.data.loader import build_loader
-    from maskrcnn.engine.trainer import update_bn_stats
+    from maskrcnn.engine.precise_bn import update_bn_stats
 
     cfg = load_config("configs/tiny.yaml")
     train_set, _ = build_datasets(cfg)
@@ -334,7 +334,7 @@ def test_precise_bn_recomputes_statistics_of_trained_batchnorm():
 
 
 def test_precise_bn_skips_frozen_batchnorm():
-    from maskrcnn.engine.trainer import update_bn_stats
+    from maskrcnn.engine.precise_bn import update_bn_stats
 
     cfg = load_config("configs/tiny.yaml", ["model.backbone.norm=frozen_bn"])
     model = build_model(cfg, load_weights=False)

@@ -18,7 +18,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..model.precision import Precision, autocast, training_precision
+from ..model.precision import autocast, training_precision
 
 Batch = tuple[list[Tensor], list[dict]]
 
@@ -104,12 +104,13 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
 
 
 def time_training_steps(cfg, model: nn.Module, loader: Iterable[Batch], n: int,
-                        tick: Optional[Callable[[], None]] = None) -> tuple[float, Precision]:
+                        tick: Optional[Callable[[], None]] = None) -> tuple[float, object]:
     """Median seconds of `n` training steps (data, forward, backward, update) of `model` on batches drawn from
     `loader`, after one warm-up step that is not counted: train_step with the run's optimiser, loss weights and
-    gradient clipping, in the precision the run would choose on the model's device (returned with the seconds).
+    gradient clipping, in the precision the run would choose on the model's device (training_precision's answer,
+    returned with the seconds).
     The model is trained by these steps: give it a fresh one. `tick` is called after every step (progress)."""
-    from .trainer import build_optimizer
+    from .recipe import build_optimizer
 
     if n < 1:
         raise ValueError(f"time_training_steps: n must be >= 1 (steps timed after the warm-up), got {n}")
