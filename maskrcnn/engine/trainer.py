@@ -48,7 +48,7 @@ from ..data.build import build_datasets
 from ..data.loader import build_loader
 from . import distributed
 from .device import use_deterministic_algorithms
-from .step import grad_scaler, train_step
+from .step import grad_scaler, mean_stats, train_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # checkpoint, then exit 128 + signum (143 / 130)
 DEFAULT_OUTPUT_DIR = TrainConfig.output_dir  # train.py --resume finds runs here without --set
@@ -551,7 +551,8 @@ class Trainer:
                       128 + self._stop_signal)
 
     # --------------------------------------------------------------------------------------------- loop
-    def _step(self, data_iter: Iterator, it: int, record: Optional[dict]) -> dict[str, float]:
+    def _step(self, data_iter: Iterator, it: int, record: Optional[dict], stats: Optional[dict] = None
+              ) -> dict[str, float]:
         """One optimiser step over `accumulate` micro-batches (maskrcnn.engine.step.train_step); returns the
         losses averaged over micro-batches and processes. A non-finite loss stops every process at this step."""
         k = self.accumulate
@@ -561,7 +562,7 @@ class Trainer:
                           no_sync=None if self.ddp is self.model else self.ddp.no_sync,
                           reduce=lambda values: distributed.all_reduce(values, "mean"),
                           check=lambda values: self._non_finite(it, values)
-                          if not math.isfinite(values["total_loss"]) else None)
+                          if not math.isfinite(values["total_loss"]) else None, stats=stats)
 
     def _check_shutdown_time(self, sec_per_iter: float) -> None:
         """Under torchrun, once: a stop on SIGTERM finishes the step and writes a checkpoint, and torchrun kills
@@ -604,6 +605,7 @@ class Trainer:
                                dynamic_ncols=True)
         data_iter = iter(loader)
         history = self.history
+        stats_history: list[dict[str, float]] = []  # training statistics of this session's steps (not resumed)
         if self.resume_state is not None:
             self._restore_rng(self.resume_state)
             if self._notes:
@@ -614,17 +616,21 @@ class Trainer:
             while it < s.max_iter:
                 # On a picture iteration the step records what it sees (the model's probe record), at no extra cost.
                 record = {} if self.main and t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
-                values = self._step(data_iter, it, record)
+                stats: dict[str, float] = {}
+                values = self._step(data_iter, it, record, stats)
                 self.scheduler.step()
                 it += 1
                 now = time.perf_counter()
                 sec_per_iter, t_last = now - t_last, now
                 history.append(values)
+                stats_history.append(stats)
                 bar.update(1)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}, refresh=False)
                 if writer is not None and (it % t.log_period == 0 or it == s.max_iter):
                     for k, v in values.items():
                         writer.add_scalar(f"loss/{k}", v, it)
+                    for k, v in stats.items():
+                        writer.add_scalar(f"stats/{k}", v, it)
                     writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
                     writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
                 if record is not None:
@@ -654,6 +660,7 @@ class Trainer:
         n = max(1, min(20, len(history) // 5))
         summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]} if history else {}
         summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]} if history else {}
+        summary["stats_end"] = mean_stats(stats_history[-n:])  # anchor / RoI sample counts, accuracies
         if t.eval_at_end:  # every process infers on its share of the images; rank 0 runs pycocotools
             summary["val"], line, scalars = self.hooks.evaluate(
                 self.model, self.val_set, self.device, batch_size=cfg.test.ims_per_batch,
