@@ -138,8 +138,8 @@ class RoIHeads(nn.Module):
         head's inference records (box head: "box_refinement", mask head: "mask_logits"). `pooled_hook(name, x)`:
         applied to each head's pooled features (name "box" or "mask") before the head (the model's RoI site).
         `stats` (training): receives roi_fg_samples and roi_bg_samples (per image) and each head's statistics."""
-        pooler = next((p for _, p, h in self.heads() if h.pooled), None)
-        feats = pooler.prepare([features[name] for name in self.in_features]) if pooler is not None else None
+        first = next((p for _, p, h in self.heads() if h.pooled), None)  # prepares the maps once for every pooler
+        feats = first.prepare([features[name] for name in self.in_features]) if first is not None else None
         if self.training and targets is None:
             raise ValueError("RoI heads in training mode need targets")
         maps = {name: features[name] for name in self.in_features}
