@@ -62,6 +62,20 @@ def test_iou_target_by_hand():
     target[0, 1:3, 1:3] = 1.0  # rows 1-2, cells 1-2: shares (1,1) and (1,2)
     assert MaskIoUHead.iou_targets(logits, target).tolist() == pytest.approx([2 / 8])
     assert MaskIoUHead.iou_targets(torch.full((1, 4, 4), -1.0), torch.zeros(1, 4, 4)).item() == 0.0
+    # half of the ground-truth mask lies outside the RoI: its area in the RoI frame is 4 / 0.5 = 8, so the
+    # union is 6 + 8 - 2 = 12 (the official code's rule)
+    assert MaskIoUHead.iou_targets(logits, target, torch.tensor([0.5])).tolist() == pytest.approx([2 / 12])
+
+
+def test_fraction_of_the_ground_truth_mask_inside_the_roi_by_hand():
+    masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
+    masks[0, 0:10, 0:20] = 1  # 200 pixels
+    masks[1, 20:30, 30:40] = 1  # 100 pixels
+    s = sample([[0.0, 0.0, 10.0, 10.0], [0.2, -3.0, 19.6, 5.4], [25.0, 20.0, 60.0, 45.0], [0.0, 0.0, 50.0, 40.0]],
+               [1, 1, 2, 1], [0, 0, 1, 0])
+    inside = MaskIoUHead.fraction_inside([s], [{"masks": masks}])
+    # 10x10 of 200; rounded box x 0..20, y 0..5 (clipped): 100 of 200; x 30..40 of the second: all; the whole image
+    assert inside.tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
 
 
 def test_loss_is_the_squared_error_to_the_iou_target_through_the_gt_class():

@@ -9,13 +9,14 @@ channels and size; M = 28 the mask size.
   MaskIoU branch: cat(pooled, maxpool2x2(sigmoid(mask logits of the class))) [F, C+1, Sm, Sm]
     -> 3 x (3x3 conv, ReLU) -> 3x3 conv stride 2, ReLU -> [F, conv_dim, 7, 7] (Sm = 14; others averaged to 7)
     -> fc 1024, ReLU -> fc 1024, ReLU -> fc K+1 -> predicted IoU [F, K+1] (the class's column is read)
-  target: IoU of the predicted mask binarised at 0.5 with the RoI's mask target [F, M, M] (both in the RoI's
-  M x M frame); loss_maskiou: L2 (mean squared error) over the foreground RoIs, weight 1.0.
+  target: IoU of the predicted mask binarised at 0.5 with the RoI's ground-truth mask, in the RoI's M x M frame:
+  the overlap with the mask target [F, M, M] over the union with the whole ground-truth mask, whose area there is
+  the target's area divided by the fraction of the mask's pixels inside the RoI box (the official code's rule: a
+  mask that sticks out of its RoI cannot be matched by a mask predicted inside it);
+  loss_maskiou: L2 (mean squared error) over the foreground RoIs, weight 1.0.
 
-Two choices the paper leaves open: the predicted mask enters the branch detached (the MaskIoU loss trains the
-branch and the shared features, not the mask predictor), and the target IoU is taken inside the RoI (the
-official code also divides the ground truth's area by the fraction of it inside the RoI; mask targets here are
-cut to the RoI, so a ground-truth mask larger than its RoI counts only its part inside).
+One choice the paper leaves open: the predicted mask enters the branch detached (the MaskIoU loss trains the
+branch and the shared RoI features, not the mask predictor).
 """
 from __future__ import annotations
 
@@ -83,13 +84,39 @@ class MaskIoUHead(MaskHead):
 
     @staticmethod
     @torch.no_grad()
-    def iou_targets(class_logits: Tensor, target_masks: Tensor) -> Tensor:
-        """[F, M, M] mask logits and mask targets -> [F] IoU of the mask binarised at 0.5 (logit > 0) with the
-        target binarised at 0.5; 0 where both are empty."""
+    def iou_targets(class_logits: Tensor, target_masks: Tensor, inside: Optional[Tensor] = None) -> Tensor:
+        """[F, M, M] mask logits and mask targets, [F] the fraction of each ground-truth mask inside its RoI
+        (None: all of it) -> [F] IoU of the mask binarised at 0.5 (logit > 0) with the ground-truth mask: overlap
+        with the target binarised at 0.5, over the predicted area + the target's area / inside - the overlap;
+        0 where both are empty."""
         pred, gt = class_logits > 0, target_masks >= 0.5
         inter = (pred & gt).flatten(1).sum(1).float()
-        union = (pred | gt).flatten(1).sum(1).float()
+        gt_area = gt.flatten(1).sum(1).float()
+        if inside is not None:
+            gt_area = gt_area / inside.clamp(min=1e-6)
+        union = pred.flatten(1).sum(1).float() + gt_area - inter
         return inter / union.clamp(min=1)
+
+    @staticmethod
+    @torch.no_grad()
+    def fraction_inside(samples: Samples, targets: list[dict]) -> Tensor:
+        """[F]: per RoI, the fraction of its matched ground-truth mask's pixels inside the RoI box (rounded to
+        whole pixels), from a summed-area table of each image's masks (no loop over RoIs); 1 for an empty mask."""
+        out = []
+        for s, t in zip(samples, targets):
+            masks = t["masks"]  # [Mi, H, W]
+            h, w = masks.shape[-2:]
+            table = F.pad(masks.to(torch.int32).cumsum(1).cumsum(2), (1, 0, 1, 0))  # [Mi, H+1, W+1]
+            box = s["boxes"].round().long()
+            x0, x1 = box[:, 0].clamp(0, w), box[:, 2].clamp(0, w)
+            y0, y1 = box[:, 1].clamp(0, h), box[:, 3].clamp(0, h)
+            x1, y1 = torch.maximum(x0, x1), torch.maximum(y0, y1)
+            m = s["matched_idx"]
+            inside = table[m, y1, x1] - table[m, y0, x1] - table[m, y1, x0] + table[m, y0, x0]
+            total = table[m, h, w]
+            out.append(torch.where(total > 0, inside.float() / total.clamp(min=1).float(), torch.ones_like(
+                inside, dtype=torch.float32)))
+        return torch.cat(out)
 
     def losses(self, predictions: tuple[Tensor, Tensor], samples: Samples, targets: list[dict],
                stats: Optional[dict] = None) -> dict[str, Tensor]:
@@ -103,7 +130,7 @@ class MaskIoUHead(MaskHead):
         class_logits = logits[torch.arange(labels.numel(), device=labels.device), labels]  # [F, M, M]
         target_masks = self.targets(samples, targets, logits.shape[-1])
         iou = self.predict_iou(pooled, class_logits, labels)
-        target = self.iou_targets(class_logits, target_masks)
+        target = self.iou_targets(class_logits, target_masks, self.fraction_inside(samples, targets))
         return {**losses, "loss_maskiou": F.mse_loss(iou.float(), target)}
 
     def _iou_parameters(self):
