@@ -1,5 +1,6 @@
-"""Compare runs: every named loss and the total against iteration (smoothed, mean and one standard
-deviation across seeds) in one figure, and a Markdown table of final box/mask AP, clean and under
+"""Compare runs: every named loss and the total, then every training statistic (sampled anchor and RoI counts,
+classification and mask accuracy), against iteration (smoothed, mean and one standard deviation across seeds)
+in one figure, and a Markdown table of final box/mask AP, clean and under
 corruption, per run or group of runs.
 
     python compare.py runs/demo/full-s0 runs/demo/full-noise-s0 --out comparison.png
@@ -221,22 +222,31 @@ def loss_tags(scalars: list[dict]) -> list[str]:
     return sorted(found - {"total_loss"}) + (["total_loss"] if "total_loss" in found else [])
 
 
-def plot(groups: dict[str, list[Path]], out: Path, smoothing: float = 0.8) -> None:
+def stat_tags(scalars: list[dict]) -> list[str]:
+    """Every training statistic logged as `stats/<name>` in any run (anchor and RoI sample counts, accuracies),
+    sorted: charted as the losses are, without being listed anywhere."""
+    return sorted({tag[len("stats/"):] for s in scalars for tag in s if tag.startswith("stats/")})
+
+
+def plot(groups: dict[str, list[Path]], out: Path, smoothing: float = 0.8) -> list[str]:
+    """The chart of every loss, then every training statistic, to `out`; returns the tags charted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scalars = {name: [read_scalars(r) for r in runs] for name, runs in groups.items()}
-    tags = loss_tags([s for runs in scalars.values() for s in runs])
+    every = [s for runs in scalars.values() for s in runs]
+    tags = [f"loss/{t}" for t in loss_tags(every)]
     if not tags:
         raise ValueError("no loss scalars found in the runs' events")
+    tags += [f"stats/{t}" for t in stat_tags(every)]
     cols = min(3, len(tags))
     rows = math.ceil(len(tags) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, tag in zip(axes.flat, tags):
         for g, (name, runs) in enumerate(scalars.items()):
-            curves = [s[f"loss/{tag}"] for s in runs if f"loss/{tag}" in s]
+            curves = [s[tag] for s in runs if tag in s]
             if not curves:
                 continue
             steps = curves[0][0]
@@ -247,17 +257,18 @@ def plot(groups: dict[str, list[Path]], out: Path, smoothing: float = 0.8) -> No
             ax.plot(steps[:n], mean, color=colour, label=f"{name} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps[:n], mean - std, mean + std, color=colour, alpha=0.2)
-        ax.set_title(tag)
+        ax.set_title(tag.split("/", 1)[1] if tag.startswith("loss/") else tag)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tags):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"training losses (EMA {smoothing}; band: ±1 std across seeds)")
+    fig.suptitle(f"training losses and statistics (EMA {smoothing}; band: ±1 std across seeds)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return tags
 
 
 def main(argv=None) -> str:

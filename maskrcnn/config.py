@@ -108,6 +108,9 @@ class RoIHeadsConfig:
     mask_conv_dim: int = 256  # channels of the mask-head convs
     mask_num_convs: int = 4  # number of 3x3 convs in the mask head
     smooth_l1_beta: float = 0.0  # 0: L1 (detectron2); 1/9 torchvision
+    box_head: str = "standard"  # which box head, by name: standard (2 FC, box_head.py); names in model/build.py
+    mask_head: str = "standard"  # which mask head: standard (4 conv + deconv, mask_head.py) | maskiou (Mask Scoring
+    # R-CNN: the standard head plus a MaskIoU branch that rescores each mask, maskiou_head.py)
     mask_on: bool = True  # build the mask head
     mask_soft_targets: bool = False  # keep RoIAligned GT masks soft (torchvision) instead of >= 0.5 (detectron2)
     score_thresh: float = 0.05  # detections below this score are dropped
@@ -225,7 +228,7 @@ class TestConfig:
 
 # The named losses the model returns in training, over both stages (the RPN stage returns the first two): the
 # keys loss_weights may name. A weight for a loss the stage being trained does not compute is unused, not an error.
-LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "loss_maskiou")
 
 
 @dataclass

@@ -175,6 +175,17 @@ def test_loss_tags_are_every_logged_loss_total_last():
     assert compare.loss_tags([{"lr": 0}]) == []
 
 
+def test_training_statistics_are_charted_after_the_losses(runs, tmp_path):
+    """The trainer logs stats/* (sample counts, accuracies) beside loss/*; compare.py charts every one it finds."""
+    scalars = compare.read_scalars(runs["base-s0"])
+    stats = compare.stat_tags([scalars])
+    assert {"rpn_pos_anchors", "rpn_neg_anchors", "roi_fg_samples", "roi_bg_samples", "cls_accuracy",
+            "mask_accuracy"} <= set(stats)
+    assert compare.stat_tags([{"loss/loss_cls": 0, "stats/b": 0, "stats/a": 0}]) == ["a", "b"]
+    tags = compare.plot(compare.group_runs([runs["base-s0"], runs["noise-s0"]]), tmp_path / "c.png", 0.5)
+    assert tags[-len(stats):] == [f"stats/{t}" for t in stats] and "loss/total_loss" in tags
+
+
 def test_t_quantiles_by_hand_and_against_scipy():
     # df = 2 has a closed form: t = (2p - 1) / sqrt(2 p (1 - p)) at p = 0.975 gives 4.3027
     assert compare.t975(2) == pytest.approx(4.3027, abs=1e-3)

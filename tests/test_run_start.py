@@ -39,12 +39,14 @@ def test_loss_names_are_those_the_model_returns_in_both_stages():
     masks[0, 20:60, 30:90] = 1
     target = {"boxes": torch.tensor([[30.0, 20.0, 90.0, 60.0]]), "labels": torch.tensor([1]), "masks": masks}
     returned = {}
-    for stage in ("rpn", "full"):
-        cfg.stage = stage
+    for stage, mask_head in (("rpn", "standard"), ("full", "standard"), ("full", "maskiou")):
+        cfg.stage, cfg.model.roi_heads.mask_head = stage, mask_head
         torch.manual_seed(0)
         model = build_model(cfg, load_weights=False).train()
-        returned[stage] = list(model([image], [target]))
-    assert set(returned["full"]) == set(LOSS_NAMES) and set(returned["rpn"]) == set(LOSS_NAMES[:2])
+        returned[stage, mask_head] = list(model([image], [target]))
+    assert set(returned["rpn", "standard"]) == set(LOSS_NAMES[:2])
+    assert set(returned["full", "standard"]) == set(LOSS_NAMES) - {"loss_maskiou"}
+    assert set(returned["full", "maskiou"]) == set(LOSS_NAMES)  # every name is some model's loss
 
 
 def test_a_weight_for_a_loss_of_the_other_stage_is_no_error(tmp_path):

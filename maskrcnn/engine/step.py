@@ -35,6 +35,12 @@ def total_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     return sum(weights.get(name, 1.0) * value for name, value in losses.items())
 
 
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each training statistic averaged over the steps that have it (train_step's `stats` of several steps)."""
+    keys = dict.fromkeys(k for row in rows for k in row)
+    return {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Images and target tensors moved to `device` (non-blocking: pinned memory overlaps the copy on CUDA)."""
     images, targets = batch
@@ -53,7 +59,8 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
                clip_grad_norm: float = 0.0, accumulate: int = 1, record: Optional[dict] = None,
                no_sync: Optional[Callable[[], ContextManager]] = None,
                reduce: Optional[Callable[[Tensor], Tensor]] = None,
-               check: Optional[Callable[[dict[str, float]], None]] = None) -> dict[str, float]:
+               check: Optional[Callable[[dict[str, float]], None]] = None,
+               stats: Optional[dict[str, float]] = None) -> dict[str, float]:
     """One optimiser step over `accumulate` micro-batches (each loss divided by their number, so the gradient is
     that of their mean); returns the named losses and "total_loss", averaged over the micro-batches.
 
@@ -63,7 +70,11 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
     record: filled by the last micro-batch's forward (the model's probe record), when given.
     no_sync: a context in which the backward of every micro-batch but the last does not synchronise gradients
         (DDP's no_sync). reduce: the averaged values -> their average over processes (all_reduce).
-    check: called with the values before the backward (e.g. the trainer's stop on a non-finite loss)."""
+    check: called with the values before the backward (e.g. the trainer's stop on a non-finite loss).
+    stats: receives the model's training statistics (model(..., stats=dict): name -> [2] numerator,
+        denominator, see MaskRCNN.forward), each numerator and denominator summed over the micro-batches and
+        processes, then divided (a statistic with no denominator, e.g. mask accuracy without a foreground RoI,
+        is left out); read with the losses, in the same transfer, so at no extra synchronisation."""
     weights = loss_weights or {}
     device = next(model.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -73,23 +84,48 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
         images, targets = to_device(batch, device)
         sync = nullcontext() if last or no_sync is None else no_sync()
         with sync:
+            kwargs: dict = {} if record is None or not last else {"record": record}
+            if stats is not None:
+                kwargs["stats"] = micro = {}
             with autocast(device, amp):
-                losses = model(images, targets) if record is None or not last else model(images, targets, record)
+                losses = model(images, targets, **kwargs)
             losses = {name: v.float() for name, v in losses.items()}  # fp32 whatever autocast made of them
             loss = total_loss(losses, weights)
             values = torch.stack([v.detach() for v in losses.values()] + [loss.detach()])
+            if stats is not None and micro:  # [numerator, denominator] pairs after the losses
+                values = torch.cat((values, torch.stack(list(micro.values())).flatten()))
             totals = values if totals is None else totals + values
             if last:
-                mean = totals / accumulate if accumulate > 1 else totals
-                if reduce is not None:
-                    mean = reduce(mean)
-                result = dict(zip([*losses, "total_loss"], mean.tolist()))
+                result = _step_values(totals, accumulate, reduce, list(losses),
+                                      list(micro) if stats is not None else [], stats)
                 if check is not None:
                     check(result)
             loss = loss / accumulate if accumulate > 1 else loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
     if m + 1 != accumulate:  # a lazy iterable's length is known only now; no update from a wrong count
         raise ValueError(f"train_step: accumulate={accumulate} but {m + 1} micro-batches were given")
+    _update(optimizer, scaler, clip_grad_norm)
+    return result
+
+
+def _step_values(totals: Tensor, accumulate: int, reduce: Optional[Callable[[Tensor], Tensor]], names: list[str],
+                 stat_names: list[str], stats: Optional[dict[str, float]]) -> dict[str, float]:
+    """The micro-batches' summed values (the losses, the total, then the statistics' [numerator, denominator]
+    pairs) -> the losses and "total_loss" averaged over micro-batches and processes; the statistics go into `stats`
+    as ratios (one with a zero denominator is left out)."""
+    mean = totals / accumulate if accumulate > 1 else totals
+    if reduce is not None:
+        mean = reduce(mean)
+    numbers = mean.tolist()
+    if stats is not None and stat_names:
+        pairs = numbers[len(names) + 1:]
+        stats.update({k: pairs[2 * i] / pairs[2 * i + 1] for i, k in enumerate(stat_names) if pairs[2 * i + 1] > 0})
+    return dict(zip([*names, "total_loss"], numbers))
+
+
+def _update(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], clip_grad_norm: float) -> None:
+    """The optimiser step after the backward passes: gradient clipping (of the unscaled gradients), then the step
+    (through the fp16 grad scaler when there is one)."""
     if clip_grad_norm > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -100,7 +136,6 @@ def train_step(model: nn.Module, micro_batches: Iterable[Batch], optimizer: torc
         scaler.update()
     else:
         optimizer.step()
-    return result
 
 
 def time_training_steps(cfg, model: nn.Module, loader: Iterable[Batch], n: int,

@@ -52,7 +52,7 @@ from .recipe import build_optimizer, build_scheduler, resolve_batch
 from .rng import rank_seed, rng_state, seed_everything, set_rng_state
 from .rundir import check_run_dir, clear_run_dir, resume_command
 from .signals import StopSignals, shutdown_time_note
-from .step import grad_scaler, train_step
+from .step import grad_scaler, mean_stats, train_step
 
 
 @dataclass
@@ -350,7 +350,8 @@ class Trainer:
                       128 + self._signals.signum)
 
     # --------------------------------------------------------------------------------------------- loop
-    def _step(self, data_iter: Iterator, it: int, record: Optional[dict]) -> dict[str, float]:
+    def _step(self, data_iter: Iterator, it: int, record: Optional[dict], stats: Optional[dict] = None
+              ) -> dict[str, float]:
         """One optimiser step over `accumulate` micro-batches (maskrcnn.engine.step.train_step); returns the
         losses averaged over micro-batches and processes. A non-finite loss stops every process at this step."""
         k = self.accumulate
@@ -360,7 +361,7 @@ class Trainer:
                           no_sync=None if self.ddp is self.model else self.ddp.no_sync,
                           reduce=lambda values: distributed.all_reduce(values, "mean"),
                           check=lambda values: self._non_finite(it, values)
-                          if not math.isfinite(values["total_loss"]) else None)
+                          if not math.isfinite(values["total_loss"]) else None, stats=stats)
 
     def _check_shutdown_time(self, sec_per_iter: float) -> None:
         """Under torchrun, once, after the first checkpoint: whether a stop fits in torchrun's shutdown timeout."""
@@ -385,6 +386,7 @@ class Trainer:
     def train(self) -> dict:
         cfg, s = self.cfg, self.cfg.solver
         self._notes = []
+        self.stats_history: list[dict[str, float]] = []  # training statistics of this session's steps (not resumed)
         if self.resume_state is not None:
             self._restore_progress(self.resume_state)
         # purge_step: TensorBoard drops the events a killed run logged after its last checkpoint.
@@ -421,13 +423,15 @@ class Trainer:
             while it < s.max_iter:
                 # On a picture iteration the step records what it sees (the model's probe record), at no extra cost.
                 record = {} if self.main and t.vis_period > 0 and (it + 1) % t.vis_period == 0 else None
-                values = self._step(data_iter, it, record)
+                stats: dict[str, float] = {}
+                values = self._step(data_iter, it, record, stats)
                 self.scheduler.step()
                 it += 1
                 now = time.perf_counter()
                 sec_per_iter, t_last = now - t_last, now
                 self.history.append(values)
-                self._log(it, values, sec_per_iter, record)
+                self.stats_history.append(stats)
+                self._log(it, values, stats, sec_per_iter, record)
                 if it % t.checkpoint_period == 0 and it < s.max_iter:
                     self.checkpoint(it)
                     self._check_shutdown_time(sec_per_iter)
@@ -435,7 +439,8 @@ class Trainer:
                     self._stop(it, self._bar, self.writer)
         return it
 
-    def _log(self, it: int, values: dict[str, float], sec_per_iter: float, record: Optional[dict]) -> None:
+    def _log(self, it: int, values: dict[str, float], stats: dict[str, float], sec_per_iter: float,
+             record: Optional[dict]) -> None:
         """The progress bar, TensorBoard's scalars (every train.log_period and at the end) and pictures."""
         s, t, writer, bar = self.cfg.solver, self.cfg.train, self.writer, self._bar
         bar.update(1)
@@ -443,6 +448,8 @@ class Trainer:
         if writer is not None and (it % t.log_period == 0 or it == s.max_iter):
             for k, v in values.items():
                 writer.add_scalar(f"loss/{k}", v, it)
+            for k, v in stats.items():
+                writer.add_scalar(f"stats/{k}", v, it)
             writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], it)
             writer.add_scalar("time/sec_per_iter", sec_per_iter, it)
         if record is not None:
@@ -473,6 +480,7 @@ class Trainer:
         n = max(1, min(20, len(history) // 5))
         summary["loss_start"] = {k: float(np.mean([h[k] for h in history[:n]])) for k in history[0]} if history else {}
         summary["loss_end"] = {k: float(np.mean([h[k] for h in history[-n:]])) for k in history[0]} if history else {}
+        summary["stats_end"] = mean_stats(self.stats_history[-n:])  # anchor / RoI sample counts, accuracies
         return summary
 
     def _evaluate(self, summary: dict, it: int) -> None:

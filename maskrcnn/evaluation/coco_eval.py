@@ -34,6 +34,7 @@ def detections_to_coco(det: dict[str, Tensor], image_id: int, contiguous_to_cat_
     scores = det["scores"].float().cpu().tolist()
     labels = det["labels"].cpu().tolist()
     rles = None
+    mask_scores = det["mask_scores"].float().cpu().tolist() if "mask_scores" in det else None  # Mask Scoring R-CNN
     if "masks" in det:
         binary = (det["masks"][:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [H, W, D] Fortran order
@@ -44,6 +45,8 @@ def detections_to_coco(det: dict[str, Tensor], image_id: int, contiguous_to_cat_
         if rles is not None:
             rle = rles[i]
             rec["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        if mask_scores is not None:
+            rec["mask_score"] = float(mask_scores[i])
         out.append(rec)
     return out
 
@@ -124,14 +127,17 @@ def _records_for(results: list[dict], iou_type: str) -> list[dict]:
     """Copies of the result records for loadRes (which adds keys to what it is given). For 'segm' the copies have
     no 'bbox': loadRes takes its box branch whenever the first record has one and then sets every record's area
     to the box's w*h, so APs/APm/APl of masks would bucket detections by box size. Without it loadRes gives each
-    the mask's area (maskUtils.area of the RLE), as detectron2 does by dropping 'bbox' too."""
+    the mask's area (maskUtils.area of the RLE), as detectron2 does by dropping 'bbox' too. A record's
+    'mask_score' (detections with mask_scores) is its score for 'segm'."""
     if iou_type != "segm":
-        return [dict(r) for r in results]
+        return [{k: v for k, v in r.items() if k != "mask_score"} for r in results]
     for i, r in enumerate(results):
         if "segmentation" not in r:
             raise ValueError(f"segm evaluation: result record {i} (image_id {r.get('image_id')}) has no "
                              "'segmentation'")
-    return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    # a mask's own score where the model gives one (Mask Scoring R-CNN's mask_scores), else the detection's
+    return [{**{k: v for k, v in r.items() if k not in ("bbox", "mask_score")},
+             "score": r.get("mask_score", r["score"])} for r in results]
 
 
 def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],

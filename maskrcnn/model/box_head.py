@@ -16,7 +16,7 @@ from torchvision.ops import batched_nms
 
 from .box_coder import BoxCoder
 from .box_ops import clip_boxes, nonempty
-from .losses import smooth_l1_sum
+from .losses import ratio, smooth_l1_sum
 from .precision import fp32
 from .roi_heads import RoIHead, Samples
 
@@ -74,12 +74,17 @@ class BoxHead(RoIHead):
         deltas[fg] = self.box_coder.encode(rois[fg], matched[fg])
         return labels, deltas
 
-    def losses(self, predictions: tuple[Tensor, Tensor], samples: Samples, targets: list[dict]
-               ) -> dict[str, Tensor]:
+    def losses(self, predictions: tuple[Tensor, Tensor], samples: Samples, targets: list[dict],
+               stats: Optional[dict] = None) -> dict[str, Tensor]:
         """Classification over all sampled RoIs; box regression on the foreground RoIs, on the deltas of
-        their ground-truth class, normalised by all sampled RoIs (detectron2)."""
+        their ground-truth class, normalised by all sampled RoIs (detectron2). `stats` receives cls_accuracy
+        (the arg-max class is the label, over all sampled RoIs) and fg_cls_accuracy (over the foreground ones)."""
         scores, deltas = predictions
         labels, reg_targets = self.targets(samples, targets)
+        if stats is not None:
+            correct = scores.detach().argmax(1) == labels
+            stats["cls_accuracy"] = ratio(correct.sum(), labels.numel())
+            stats["fg_cls_accuracy"] = ratio(correct[labels > 0].sum(), (labels > 0).sum())
         if labels.numel() == 0:  # no RoI sampled at all (no proposals, no GT): zero losses, graph kept
             zero = scores.sum() * 0 + deltas.sum() * 0
             return {"loss_cls": zero, "loss_box": zero.clone()}

@@ -9,6 +9,7 @@ from .box_head import BoxHead
 from .fpn import FPN
 from .latent_noise import LatentNoise
 from .mask_head import MaskHead
+from .maskiou_head import MaskIoUHead
 from .mask_rcnn import DEFAULT_NOISE_LEVELS, NOISE_SITES, MaskRCNN
 from .matcher import Matcher
 from .poolers import MultiScaleRoIAlign
@@ -16,6 +17,12 @@ from .roi_heads import RoIHeads
 from .rpn import RPN
 from .sampler import BalancedSampler
 from .transform import ImageTransform
+
+# The heads a config can name (model.roi_heads.box_head / mask_head), the one place names become classes. A box
+# head is built with BoxHead's keywords, a mask head with MaskHead's (a new head takes the same, or subclasses);
+# a head with wants_features = True also gets strides= {level: stride} of the RoI levels.
+BOX_HEADS = {"standard": BoxHead}
+MASK_HEADS = {"standard": MaskHead, "maskiou": MaskIoUHead}  # maskiou: Mask Scoring R-CNN (maskiou_head.py)
 
 
 def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
@@ -92,17 +99,28 @@ def build_roi_heads(m: ModelConfig, levels: list[str], strides: list[int]) -> Ro
                                   canonical_level=h.canonical_level, impl=h.roi_align_impl,
                                   level_mapper=h.level_mapper)
 
-    box_head = BoxHead(in_channels=m.fpn.out_channels, resolution=h.box_pooler_resolution, fc_dim=h.fc_dim,
-                       num_classes=m.num_classes, box_coder=BoxCoder(weights=tuple(h.box_weights)),
-                       smooth_l1_beta=h.smooth_l1_beta, score_thresh=h.score_thresh, nms_thresh=h.nms_thresh,
-                       detections_per_image=h.detections_per_image, min_box_size=h.min_box_size)
+    box_head = head_class("box_head", h.box_head, BOX_HEADS)(
+        in_channels=m.fpn.out_channels, resolution=h.box_pooler_resolution, fc_dim=h.fc_dim,
+        num_classes=m.num_classes, box_coder=BoxCoder(weights=tuple(h.box_weights)),
+        smooth_l1_beta=h.smooth_l1_beta, score_thresh=h.score_thresh, nms_thresh=h.nms_thresh,
+        detections_per_image=h.detections_per_image, min_box_size=h.min_box_size)
     mask_pooler = mask_head = None
     if h.mask_on:
-        mask_pooler = pooler(h.mask_pooler_resolution)
-        mask_head = MaskHead(in_channels=m.fpn.out_channels, conv_dim=h.mask_conv_dim, num_convs=h.mask_num_convs,
-                             num_classes=m.num_classes, aligned=h.aligned, soft_targets=h.mask_soft_targets)
+        cls = head_class("mask_head", h.mask_head, MASK_HEADS)
+        # a head that samples the FPN maps itself (wants_features) also gets each level's stride
+        maps = {"strides": dict(zip(levels, strides))} if cls.wants_features else {}
+        mask_head = cls(in_channels=m.fpn.out_channels, conv_dim=h.mask_conv_dim, num_convs=h.mask_num_convs,
+                        num_classes=m.num_classes, aligned=h.aligned, soft_targets=h.mask_soft_targets, **maps)
+        mask_pooler = pooler(h.mask_pooler_resolution) if mask_head.pooled else None
     return RoIHeads(in_features=levels, box_pooler=pooler(h.box_pooler_resolution), box_head=box_head,
                     matcher=Matcher(high_threshold=h.fg_iou, low_threshold=h.bg_iou, allow_low_quality_matches=False),
                     sampler=BalancedSampler(batch_size_per_image=h.batch_size_per_image,
                                             positive_fraction=h.positive_fraction),
                     mask_pooler=mask_pooler, mask_head=mask_head, add_gt_as_proposals=h.add_gt_as_proposals)
+
+
+def head_class(key: str, name: str, known: dict[str, type]) -> type:
+    """The class a config's head name stands for; an unknown name is an error listing the known ones."""
+    if name not in known:
+        raise ValueError(f"model.roi_heads.{key}: unknown head '{name}' (known: {', '.join(known)})")
+    return known[name]

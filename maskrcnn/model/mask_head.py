@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import ratio
 from .mask_targets import mask_targets
 from .roi_heads import RoIHead, Samples
 
@@ -60,15 +61,22 @@ class MaskHead(RoIHead):
         return torch.cat([mask_targets(t["masks"], s["matched_idx"], s["boxes"], size, self.aligned,
                                        self.soft_targets) for s, t in zip(samples, targets)])
 
-    def losses(self, predictions: Tensor, samples: Samples, targets: list[dict]) -> dict[str, Tensor]:
+    def losses(self, predictions: Tensor, samples: Samples, targets: list[dict], stats: Optional[dict] = None
+               ) -> dict[str, Tensor]:
         """{"loss_mask": per-pixel binary cross-entropy on the logits [F, K+1, M, M] of each foreground RoI's
-        ground-truth class}, against targets of the logits' own size M."""
+        ground-truth class}, against targets of the logits' own size M. `stats` receives mask_accuracy: the
+        fraction of those pixels whose logit > 0 agrees with target >= 0.5."""
         logits = predictions
         labels = torch.cat([s["labels"] for s in samples])  # [F] 1..K
         if labels.numel() == 0:
+            if stats is not None:
+                stats["mask_accuracy"] = ratio(logits.new_zeros(()), 0)
             return {"loss_mask": logits.sum() * 0}  # keeps the graph connected for DDP/AMP, value 0
         target_masks = self.targets(samples, targets, logits.shape[-1])
         logits = logits[torch.arange(labels.numel(), device=labels.device), labels]  # [F, M, M]
+        if stats is not None:
+            stats["mask_accuracy"] = ratio(((logits.detach() > 0) == (target_masks >= 0.5)).sum(),
+                                           target_masks.numel())
         return {"loss_mask": F.binary_cross_entropy_with_logits(logits.float(), target_masks.float())}
 
     def inference_rois(self, results: list[dict]) -> list[Tensor]:

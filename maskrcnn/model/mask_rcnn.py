@@ -102,19 +102,23 @@ class MaskRCNN(nn.Module):
                           bottom_up=bottom_up, noisy=noisy, fpn=feats)
         return image_list, targets, feats
 
-    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None, record: Optional[dict] = None):
+    def forward(self, images: list[Tensor], targets: Optional[list[dict]] = None, record: Optional[dict] = None,
+                stats: Optional[dict] = None):
         """Losses (training) or detections (eval). `record`: a dict that receives every intermediate result
-        (see probe); None in ordinary training and inference."""
+        (see probe); None in ordinary training and inference. `stats` (training): a dict that receives the
+        stages' training statistics, name -> [2] (numerator, denominator) from the tensors the losses use
+        (maskrcnn.engine.step.train_step sums and divides them)."""
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets, feats = self.features(images, targets, record)
-        proposals, losses = self.rpn(image_list, feats, targets, record)
+        proposals, losses = self.rpn(image_list, feats, targets, record, stats)
         if self.roi_heads is None:
             if self.training:
                 return losses
             return [{"boxes": resize_boxes(p["boxes"], size, orig), "scores": p["scores"]}
                     for p, size, orig in zip(proposals, image_list.image_sizes, original_sizes)]
         detections, head_losses = self.roi_heads(feats, [p["boxes"] for p in proposals],
-                                                 image_list.image_sizes, targets, record, self._roi_noise(record))
+                                                 image_list.image_sizes, targets, record, self._roi_noise(record),
+                                                 stats)
         if self.training:
             return {**losses, **head_losses}
         if record is not None:

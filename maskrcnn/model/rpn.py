@@ -19,7 +19,7 @@ from torchvision.ops import batched_nms
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .box_ops import box_iou, clip_boxes, nonempty
-from .losses import smooth_l1_sum
+from .losses import ratio, smooth_l1_sum
 from .matcher import BELOW_LOW_THRESHOLD, Matcher
 from .precision import fp32
 from .sampler import BalancedSampler
@@ -84,10 +84,12 @@ class RPN(nn.Module):
         self.sigmoid_scores = sigmoid_scores
 
     def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None,
-                record: Optional[dict] = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+                record: Optional[dict] = None, stats: Optional[dict] = None
+                ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """Proposals per image (detached) and, in training, {"loss_rpn_cls", "loss_rpn_box"}. `record` (the
         model's probe) receives "anchors", "objectness", "rpn_deltas", "pre_nms", "proposals" and, with targets,
-        "anchor_labels", "sampled_anchor_labels" and "anchor_matched_boxes"."""
+        "anchor_labels", "sampled_anchor_labels" and "anchor_matched_boxes". `stats` (training) receives
+        rpn_pos_anchors and rpn_neg_anchors: the sampled positive and negative anchors per image."""
         feats = [features[name] for name in self.in_features]
         logits, deltas = self.head(feats)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], tuple(images.tensor.shape[-2:]))
@@ -110,6 +112,9 @@ class RPN(nn.Module):
             labels, sampled, matched_boxes = self.label_and_sample(all_anchors, targets)
             if record is not None:
                 record.update(anchor_labels=labels, sampled_anchor_labels=sampled, anchor_matched_boxes=matched_boxes)
+            if self.training and stats is not None:
+                stats["rpn_pos_anchors"] = ratio((sampled == 1).sum(), len(sampled))
+                stats["rpn_neg_anchors"] = ratio((sampled == 0).sum(), len(sampled))
             if self.training:
                 losses = self.losses(all_anchors, torch.cat(logits, 1), torch.cat(deltas, 1), sampled, matched_boxes)
         return proposals, losses
