@@ -2,8 +2,8 @@
 # make test: the test suite
 # make notebooks: the guided-tour notebooks executed into notebooks/executed/*.ipynb (not committed)
 # make test-avx2: the precision- and kernel-sensitive tests again as on a CPU without native bfloat16 (AVX2 only)
-# make test-variations: the tests that train (pytest -m trains) under 3 seeds x (2 threads, 1 thread, AVX2 only),
-#   every thresholded statistic printed beside its threshold (tests/variations.py; about N min on 2 cores)
+# make test-variations: the tests that train (pytest -m trains) under 3 seeds x (2 threads, 1 thread, AVX2, SSE kernels),
+#   every thresholded statistic printed beside its threshold (tests/variations.py: 12 pytest runs)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

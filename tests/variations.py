@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     print()
     print(table(records, columns))
     print()
-    print(f"failed: {', '.join(failed)}" if failed else f"all {len(columns)} variations passed")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    print(f"variations: {len(columns) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
