@@ -140,8 +140,8 @@ def _fit(model, images, targets, steps, lr=1e-3, opt=None):
 
 
 RPN_STEPS = 60
-# loss of the last 3 steps / the first 3 after 60 steps; seen 0.024-0.044 over seeds 0-2 at 2 and 1 threads and
-# with other kernels (tests/variations.py, an AVX2 CPU): the threshold is 11x the worst
+# loss of the last 3 steps / the first 3 after 60 steps; seen 0.022-0.048 over seeds 0-2 at 2 and 1 threads and
+# with ATen's scalar kernels (tests/variations.py, 12 variations on an AVX2 CPU): the threshold is 10x the worst
 RPN_LOSS_RATIO = 0.5
 
 
@@ -183,8 +183,8 @@ def _worst_object(model, images, targets) -> tuple[float, float, bool]:
 # Trained to a target, not for a fixed number of steps: after 200 steps one CPU's trajectory had every object at
 # mask IoU >= 0.7 and another's (AMX) one object at 0.686. The model is checked every FIT_CHECK steps from
 # FIT_MIN_STEPS on; the verdict is whether it finds every object (right label, box and mask IoU > FIT_IOU) within
-# FIT_MAX_STEPS. Seen: at the first check (150 steps) in 8 of 9 variations, at 200 in one (seeds 0-2 at 2 and 1
-# threads and with other kernels, tests/variations.py, an AVX2 CPU): the cap is 3x the worst.
+# FIT_MAX_STEPS. Seen: at the first check (150 steps) in 11 of 12 variations, at 200 in one (seeds 0-2 at 2 and 1
+# threads and with ATen's scalar kernels, tests/variations.py, an AVX2 CPU): the cap is 3x the worst.
 FIT_IOU, FIT_MIN_STEPS, FIT_CHECK, FIT_MAX_STEPS = 0.7, 150, 25, 600
 
 
