@@ -1,6 +1,7 @@
 """Tests for compare.py: the loss-curve PNG and the Markdown AP table over four tiny runs (groups 'base' and
-'noise', two seeds each, trained once per module), smooth(), grouping by seed suffix, and one-line errors. The table is checked on planted
-APs (copies of the runs with chosen numbers in metrics.json), against statistics computed in the test."""
+'noise', two seeds each, trained once per module), smooth(), grouping by seed suffix, and one-line errors. The
+table is checked on planted APs (copies of the runs with chosen numbers in metrics.json) against statistics
+computed in the test."""
 from __future__ import annotations
 
 import contextlib
