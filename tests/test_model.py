@@ -154,6 +154,8 @@ def test_rpn_training_returns_two_losses(rpn):
 
 
 def test_rpn_eval_returns_proposals_in_input_pixels(rpn):
+    """The RPN stage's eval output (once also in test_rpn.py): each image's proposals, scaled from the resized
+    frame back to the input's pixels, scores unchanged, inside the input image."""
     _, model = rpn
     model.eval()
     images = make_images()
