@@ -709,6 +709,19 @@ def test_reference_is_skipped_only_when_not_installed(monkeypatch):
         load_reference()
 
 
+def test_frost_photographs_are_found_where_the_package_is_installed():
+    """The frost tests on photographs skip only where imagecorruptions is not installed: where it is, its
+    photographs are found (a package without them, or a lookup that misses them, fails here)."""
+    import importlib.util
+
+    if importlib.util.find_spec("imagecorruptions") is None:
+        pytest.skip("imagecorruptions is not installed (pip install imagecorruptions)")
+    from maskrcnn.evaluation.corruptions import _FROST_FILES
+
+    folder = frost_photo_dir()
+    assert folder is not None and all((folder / f).is_file() for f in _FROST_FILES), folder
+
+
 def as_reference_u8(out: torch.Tensor, name: str) -> np.ndarray:
     """Our output as the reference returns it: np.uint8(float image * 255) truncates, except where the
     reference works on PIL images (JPEG, pixelate), which round."""

@@ -114,7 +114,7 @@ def test_proposal_limits(training, tiny, monkeypatch):
     assert len(proposals) == 2
     # different image sizes in one padded batch: each image is clipped to its own size
     assert image_list.image_sizes[0] != image_list.image_sizes[1]
-    for p, (h, w) in zip(proposals, image_list.image_sizes):
+    for p, (h, w) in zip(proposals, image_list.image_sizes, strict=True):
         boxes, scores = p["boxes"], p["scores"]
         assert boxes.shape[1] == 4 and scores.shape == (boxes.shape[0],)
         assert 0 < boxes.shape[0] <= limit
@@ -251,7 +251,7 @@ def test_head_layout_matches_anchor_order():
     dx, dy, dw, dh = 0.25, -0.1, math.log(1.5), math.log(0.8)
     deltas[level][0, 4 * a: 4 * a + 4, y, x] = torch.tensor([dx, dy, dw, dh])
     rpn.head = FixedHead(logits, deltas)
-    feats = {f"p{k}": torch.zeros(1, 8, h, w) for k, (h, w) in zip(range(2, 7), hw)}
+    feats = {f"p{k}": torch.zeros(1, 8, h, w) for k, (h, w) in zip(range(2, 7), hw, strict=True)}
     proposals, losses = rpn(ImageList(torch.zeros(1, 3, H, W), [(H, W)]), feats)
     assert losses == {}
     # by hand: size 32, ratio 2 -> w = 32 / sqrt(2), h = 32 * sqrt(2), centred at (5 * 8, 3 * 8)
