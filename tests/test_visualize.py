@@ -216,7 +216,8 @@ def test_one_line_errors(setup, capsys, tmp_path):
             vis_cli.main(argv + ["--out", str(tmp_path)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, (argv, err)
-        assert err == message + "\n" or argv[0] == "proposals" and "--set" in argv, (argv, err)  # exact but one
+        if "--set" not in argv or argv[0] == "rois":  # the whole line; the weights' mismatch: its first part
+            assert err == message + "\n", (argv, err)
 
 
 # ------------------------------------------------------------------------------------------ during training
