@@ -297,17 +297,71 @@ def test_bf16_training_losses_and_gradients_match_fp32(trained, margin):
 
 @pytest.mark.trains
 def test_bf16_fine_tuning_keeps_learning(trained):
-    """Twenty more steps under bf16 autocast lower the training loss, about as far as twenty in fp32 do."""
+    """Training goes on under bf16 autocast as it does in fp32: from the trained weights and a warm optimiser,
+    twenty more steps lower the loss, about as far in bf16 as in fp32.
+
+    A fresh Adam is no continuation: its first steps move every weight by about the learning rate whatever its
+    gradient, and throw the model off its minimum (the loss jumped from 0.6 to 1.26), so twenty steps measured a
+    recovery. Here Adam's moments are first built in fp32 at learning rate 0 (ten steps that move no weight), and
+    both runs start from that state at a fine-tuning rate of 1e-4 (at the fixture's 1e-3 even the warm moments,
+    estimated from the recent small gradients only, give steps large enough to restart). The measure is the
+    training loss of the four images in fp32, before and after, with fixed seeds for the anchor and RoI samples
+    (the mean of three draws on both pairs of images), so that what differs between the runs is the twenty
+    steps; the per-step losses are noisier (the sampled RoIs)."""
     _, model, images, targets = trained
-    ends = {}
+    pairs = ([0, 1], [2, 3])
+
+    def loss_now(m) -> float:
+        m = copy.deepcopy(m)  # train mode updates the BatchNorm statistics
+        m.train()
+        total = 0.0
+        with torch.no_grad():
+            for seed in (10, 11, 12):
+                torch.manual_seed(seed)
+                for batch in pairs:
+                    total += sum(m([images[i] for i in batch], [targets[i] for i in batch]).values()).item()
+        return total / (3 * len(pairs))
+
+    def steps(m, opt, n: int, autocast: bool) -> list[float]:
+        m.train()
+        history = []
+        for it in range(n):
+            batch = pairs[it % 2]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = sum(m([images[i] for i in batch], [targets[i] for i in batch]).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append(loss.item())
+        return history
+
+    warm = copy.deepcopy(model)
+    opt = torch.optim.Adam([p for p in warm.parameters() if p.requires_grad], lr=0.0)
+    torch.manual_seed(2)
+    steps(warm, opt, 10, autocast=False)
+    before = loss_now(warm)
+    drops, histories = {}, {}
     for autocast in (False, True):
-        m = copy.deepcopy(model)
+        m = copy.deepcopy(warm)
+        o = torch.optim.Adam([p for p in m.parameters() if p.requires_grad])
+        o.load_state_dict(opt.state_dict())  # the warm moments (and the learning rate 0 they were built at)
+        for group in o.param_groups:
+            group["lr"] = 1e-4
         torch.manual_seed(2)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            history = _fit(m, images, targets, steps=20)
-        ends[autocast] = sum(history[-6:]) / 6
-        assert ends[autocast] < sum(history[:6]) / 6, history
-    assert ends[True] <= 1.2 * ends[False], ends  # not worse than fp32 (the sampled RoIs make both noisy)
+        histories[autocast] = steps(m, o, 20, autocast)
+        drops[autocast] = before - loss_now(m)
+    # Measured on the seed-0 fixture on an AVX2-only CPU (bf16 emulated; 1 and 2 threads alike, and with the
+    # AVX2 variables of `make test-avx2`): from 0.577, fp32 reached 0.456 (drop 0.121), bf16 0.506 (drop 0.071).
+    # fp32 goes on learning, so the comparison is not of two flat lines (seen 0.121, bound 0.04: 3x margin).
+    assert drops[False] >= 0.04, (before, drops, histories)
+    # bf16 learns about as much (seen 0.58 of fp32's drop, bound 0.25: 2.3x margin); a bf16 path that stops
+    # learning drops by ~0 and fails here.
+    assert drops[True] >= 0.25 * drops[False], (before, drops, histories)
+    for autocast, history in histories.items():
+        first, last = sum(history[:6]) / 6, sum(history[-6:]) / 6
+        # A continuation, not a restart: the first six steps' mean loss stays near where training stood (seen:
+        # 1.09x in bf16, 0.95x in fp32; a fresh Adam's restart gave 1.65x), and the per-step losses go down.
+        assert first <= 1.3 * before and last < first, (autocast, before, history)
 
 
 # ------------------------------------------------------------------------------------- BatchNorm folding

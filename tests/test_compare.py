@@ -1,5 +1,7 @@
 """Tests for compare.py: the loss-curve PNG and the Markdown AP table over four tiny runs (groups 'base' and
-'noise', two seeds each, trained once per module), smooth(), grouping by seed suffix, and one-line errors."""
+'noise', two seeds each, trained once per module), smooth(), grouping by seed suffix, and one-line errors. The
+table is checked on planted APs (copies of the runs with chosen numbers in metrics.json) against statistics
+computed in the test."""
 from __future__ import annotations
 
 import contextlib
@@ -73,11 +75,64 @@ def test_runs_are_what_the_test_assumes(runs):
     assert not np.allclose(base, noise)
 
 
-def test_compare_writes_png_and_table(runs, tmp_path):
+# Planted final APs (group -> seed -> (box AP, mask AP)), written into copies of the trained runs' metrics.json:
+# after ITERS iterations every real AP is 0.0, and a table of zeros would pass whatever compare.py computed. The
+# box APs differ between groups by about 0.1 on both seeds (a paired interval that excludes zero), the mask
+# APs go up on one seed and down on the other (an interval that includes zero); no mean sits on a rounding edge.
+PLANTED = {"base": {0: (0.300, 0.200), 1: (0.340, 0.260)},
+           "noise": {0: (0.400, 0.250), 1: (0.446, 0.190)}}
+T975_DF1 = 12.706  # Student's t, 97.5% quantile, 1 degree of freedom (two seeds), from a printed table
+
+
+@pytest.fixture(scope="module")
+def planted(runs, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the four runs (their events, for the chart) with the PLANTED APs in metrics.json."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("planted")
+    dirs = {}
+    for name, src in runs.items():
+        assert not (src / "eval_val_clean.json").exists()  # metrics.json is what compare.py reads here
+        dst = out / name
+        shutil.copytree(src, dst)
+        box, mask = PLANTED[name.rsplit("-s", 1)[0]][int(name[-1])]
+        metrics = json.loads((dst / "metrics.json").read_text())
+        metrics["val"]["bbox"]["stats"]["AP"], metrics["val"]["segm"]["stats"]["AP"] = box, mask
+        (dst / "metrics.json").write_text(json.dumps(metrics))
+        dirs[name] = dst
+    return dirs
+
+
+def expected_cells(column: int) -> dict[str, str]:
+    """The table's cells for column 0 (box AP) or 1 (mask AP) of PLANTED, computed here with the statistics
+    module: mean ± sample standard deviation, and for noise the difference of means ± its standard error."""
+    import statistics
+
+    cells, base = {}, None
+    for group in ("base", "noise"):
+        xs = [PLANTED[group][s][column] for s in (0, 1)]
+        mean, sd = statistics.mean(xs), statistics.stdev(xs)
+        cells[group] = f"{mean:.3f} ± {sd:.3f}"
+        if base is None:
+            base = (mean, sd)
+        else:
+            se = ((sd**2) / 2 + base[1] ** 2 / 2) ** 0.5
+            cells[group] += f" ({mean - base[0]:+.3f} ± {se:.3f})"
+    return cells
+
+
+def test_planted_aps_are_not_a_trivial_comparison():
+    box, mask = expected_cells(0), expected_cells(1)
+    assert box == {"base": "0.320 ± 0.028", "noise": "0.423 ± 0.033 (+0.103 ± 0.030)"}  # worked by hand too
+    assert mask == {"base": "0.230 ± 0.042", "noise": "0.220 ± 0.042 (-0.010 ± 0.042)"}
+    assert box["base"] != mask["base"] and box["noise"] != mask["noise"]  # a swapped column shows
+
+
+def test_compare_writes_png_and_table(planted, tmp_path):
     import matplotlib.image as mpimg
 
     png, md = tmp_path / "charts" / "cmp.png", tmp_path / "table.md"
-    dirs = [str(runs[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
+    dirs = [str(planted[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
     table, stdout = run_compare([*dirs, "--out", str(png), "--table", str(md)])
     assert png.is_file() and png.stat().st_size > 1000
     img = mpimg.imread(str(png))
@@ -88,27 +143,16 @@ def test_compare_writes_png_and_table(runs, tmp_path):
 
     lines = [ln for ln in table.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["run", "seeds", "box AP", "mask AP"]
+    assert header == ["run", "seeds", "box AP", "mask AP"]  # no corrupted or benchmark AP in these runs
     assert set(lines[1].replace("|", "").strip()) <= {"-"}
     rows = {}
     for ln in lines[2:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
         rows[cells[0]] = cells
     assert set(rows) == {"base", "noise"}
+    box, mask = expected_cells(0), expected_cells(1)
     for group, cells in rows.items():
-        assert cells[1] == "2"
-        for col, iou_type in ((2, "bbox"), (3, "segm")):
-            aps = [json.loads((runs[f"{group}-s{s}"] / "metrics.json").read_text())["val"][iou_type]["stats"]["AP"]
-                   for s in (0, 1)]
-            nums = parse_cell(cells[col])
-            assert nums[0] == pytest.approx(np.mean(aps), abs=6e-4)
-            assert nums[1] == pytest.approx(np.std(aps, ddof=1), abs=6e-4)
-            if group == "noise":  # difference from the first group, base
-                base_aps = [json.loads((runs[f"base-s{s}"] / "metrics.json").read_text())["val"][iou_type]
-                            ["stats"]["AP"] for s in (0, 1)]
-                assert nums[2] == pytest.approx(np.mean(aps) - np.mean(base_aps), abs=1e-3)
-            else:
-                assert len(nums) == 2
+        assert cells[1:] == ["2", box[group], mask[group]], (group, cells)
 
 
 def test_compare_prefers_evaluate_results(runs, tmp_path):
@@ -209,9 +253,25 @@ def test_paired_difference_interval_and_verdict():
     assert compare.paired_difference(base, {"0": 0.3}) is None  # one common seed: no interval
 
 
-def test_table_reports_paired_interval(runs, tmp_path):
-    dirs = [str(runs[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
+def test_table_reports_paired_interval(planted, tmp_path):
+    """The paired lines: mean of the per-seed differences, mean -+ t(0.975, 1 df) * sd / sqrt(2), and the verdict,
+    computed here from PLANTED; box AP's interval excludes zero, mask AP's includes it."""
+    import statistics
+
+    dirs = [str(planted[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
     table, _ = run_compare([*dirs, "--out", str(tmp_path / "c.png")])
-    assert "Paired by seed:" in table
-    line = next(ln for ln in table.splitlines() if ln.startswith("- noise - base, box AP"))
-    assert "95% CI [" in line and "over 2 seeds" in line and ("excludes zero" in line or "includes zero" in line)
+    paired = table.split("Paired by seed:\n", 1)[1].splitlines()
+    assert len(paired) == 2, paired
+    verdicts = []
+    for line, (column, title) in zip(paired, ((0, "box AP"), (1, "mask AP")), strict=True):
+        d = [PLANTED["noise"][s][column] - PLANTED["base"][s][column] for s in (0, 1)]
+        mean, half = statistics.mean(d), T975_DF1 * statistics.stdev(d) / 2**0.5
+        excludes = mean - half > 0 or mean + half < 0
+        verdict = ("excludes zero: a difference at this confidence" if excludes
+                   else "includes zero: no difference shown")
+        verdicts.append(excludes)
+        assert line == (f"- noise - base, {title}: {mean:+.3f}, 95% CI [{mean - half:+.3f}, {mean + half:+.3f}] "
+                        f"over 2 seeds (paired, t with 1 df); the interval {verdict}."), line
+    assert verdicts == [True, False]  # both verdicts are exercised
+    assert paired[0].startswith("- noise - base, box AP: +0.103, 95% CI [+0.065, +0.141]")  # worked by hand
+    assert paired[1].startswith("- noise - base, mask AP: -0.010, 95% CI [-0.772, +0.752]")

@@ -639,41 +639,45 @@ def load_reference():
     """The `imagecorruptions` package (a test-only dependency), made to run on current setuptools / numpy /
     scikit-image: its import needs `pkg_resources` (gone from setuptools >= 81), fog uses `np.float_` (gone
     in numpy 2) and the blurs pass `multichannel=` (gone from scikit-image 0.19+). Each shim is only the
-    renamed API; None with the reason when the package is missing or still does not run."""
+    renamed API. None with the reason only when the package itself is not installed; any other failure (a
+    dependency of it missing, a shim that no longer fits, a corruption that raises) is raised, and the tests
+    that use the reference fail instead of being skipped."""
     import importlib
+    import importlib.util
     import os
     import sys
     import types
 
+    if importlib.util.find_spec("imagecorruptions") is None:
+        return None, "imagecorruptions is not installed (pip install imagecorruptions)"
     try:
-        import importlib.util
-        if importlib.util.find_spec("imagecorruptions") is None:
-            return None, "imagecorruptions is not installed (pip install imagecorruptions)"
-        try:
-            import pkg_resources  # noqa: F401
-        except ImportError:
-            shim = types.ModuleType("pkg_resources")
-            shim.resource_filename = lambda pkg, rel: os.path.join(os.path.dirname(sys.modules[pkg].__file__), rel)
-            sys.modules["pkg_resources"] = shim
-        if not hasattr(np, "float_"):
-            np.float_ = np.float64
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda pkg, rel: os.path.join(os.path.dirname(sys.modules[pkg].__file__), rel)
+        sys.modules["pkg_resources"] = shim
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64
+    try:
         ref = importlib.import_module("imagecorruptions")
-        mod = sys.modules["imagecorruptions.corruptions"]
-        if not getattr(mod.gaussian, "_shim", False):
-            gaussian = mod.gaussian
+    except ModuleNotFoundError as e:
+        if e.name != "imagecorruptions":
+            raise  # a dependency of the package is missing: an environment to fix, not a test to skip
+        return None, "imagecorruptions is not installed (pip install imagecorruptions)"
+    mod = sys.modules["imagecorruptions.corruptions"]
+    if not getattr(mod.gaussian, "_shim", False):
+        gaussian = mod.gaussian
 
-            def gaussian_shim(image, sigma=1, multichannel=None, **kw):
-                if multichannel:
-                    kw["channel_axis"] = -1
-                return gaussian(image, sigma=sigma, **kw)
-            gaussian_shim._shim = True
-            mod.gaussian = gaussian_shim
-        probe = np.zeros((32, 32, 3), np.uint8)
-        for name in ref.get_corruption_names("common"):
-            ref.corrupt(probe, corruption_name=name, severity=1)
-        return ref, ""
-    except Exception as e:  # noqa: BLE001 - any failure of a third-party package means: skip
-        return None, f"imagecorruptions does not run here: {type(e).__name__}: {e}"
+        def gaussian_shim(image, sigma=1, multichannel=None, **kw):
+            if multichannel:
+                kw["channel_axis"] = -1
+            return gaussian(image, sigma=sigma, **kw)
+        gaussian_shim._shim = True
+        mod.gaussian = gaussian_shim
+    probe = np.zeros((32, 32, 3), np.uint8)
+    for name in ref.get_corruption_names("common"):
+        ref.corrupt(probe, corruption_name=name, severity=1)
+    return ref, ""
 
 
 @pytest.fixture(scope="module")
@@ -682,6 +686,40 @@ def reference():
     if ref is None:
         pytest.skip(reason)
     return ref
+
+
+def test_reference_is_skipped_only_when_not_installed(monkeypatch):
+    """load_reference's one skip is the package missing; a failure inside it is an error, not a skip."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "imagecorruptions" else real_find_spec(name, *a))
+    assert load_reference() == (None, "imagecorruptions is not installed (pip install imagecorruptions)")
+    monkeypatch.undo()
+    if real_find_spec("imagecorruptions") is None:
+        pytest.skip("imagecorruptions is not installed: the failing case needs it")
+    ref, _ = load_reference()
+
+    def broken(*args, **kwargs):
+        raise ValueError("planted failure")
+
+    monkeypatch.setattr(ref, "corrupt", broken)
+    with pytest.raises(ValueError, match="planted failure"):
+        load_reference()
+
+
+def test_frost_photographs_are_found_where_the_package_is_installed():
+    """The frost tests on photographs skip only where imagecorruptions is not installed: where it is, its
+    photographs are found (a package without them, or a lookup that misses them, fails here)."""
+    import importlib.util
+
+    if importlib.util.find_spec("imagecorruptions") is None:
+        pytest.skip("imagecorruptions is not installed (pip install imagecorruptions)")
+    from maskrcnn.evaluation.corruptions import _FROST_FILES
+
+    folder = frost_photo_dir()
+    assert folder is not None and all((folder / f).is_file() for f in _FROST_FILES), folder
 
 
 def as_reference_u8(out: torch.Tensor, name: str) -> np.ndarray:

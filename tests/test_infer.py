@@ -80,11 +80,18 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys, case):
             "empty-folder": ["--checkpoint", full, "--input", str(empty)],
             "rpn-checkpoint": ["--checkpoint", rpn, "--input", str(folder)],
             "missing-checkpoint": ["--checkpoint", str(tmp_path / "no.pth"), "--input", str(folder)]}[case]
+    message = {"missing-input": f"error: input not found: {tmp_path / 'nothing'}",
+               "empty-folder": f"error: {empty}: no images (",
+               "rpn-checkpoint": f"error: {rpn} is an RPN-stage checkpoint; infer.py needs a full-stage one",
+               "missing-checkpoint": f"error: checkpoint not found: {tmp_path / 'no.pth'}"}[case]
     with pytest.raises(SystemExit) as e:
         infer.main(argv + ["--out", str(tmp_path / "out")])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), (case, err)
+    if case == "empty-folder":  # the suffixes it looked for
+        assert ".png" in err and ".jpg" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
 def test_exif_rotated_photo_is_read_as_displayed(checkpoints, tmp_path):

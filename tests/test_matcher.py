@@ -94,13 +94,9 @@ def test_no_ground_truth_all_background():
 
 
 def test_no_predictions():
-    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=False)(torch.zeros(3, 0))
-    assert got.shape == (0,)
-
-
-def test_no_predictions_low_quality():
-    got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=True)(torch.zeros(3, 0))
-    assert got.shape == (0,)
+    for lq in (False, True):
+        got = Matcher(high_threshold=0.7, low_threshold=0.3, allow_low_quality_matches=lq)(torch.zeros(3, 0))
+        assert got.shape == (0,) and got.dtype == torch.int64, lq
 
 
 def test_prediction_with_zero_iou_to_everything():

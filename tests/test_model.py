@@ -83,7 +83,7 @@ def test_full_eval_output_format_in_input_pixels(full, monkeypatch):
     assert isinstance(outputs, list) and len(outputs) == 2
     k = cfg.model.num_classes
     total = 0
-    for out, (h, w), (rh, rw), r in zip(outputs, INPUT_SIZES, RESIZED, raw["dets"]):
+    for out, (h, w), (rh, rw), r in zip(outputs, INPUT_SIZES, RESIZED, raw["dets"], strict=True):
         assert set(out) >= {"boxes", "labels", "scores", "masks"}
         d = out["boxes"].shape[0]
         total += d
@@ -154,6 +154,8 @@ def test_rpn_training_returns_two_losses(rpn):
 
 
 def test_rpn_eval_returns_proposals_in_input_pixels(rpn):
+    """The RPN stage's eval output (once also in test_rpn.py): each image's proposals, scaled from the resized
+    frame back to the input's pixels, scores unchanged, inside the input image."""
     _, model = rpn
     model.eval()
     images = make_images()
@@ -163,7 +165,7 @@ def test_rpn_eval_returns_proposals_in_input_pixels(rpn):
         proposals, _ = model.rpn(image_list, feats)
     assert image_list.image_sizes == RESIZED
     assert len(outputs) == 2
-    for out, p, (h, w), (rh, rw) in zip(outputs, proposals, INPUT_SIZES, RESIZED):
+    for out, p, (h, w), (rh, rw) in zip(outputs, proposals, INPUT_SIZES, RESIZED, strict=True):
         assert set(out) == {"boxes", "scores"}
         n = out["boxes"].shape[0]
         assert n > 0 and out["scores"].shape == (n,)
@@ -194,7 +196,7 @@ def test_transform_resizes_and_postprocess_maps_back():
     targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
     image_list, new_targets = transform(make_images(), targets)
     assert image_list.image_sizes == RESIZED
-    for b, t, (h, w), (rh, rw) in zip(boxes, new_targets, INPUT_SIZES, RESIZED):
+    for b, t, (h, w), (rh, rw) in zip(boxes, new_targets, INPUT_SIZES, RESIZED, strict=True):
         expected = b * torch.tensor([rw / w, rh / h, rw / w, rh / h])
         torch.testing.assert_close(t["boxes"], expected, atol=1e-4, rtol=1e-6)
     # The whole-image box of image 0 becomes the whole resized image.
@@ -202,7 +204,7 @@ def test_transform_resizes_and_postprocess_maps_back():
     dets = [{"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"],
              "masks": torch.ones(len(t["boxes"]), 1, 28, 28)} for t in new_targets]
     back = postprocess_detections(dets, image_list.image_sizes, INPUT_SIZES)
-    for b, r, (h, w) in zip(boxes, back, INPUT_SIZES):
+    for b, r, (h, w) in zip(boxes, back, INPUT_SIZES, strict=True):
         torch.testing.assert_close(r["boxes"], b, atol=1e-3, rtol=1e-6)
         assert r["masks"].shape == (len(b), 1, h, w)
     # An all-ones mask pasted on the whole-image box covers the input image (bilinear paste with zero
@@ -216,11 +218,11 @@ def test_transform_resizes_target_masks_in_training():
     targets = make_targets()
     image_list, new_targets = transform(make_images(), targets)
     assert image_list.image_sizes == RESIZED
-    for t, (rh, rw) in zip(new_targets, RESIZED):
+    for t, (rh, rw) in zip(new_targets, RESIZED, strict=True):
         assert t["masks"].shape[1:] == (rh, rw)
         assert t["masks"].dtype == torch.uint8
         # The box of each mask, scaled, still bounds its resized mask (to within a pixel).
-        for m, b in zip(t["masks"], t["boxes"]):
+        for m, b in zip(t["masks"], t["boxes"], strict=True):
             ys, xs = torch.nonzero(m, as_tuple=True)
             assert abs(xs.min().item() - b[0].item()) <= 1.5 and abs(xs.max().item() + 1 - b[2].item()) <= 1.5
             assert abs(ys.min().item() - b[1].item()) <= 1.5 and abs(ys.max().item() + 1 - b[3].item()) <= 1.5
@@ -321,7 +323,7 @@ def test_probe_in_eval_mode_returns_every_stage_and_the_same_detections(full):
     assert ((sampled >= 0).sum(1) <= rpn.sampler.batch_size_per_image).all()
     assert ((sampled == 1) <= (rec["anchor_labels"] == 1)).all()  # a sampled positive was a positive
     assert len(rec["proposals"]) == 2 and len(rec["roi_samples"]) == 2
-    for s, tgt in zip(rec["roi_samples"], rec["targets"]):
+    for s, tgt in zip(rec["roi_samples"], rec["targets"], strict=True):
         assert (s["labels"] > 0).any() and (s["matched_idx"] < len(tgt["boxes"])).all()
 
 
@@ -391,7 +393,7 @@ def test_bf16_autocast_eval_and_training_run_with_fp32_outputs(full):
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images)
-    for out, (h, w) in zip(outputs, INPUT_SIZES):
+    for out, (h, w) in zip(outputs, INPUT_SIZES, strict=True):
         assert out["boxes"].dtype == out["scores"].dtype == out["masks"].dtype == torch.float32
         assert out["masks"].shape[-2:] == (h, w)
     model.train()

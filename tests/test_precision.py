@@ -62,14 +62,72 @@ def test_settings_and_config_keys_take_true_false_auto():
     assert shapes.train.cpu_amp == "auto"  # the default preset chooses by CPU
 
 
+X86_CASES = [  # (ATen capability, oneDNN bf16, AVX-512 BF16, AMX) -> native
+    (("AVX512", True, True, False), True),
+    (("AVX512", True, False, True), True),
+    (("AVX512", True, False, False), False),  # plain AVX-512: oneDNN says yes, but emulates bf16
+    (("AVX2", True, True, True), False),  # ATen limited to AVX2 (ATEN_CPU_CAPABILITY=avx2)
+    (("AVX512", False, True, True), False),  # oneDNN limited (ONEDNN_MAX_CPU_ISA=AVX2)
+    (("AVX512", None, True, False), False),  # a build without oneDNN's check
+    (("AVX512", True, None, None), False),  # a build without the instruction checks
+]
+
+
+def _fake_cpu(monkeypatch, machine: str, capability: str, onednn, avx512_bf16=None, amx=None) -> list[str]:
+    """cpu_bf16_native's inputs replaced by the given answers; returns the names of the checks it asked."""
+    asked = []
+    answers = {"_is_mkldnn_bf16_supported": onednn, "_is_avx512_bf16_supported": avx512_bf16,
+               "_is_amx_tile_supported": amx}
+
+    def probe(name, owner):
+        asked.append(name)
+        return answers[name]
+
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "_probe", probe)
+    return asked
+
+
+@pytest.mark.parametrize("case", X86_CASES, ids=lambda c: "-".join(map(str, c[0])))
+def test_native_on_x86_needs_avx512_kernels_onednn_and_the_instructions(monkeypatch, case):
+    """The rule on any CPU, both ways: native needs ATen's AVX512 kernels, oneDNN's bf16 and the chip's AVX-512
+    BF16 or AMX; the evidence names each."""
+    (capability, onednn, avx512_bf16, amx), expected = case
+    asked = _fake_cpu(monkeypatch, "x86_64", capability, onednn, avx512_bf16, amx)
+    native, evidence = cpu_bf16_native()
+    assert native is expected
+    assert set(asked) == {"_is_mkldnn_bf16_supported", "_is_avx512_bf16_supported", "_is_amx_tile_supported"}
+    assert evidence.startswith(f"CPU capability {capability}, oneDNN bf16: {'yes' if onednn else 'no'}, ")
+    named = [n for n, ok in (("AVX-512 BF16", avx512_bf16), ("AMX", amx)) if ok]
+    assert evidence.endswith(f"the chip's bf16 instructions: {' and '.join(named) or 'none'}")
+    # and what a run does with it: auto follows native, an explicit true warns only where emulated
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: (native, evidence))
+    assert choose_precision("cpu", "auto", "train.cpu_amp").autocast is expected
+    assert (choose_precision("cpu", True, "train.cpu_amp").warning is None) is expected
+
+
+@pytest.mark.parametrize("onednn, expected", [(True, True), (False, False), (None, False)])
+def test_native_on_arm_is_onednns_check(monkeypatch, onednn, expected):
+    asked = _fake_cpu(monkeypatch, "aarch64", "DEFAULT", onednn)
+    native, evidence = cpu_bf16_native()
+    assert native is expected and asked == ["_is_mkldnn_bf16_supported"]
+    assert evidence == f"aarch64, CPU capability DEFAULT, oneDNN bf16: {'yes' if onednn else 'no'}"
+
+
 def test_native_check_follows_pytorchs_own_checks():
-    """Native needs ATen's AVX512 kernels, oneDNN's bf16 and (on x86) the chip's AVX-512 BF16 or AMX."""
+    """On this machine, with PyTorch's real checks, whichever way the answer goes: native exactly when (on x86)
+    ATen's kernels are AVX512, oneDNN's bf16 is there and the chip has AVX-512 BF16 or AMX."""
     native, evidence = cpu_bf16_native()
     capability = torch.backends.cpu.get_cpu_capability()
     assert f"CPU capability {capability}" in evidence
-    if native and platform.machine().lower() in ("x86_64", "amd64"):
-        assert capability.startswith("AVX512") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        assert torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    onednn = precision._probe("_is_mkldnn_bf16_supported", torch.ops.mkldnn)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        instructions = (precision._probe("_is_avx512_bf16_supported", torch.cpu)
+                        or precision._probe("_is_amx_tile_supported", torch.cpu))
+        assert native is bool(capability.startswith("AVX512") and onednn and instructions), evidence
+    else:
+        assert native is bool(onednn), evidence
 
 
 @x86

@@ -193,6 +193,38 @@ def test_against_the_same_checkpoint_shows_no_difference(planted, tmp_path):
     assert "proposals" in p.ids
 
 
+def test_against_a_different_checkpoint_shows_the_difference(planted, tmp_path):
+    """The counterpart of the test above: the same comparison against a checkpoint whose anchors are twice as
+    large (and whose weights differ) finds the anchor fit worse by exactly what the planted boxes give, and marks
+    it so on the page. With sides 32, 64, ..., 512 the 16 x 16 box is at best inside a 32 x 32 anchor (IoU 1/4),
+    the 4 x 100 box holds 4 x 32 of one (IoU 128 / (400 + 1024 - 128)), and the 64 x 64 box is a P3 anchor."""
+    cfg = load_config("configs/tiny.yaml", planted["set"] + ["stage=full", "model.num_classes=1",
+                                                              "model.anchors.sizes=[32,64,128,256,512]"])
+    torch.manual_seed(1)
+    model = build_model(cfg, load_weights=False).eval()
+    large = tmp_path / "large.pth"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_yaml(cfg), "stage": "full",
+                     "class_names": ["__background__", "box"]}, large)
+    data, page = report(tmp_path, "--checkpoint", str(large), "--against", planted["full"], "--images", "1")
+    rows = {r["metric"]: r for r in data["summary"]}
+    this_iou, against_iou = (0.25 + 128 / 1296 + 1) / 3, (2 + NO_FIT_IOU) / 3
+    iou = rows["mean best anchor IoU"]
+    assert iou["this"] == pytest.approx(this_iou, abs=1e-6) and iou["against"] == pytest.approx(against_iou, abs=1e-6)
+    assert iou["difference"] == pytest.approx(this_iou - against_iou, abs=1e-6) and iou["verdict"] == "worse"
+    # The 16 x 16 box loses its positive anchor at the threshold (kept only by the low-quality rule).
+    positive = rows["objects with a positive anchor at the threshold"]
+    assert (positive["this"], positive["against"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert positive["verdict"] == "worse"
+    for r in data["summary"]:  # every difference is this - against, and its verdict follows its sign
+        assert r["difference"] == pytest.approx(r["this"] - r["against"])
+        expected = "same" if r["difference"] == 0 else (
+            "better" if (r["difference"] > 0) == r["higher_is_better"] else "worse")
+        assert r["verdict"] == expected, r
+    assert data["sides"]["this"]["proposals"] != data["sides"]["against"]["proposals"]
+    p = parse(page, tmp_path / "rep")
+    assert any("worse" in c for c in p.cells)
+
+
 def test_rpn_stage_checkpoint(planted, tmp_path):
     data, page = report(tmp_path, "--checkpoint", planted["rpn"], "--images", "1", "--val-images", "2")
     this = data["sides"]["this"]
@@ -205,12 +237,15 @@ def test_rpn_stage_checkpoint(planted, tmp_path):
 
 
 def test_one_line_errors(planted, tmp_path, capsys):
-    for argv in (["--against", planted["full"]], ["--checkpoint", planted["full"], "--images", "-1"],
-                 ["--checkpoint", str(tmp_path / "none.pth")]):
+    missing = tmp_path / "none.pth"
+    for argv, message in (
+            (["--against", planted["full"]], "error: --against compares two checkpoints: give --checkpoint too"),
+            (["--checkpoint", planted["full"], "--images", "-1"], "error: --images must be >= 0, got -1"),
+            (["--checkpoint", str(missing)], f"error: checkpoint not found: {missing}")):
         with pytest.raises(SystemExit) as e:
             vis_cli.main(["report", "--out", str(tmp_path), "--no-progress", *argv])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert e.value.code == 2 and err == message + "\n", (argv, err)
 
 
 # -------------------------------------------------------------------------------------------------- k-means

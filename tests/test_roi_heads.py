@@ -54,7 +54,8 @@ def make_heads(batch_size_per_image: int = 32, positive_fraction: float = 0.25, 
 
 def make_features(n: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(n, C, PAD[0] // s, PAD[1] // s, generator=g) for name, s in zip(LEVELS, STRIDES)}
+    return {name: torch.randn(n, C, PAD[0] // s, PAD[1] // s, generator=g)
+            for name, s in zip(LEVELS, STRIDES, strict=True)}
 
 
 def box_mask(boxes: torch.Tensor, size=PAD) -> torch.Tensor:
@@ -419,7 +420,7 @@ def test_inference_output_format(detections_per_image, impl):
     dets, losses = heads(make_features(), props, sizes)
     assert losses == {}
     assert len(dets) == 2
-    for d, (h, w) in zip(dets, sizes):
+    for d, (h, w) in zip(dets, sizes, strict=True):
         n = d["boxes"].shape[0]
         assert 0 < n <= detections_per_image
         if detections_per_image == 5:

@@ -151,21 +151,21 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def test_fpn_features_match_torchvision_batchnorm(tv, ours):
-    """torchvision without weights uses BatchNorm2d: in eval mode the same function as our FrozenBatchNorm2d."""
-    for level, (a, b) in enumerate(zip(ours("torchvision")["features"], tv["bn_features"])):
-        assert _max_diff(a, b) <= 1e-4, level
-
-
 def test_fpn_features_match(tv, ours):
+    """P2..P6 against torchvision's with its BatchNorm frozen (as it runs loaded weights) and with BatchNorm2d
+    (as built without weights): in eval mode at eps 0 both are the same function as our FrozenBatchNorm2d."""
     got = ours("torchvision")["features"]
-    assert len(got) == len(tv["features"]) == 5  # P2..P6
-    for level, (a, b) in enumerate(zip(got, tv["features"])):
+    assert len(got) == len(tv["features"]) == len(tv["bn_features"]) == 5  # P2..P6
+    for level, (a, b, c) in enumerate(zip(got, tv["features"], tv["bn_features"], strict=True)):
+        assert b.abs().max() > 0.1, level  # features, not zeros
         assert _max_diff(a, b) <= 1e-4, level
+        assert _max_diff(a, c) <= 1e-4, level
 
 
 def test_proposals_match(tv, ours):
-    for i, (a, b) in enumerate(zip(ours("torchvision")["proposals"], tv["proposals"])):
+    got = ours("torchvision")["proposals"]
+    assert len(got) == len(tv["proposals"]) == len(IMAGE_SIZES)  # one set per image
+    for i, (a, b) in enumerate(zip(got, tv["proposals"], strict=True)):
         assert len(torch.unique(b, dim=0)) == len(b) == POST_NMS, "distinct proposals up to the post-NMS top-k"
         assert _max_diff(a, b) <= 1e-3, i
 
@@ -175,7 +175,9 @@ def test_detections_and_masks_match(tv, ours, impl):
     if impl == "ours":
         pytest.importorskip("maskrcnn.model.roi_align")
     labels_seen = set()
-    for i, (d, t) in enumerate(zip(ours(impl)["detections"], tv["detections"])):
+    got = ours(impl)["detections"]
+    assert len(got) == len(tv["detections"]) == len(IMAGE_SIZES)  # one result per image
+    for i, (d, t) in enumerate(zip(got, tv["detections"], strict=True)):
         assert len(t["boxes"]) > 0, "the perturbed torchvision model should detect something"
         assert torch.equal(d["labels"], t["labels"]), i
         assert _max_diff(d["boxes"], t["boxes"]) <= 1e-3, i
@@ -206,8 +208,8 @@ def test_training_losses_match(tv, ours):
         for j, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
             masks[j, y0 + 2: y1 - 2, x0 + 2: x1 - 2] = 1  # a little inside the box: soft targets differ
         targets.append({"boxes": boxes, "labels": torch.randint(1, 91, (3,), generator=g), "masks": masks})
-    tv_feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], tv["features"]))
-    our_feats = dict(zip(["p2", "p3", "p4", "p5", "p6"], tv["features"]))
+    tv_feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], tv["features"], strict=True))
+    our_feats = dict(zip(["p2", "p3", "p4", "p5", "p6"], tv["features"], strict=True))
     try:
         tv_model.train()
         our_model.train()
@@ -217,7 +219,8 @@ def test_training_losses_match(tv, ours):
             torch.manual_seed(11)
             our_props, our_losses = our_model.rpn(ImageList(image_list.tensors, image_list.image_sizes), our_feats,
                                                   targets)
-            for a, b in zip(our_props, tv_props):  # 2000 per image in training, as torchvision
+            assert len(our_props) == len(tv_props) == len(image_list.image_sizes)
+            for a, b in zip(our_props, tv_props, strict=True):  # 2000 per image in training, as torchvision
                 assert _max_diff(a["boxes"], b) <= 1e-3
             torch.manual_seed(12)
             _, tv_head = tv_model.roi_heads(tv_feats, tv_props, image_list.image_sizes, targets)

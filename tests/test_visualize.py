@@ -197,19 +197,28 @@ def test_features_grid(setup, capsys, tmp_path):
 
 
 def test_one_line_errors(setup, capsys, tmp_path):
-    cases = [["dataset", "--config", CONFIG, "--index", "999"],
-             ["detections", "--config", CONFIG, "--image", str(tmp_path / "missing.png")],
-             ["anchor-labels", "--config", CONFIG, "--image", str(ROOT / "datasets/shapes-tiny/val/000000.png")],
-             ["rois", "--config", CONFIG, "--set", "stage=rpn"],
-             ["anchors", "--config", CONFIG, "--at", "5000", "10"],
-             ["proposals", "--checkpoint", str(tmp_path / "none.pth")],
+    cases = [(["dataset", "--config", CONFIG, "--index", "999"],
+              "error: --index 999 out of range: the val split has 4 images"),
+             (["detections", "--config", CONFIG, "--image", str(tmp_path / "missing.png")],
+              f"error: image not found: {tmp_path / 'missing.png'}"),
+             (["anchor-labels", "--config", CONFIG, "--image", str(ROOT / "datasets/shapes-tiny/val/000000.png")],
+              "error: 'anchor-labels' needs ground truth: use --index (a dataset item), not --image"),
+             (["rois", "--config", CONFIG, "--set", "stage=rpn"],
+              "error: rois needs a full-stage model (this is the RPN stage); use a full-stage checkpoint or config"),
+             (["anchors", "--config", CONFIG, "--at", "5000", "10"],
+              "error: --at 5000 10 is outside the model input (139x128 px, after resizing)"),
+             (["proposals", "--checkpoint", str(tmp_path / "none.pth")],
+              f"error: checkpoint not found: {tmp_path / 'none.pth'}"),
              # An explicit --config wins over the checkpoint's: here it does not fit the weights.
-             ["proposals", "--checkpoint", setup["ckpt"], "--config", CONFIG, "--set", "model.fpn.out_channels=16"]]
-    for argv in cases:
+             (["proposals", "--checkpoint", setup["ckpt"], "--config", CONFIG, "--set", "model.fpn.out_channels=16"],
+              f"error: {setup['ckpt']}: weights do not fit the model built from the config")]
+    for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             vis_cli.main(argv + ["--out", str(tmp_path)])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, (argv, err)
+        if "--set" not in argv or argv[0] == "rois":  # the whole line; the weights' mismatch: its first part
+            assert err == message + "\n", (argv, err)
 
 
 # ------------------------------------------------------------------------------------------ during training

@@ -95,13 +95,18 @@ def test_not_a_dict_of_tensors_is_refused(offline_hub):
 
 
 def test_offline_without_file_is_one_line(offline_hub, r18_net):
+    """Offline with no file in the cache: one line naming the file, that it could not be downloaded, where to
+    place it, and how to train without it; nothing is left in the cache and the network is unchanged."""
     filename = R18.url.rsplit("/", 1)[-1]
+    before = {k: v.clone() for k, v in r18_net.state_dict().items()}
     with pytest.raises(WeightsUnavailable) as info:
         load_pretrained(r18_net, "imagenet")
     msg = str(info.value)
     assert "\n" not in msg
     assert filename in msg and str(offline_hub.checkpoints / filename) in msg and "could not be downloaded" in msg
+    assert "model.backbone.weights=none" in msg
     assert not (offline_hub.checkpoints / filename).exists()
+    assert all(torch.equal(v, before[k]) for k, v in r18_net.state_dict().items())
 
 
 def test_missing_file_is_downloaded_into_the_cache_with_its_hash(offline_hub, monkeypatch, tmp_path):
