@@ -296,7 +296,7 @@ def test_bf16_training_losses_and_gradients_match_fp32(trained, margin):
 
 
 @pytest.mark.trains
-def test_bf16_fine_tuning_keeps_learning(trained):
+def test_bf16_fine_tuning_keeps_learning(trained, margin):
     """Training goes on under bf16 autocast as it does in fp32: from the trained weights and a warm optimiser,
     twenty more steps lower the loss, about as far in bf16 as in fp32.
 
@@ -353,15 +353,16 @@ def test_bf16_fine_tuning_keeps_learning(trained):
     # Measured on the seed-0 fixture on an AVX2-only CPU (bf16 emulated; 1 and 2 threads alike, and with the
     # AVX2 variables of `make test-avx2`): from 0.577, fp32 reached 0.456 (drop 0.121), bf16 0.506 (drop 0.071).
     # fp32 goes on learning, so the comparison is not of two flat lines (seen 0.121, bound 0.04: 3x margin).
-    assert drops[False] >= 0.04, (before, drops, histories)
+    margin.check("fp32 fine-tuning: loss drop", drops[False], ">=", 0.04, (before, drops, histories))
     # bf16 learns about as much (seen 0.58 of fp32's drop, bound 0.25: 2.3x margin); a bf16 path that stops
     # learning drops by ~0 and fails here.
-    assert drops[True] >= 0.25 * drops[False], (before, drops, histories)
+    margin.check("bf16 loss drop / fp32 loss drop", drops[True] / drops[False], ">=", 0.25, (before, drops))
     for autocast, history in histories.items():
         first, last = sum(history[:6]) / 6, sum(history[-6:]) / 6
         # A continuation, not a restart: the first six steps' mean loss stays near where training stood (seen:
         # 1.09x in bf16, 0.95x in fp32; a fresh Adam's restart gave 1.65x), and the per-step losses go down.
-        assert first <= 1.3 * before and last < first, (autocast, before, history)
+        margin.check(f"{'bf16' if autocast else 'fp32'}: first 6 steps' loss / loss before", first / before, "<=", 1.3)
+        assert last < first, (autocast, before, history)
 
 
 # ------------------------------------------------------------------------------------- BatchNorm folding
