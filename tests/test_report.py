@@ -1,4 +1,4 @@
-"""Tests for `visualize.py report` (maskrcnn/vis/report.py, anchor_fit.py, html.py): on a dataset whose anchor
+"""Tests for `visualize.py report` (maskrcnn/report/, maskrcnn/vis/anchor_fit.py, html.py): on a dataset whose anchor
 fit is known by construction the fractions and IoUs are exact; the page parses and every picture it links
 exists; --against with the same checkpoint shows no difference; RPN-stage and no-checkpoint reports work;
 k-means with the IoU distance finds planted box shapes."""

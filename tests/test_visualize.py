@@ -219,6 +219,8 @@ def test_one_line_errors(setup, capsys, tmp_path):
         assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1, (argv, err)
         if "--set" not in argv or argv[0] == "rois":  # the whole line; the weights' mismatch: its first part
             assert err == message + "\n", (argv, err)
+        elif "weights do not fit" in message:  # then its first problem, named, not torch's header alone
+            assert re.search(r"\(size mismatch for fpn\.[\w.]+: .*; \d+ more problem\(s\)\)$", err.strip()), err
 
 
 # ------------------------------------------------------------------------------------------ during training

@@ -232,6 +232,16 @@ def config_from_yaml(text: str):
     return config_from_dict(yaml.safe_load(text) or {})
 
 
+def _first_problem(error: RuntimeError) -> str:
+    """load_state_dict's error in one line: its first specific problem (a size mismatch, missing or unexpected
+    keys, cut at 200 characters) and how many there are, not only its header ("Error(s) in loading ...")."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    if not lines:
+        return str(error).splitlines()[0]
+    first = lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."
+    return first + (f"; {len(lines) - 1} more problem(s)" if len(lines) > 1 else "")
+
+
 # ------------------------------------------------------------------------------------- partial loading
 def _unit(key: str) -> str:
     """The module a tensor belongs to in the --init report: bottom_up, fpn, rpn.head, roi_heads.box_head, ..."""
@@ -325,8 +335,7 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"{path}: weights do not fit the model built from the config ({first})") from None
+        raise ValueError(f"{path}: weights do not fit the model built from the config ({_first_problem(e)})") from None
     model.class_names = state.get("class_names")  # index 0 is the background
     model = model.to(device).eval()
     if fold_bn:
