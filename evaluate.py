@@ -122,13 +122,17 @@ def print_report(tag: str, metrics: dict) -> None:
     if "AR@100" in metrics:
         print("  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return
+    from maskrcnn.evaluation.errors import category_table, error_table
+
     for iou_type in ("bbox", "segm"):
         if iou_type not in metrics:
             continue
         m = metrics[iou_type]
         print(f"-- {iou_type}")
         print(m["summary"].rstrip())
-        print("  per-category AP: " + ", ".join(f"{k} {v:.3f}" for k, v in m["per_category"].items()))
+    for table in (category_table(metrics), error_table(metrics)):
+        if table:
+            print(table)
 
 
 def _one_line(tag: str, metrics: dict) -> str:

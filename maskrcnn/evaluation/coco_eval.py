@@ -135,11 +135,22 @@ def _records_for(results: list[dict], iou_type: str) -> list[dict]:
 
 
 def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
-                  cat_ids: Optional[list[int]] = None, verbose: bool = False) -> dict:
-    """The 12-number COCO summary (as fractions) and per-category AP for iou_type 'bbox' or 'segm'."""
+                  cat_ids: Optional[list[int]] = None, verbose: bool = False, analysis: bool = True) -> dict:
+    """The 12-number COCO summary (as fractions), per-category AP (AP, AP50, AP75) and, with `analysis`, the
+    error analysis of maskrcnn/evaluation/errors.py (TIDE's dAP per error type, analyze()'s PR breakdown, the
+    confusion matrix) for iou_type 'bbox' or 'segm'."""
     stats = {name: 0.0 for name in STAT_NAMES}
     if not results:
-        return {"stats": stats, "per_category": {}, "summary": "no detections"}
+        cats = sorted(coco_gt.getCatIds() if cat_ids is None else cat_ids)
+        names = [coco_gt.cats[c]["name"] for c in cats]
+        out = {"stats": stats, "per_category": {n: 0.0 for n in names},
+               "per_category_ap": {n: {"AP": 0.0, "AP50": 0.0, "AP75": 0.0} for n in names},
+               "summary": "no detections: every AP and AR is 0"}
+        if analysis:
+            from .errors import analyze
+
+            out["errors"] = analyze(coco_gt, [], iou_type, image_ids, cats)
+        return out
     coco_dt, _ = _quiet(coco_gt.loadRes, _records_for(results, iou_type))
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = sorted(image_ids)
@@ -151,14 +162,31 @@ def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[i
     if verbose:
         print(summary)
     stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
-    # precision [T, R, K, A, M]: IoU thresholds, recall points, categories, areas, max dets
+    per_cat, table = per_category_ap(coco_gt, ev)
+    out = {"stats": stats, "per_category": per_cat, "per_category_ap": table, "summary": summary}
+    if analysis:
+        from .errors import analyze
+
+        out["errors"] = analyze(coco_gt, results, iou_type, image_ids, list(ev.params.catIds))
+    return out
+
+
+def per_category_ap(coco_gt, ev) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """From an accumulated COCOeval: {category name: AP} and {category name: {AP, AP50, AP75}} (area all, 100
+    detections; NaN for a category without GT)."""
+    # precision [T, R, K, A, M]: IoU thresholds (0.5:0.05:0.95), recall points, categories, areas, max dets
     precision = ev.eval["precision"]
-    per_cat = {}
+    iou_index = {"AP": slice(None), "AP50": [0], "AP75": [5]}
+    per_cat, table = {}, {}
     for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_cat[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else float("nan")
-    return {"stats": stats, "per_category": per_cat, "summary": summary}
+        row = {}
+        for key, t in iou_index.items():
+            p = precision[t, :, k, 0, -1]
+            p = p[p > -1]
+            row[key] = float(p.mean()) if p.size else float("nan")
+        name = coco_gt.cats[cat_id]["name"]
+        per_cat[name], table[name] = row["AP"], row
+    return per_cat, table
 
 
 def proposal_recall(coco_gt, results: list[dict], image_ids: list[int], max_dets=(100, 1000)) -> dict:
