@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +351,8 @@ def test_evaluate_full_checkpoint_clean_and_corrupted(checkpoints, val, tmp_path
         assert set(errors["dAP"]) == {"cls", "loc", "both", "dupe", "bkg", "miss", "FP", "FN"}
     assert report["results"]["clean"]["bbox"]["stats"]["AP"] == saved["results"]["clean"]["bbox"]["stats"]["AP"]
     assert "metrics:" in stdout
-    assert "category |  box AP  AP50  AP75 | mask AP  AP50  AP75" in stdout
+    assert re.search(r"^category +\|  box AP  AP50  AP75 \| mask AP  AP50  AP75$", stdout, re.M)
+    assert re.search(r"^triangle +\| ", stdout, re.M)  # a row per category
     assert "error |  box dAP  count | mask dAP  count | meaning" in stdout
 
     run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress",
