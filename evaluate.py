@@ -224,6 +224,12 @@ def evaluate(args: argparse.Namespace) -> dict:
             else:
                 print_report(run_tag, metrics)
             (out_dir / outputs.detections_file(image_set, tag, run_tag, one_pass)).write_text(json.dumps(results))
+            if one_pass:  # the error analysis drawn: PR breakdown and confusion matrices
+                from maskrcnn.evaluation.error_plots import analysis_pictures
+
+                drawn = analysis_pictures(metrics, out_dir, image_set, tag)
+                if drawn["pictures"]:
+                    print("error analysis: " + ", ".join(p.name for p in drawn["pictures"] + drawn["tables"]))
         report["results"][run_tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
         outer.update(1)

@@ -353,6 +353,17 @@ def test_evaluate_full_checkpoint_clean_and_corrupted(checkpoints, val, tmp_path
     assert "metrics:" in stdout
     assert re.search(r"^category +\|  box AP  AP50  AP75 \| mask AP  AP50  AP75$", stdout, re.M)
     assert re.search(r"^triangle +\| ", stdout, re.M)  # a row per category
+    # the pictures and tables of the error analysis, beside the metrics, and found again for a report
+    from maskrcnn.evaluation.error_plots import run_analysis
+
+    drawn = ["pr_val_clean.png", "confusion-box_val_clean.png", "confusion-mask_val_clean.png",
+             "confusion-box_val_clean.md", "confusion-mask_val_clean.md"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in drawn)
+    assert "| GT \\ detected | circle | rectangle | triangle | star | background |" in \
+        (tmp_path / "confusion-box_val_clean.md").read_text()
+    found = run_analysis(tmp_path)
+    assert sorted(p.name for p in found["pictures"] + found["tables"]) == sorted(drawn)
+    assert found["image_set"] == "val" and "box dAP" in found["error_table"] and "triangle" in found["category_table"]
     assert "error |  box dAP  count | mask dAP  count | meaning" in stdout
 
     run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress",

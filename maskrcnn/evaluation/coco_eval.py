@@ -240,6 +240,9 @@ def end_of_run_evaluation(model, dataset, device: torch.device, *, batch_size: i
         scalars = dict(metrics)
     else:
         scalars = {f"{t}_{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t]["stats"].items()}
+        # TIDE's dAP per error type: val/bbox_dAP_loc, ...
+        scalars.update({f"{t}_dAP_{k}": v for t in ("bbox", "segm") if "errors" in metrics.get(t, {})
+                        for k, v in metrics[t]["errors"]["dAP"].items()})
     return stripped, format_metrics(metrics), scalars
 
 
