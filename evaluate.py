@@ -5,6 +5,7 @@ under image corruptions (COCO-C).
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption gaussian_noise --severity 3
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption all --severity 3
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption benchmark   # P, mPC, rPC
+    python evaluate.py --detections dets.json --annotations val.json   # any detector's COCO results file
 
 --corruption benchmark evaluates clean and under the 15 COCO-C corruptions at severities 1..5 and reports
 P (clean AP), mPC (mean AP under corruption) and rPC = mPC / P for boxes and masks (Michaelis et al. 2019),
@@ -36,7 +37,11 @@ from maskrcnn.cli import one_line_errors
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a model_final.pth / last_checkpoint.pth of a run")
+    p.add_argument("--checkpoint", help="a model_final.pth / last_checkpoint.pth of a run")
+    p.add_argument("--detections", metavar="FILE", help="instead of a checkpoint: evaluate and analyse this COCO "
+                   "results file (from any detector) against --annotations")
+    p.add_argument("--annotations", metavar="ANN.json", help="with --detections: the COCO annotations (every image "
+                   "in them is evaluated)")
     p.add_argument("--config", help="YAML config (default: the config saved in the checkpoint)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--split", default="val", choices=["train", "val"])
@@ -267,10 +272,63 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def evaluate_file(args: argparse.Namespace) -> dict:
+    """--detections FILE --annotations ANN.json: COCO AP, per-category AP and the error analysis of a results file
+    over every image of the annotations, written beside it (or into --out) as eval_<split>_file-<stem>.json."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from maskrcnn.evaluation import outputs
+    from maskrcnn.evaluation.coco_eval import check_results, coco_evaluate
+    from maskrcnn.evaluation.error_plots import analysis_pictures
+
+    det_path, ann_path = Path(args.detections), Path(args.annotations)
+    for path in (det_path, ann_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"not found: {path}")
+    try:
+        results = json.loads(det_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{det_path}: not JSON ({e})") from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            coco_gt = COCO(str(ann_path))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{ann_path}: not COCO annotations ({type(e).__name__}: {e})") from None
+    iou_types = ["bbox"] + (["segm"] if results and all("segmentation" in r for r in results if isinstance(r, dict))
+                            else [])
+    check_results(coco_gt, results, str(det_path), iou_types)
+    image_ids = sorted(coco_gt.getImgIds())
+    if not results:
+        print(f"{det_path}: no detections: every AP is 0, every object missed")
+    metrics = {t: coco_evaluate(coco_gt, results, t, image_ids) for t in iou_types}
+    tag = f"file-{det_path.stem}"
+    print_report(tag, metrics)
+    out_dir = Path(args.out) if args.out else det_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = analysis_pictures(metrics, out_dir, args.split, tag)
+    report = {"detections": str(det_path), "annotations": str(ann_path), "split": args.split,
+              "image_set": args.split, "images": len(image_ids), "detections_count": len(results),
+              "results": {tag: {t: {k: v for k, v in m.items() if k != "summary"} for t, m in metrics.items()}}}
+    path = out_dir / outputs.metrics_file(args.split, tag)
+    path.write_text(json.dumps(report, indent=2))
+    print("error analysis: " + ", ".join(p.name for p in drawn["pictures"] + drawn["tables"]))
+    print(f"metrics: {path}")
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed
+        if args.detections or args.annotations:
+            if args.checkpoint or not (args.detections and args.annotations):
+                raise ValueError("--detections FILE needs --annotations ANN.json, and no --checkpoint")
+            return evaluate_file(args)
+        if not args.checkpoint:
+            raise ValueError("give --checkpoint (or --detections FILE --annotations ANN.json)")
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
         with distributed.process_group(args.device):  # under torchrun; an error on any process ends the job

@@ -192,3 +192,76 @@ def test_masks_match_like_boxes():
     e = analyze(gt, results, "segm", [1])
     assert e["AP50"] == pytest.approx(HALF)
     only(e, "loc", 1 - HALF)
+
+
+# ------------------------------------------------------------------------- evaluate.py --detections: bad input
+@pytest.fixture
+def files(tmp_path):
+    """The loc case's annotations and detections as files."""
+    import json
+
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco([(A, G1), (A, G2)]).dataset))
+
+    def write(records, name="dets.json"):
+        path = tmp_path / name
+        path.write_text(records if isinstance(records, str) else json.dumps(records))
+        return str(path)
+
+    return str(ann), write
+
+
+def evaluate_quietly(argv):
+    import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        report = evaluate.main(argv)
+    return report, buf.getvalue()
+
+
+def test_evaluate_a_detections_file(files, tmp_path):
+    ann, write = files
+    report, out = evaluate_quietly(["--detections", write(dets((A, G1, 0.9), (A, [50, 50, 10, 4], 0.8))),
+                                    "--annotations", ann])
+    e = report["results"]["file-dets"]["bbox"]["errors"]
+    assert e["AP50"] == pytest.approx(HALF) and e["dAP"]["loc"] == pytest.approx(1 - HALF)
+    assert (tmp_path / "eval_val_file-dets.json").is_file() and (tmp_path / "pr_val_file-dets.png").is_file()
+    assert "loc   |" in out
+
+
+def test_an_empty_detections_file_is_a_stated_zero(files):
+    ann, write = files
+    report, out = evaluate_quietly(["--detections", write([]), "--annotations", ann])
+    assert "no detections: every AP is 0" in out
+    bbox = report["results"]["file-dets"]["bbox"]
+    assert bbox["stats"]["AP"] == 0.0 and bbox["per_category_ap"]["a"] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    assert bbox["errors"]["counts"]["miss"] == 2
+
+
+@pytest.mark.parametrize("records, needle", [
+    ([{"image_id": 99, "category_id": A, "bbox": G1, "score": 0.5}], "1 detections for 1 image ids not in the "
+                                                                      "annotations (first: [99])"),
+    ([{"image_id": 1, "category_id": 7, "bbox": G1, "score": 0.5}], "category ids [7] are not among"),
+    ([{"image_id": 1, "category_id": A, "score": 0.5}], "record 0 has no 'bbox'"),
+    ('{"image_id": 1}', "expected a JSON list"),
+    ("[{", "not JSON"),
+])
+def test_bad_detections_are_one_line_errors(files, capsys, records, needle):
+    import evaluate
+
+    ann, write = files
+    path = write(records)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--detections", path, "--annotations", ann])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: ") and needle in err and "dets.json" in err
+
+
+def test_coco_evaluate_names_unknown_image_ids():
+    """pycocotools' loadRes would stop on an assert ('Results do not correspond to current coco set')."""
+    from maskrcnn.evaluation.coco_eval import coco_evaluate
+
+    with pytest.raises(ValueError, match="image ids not in the annotations"):
+        coco_evaluate(coco([(A, G1)]), dets((A, G1, 0.9)) + [{"image_id": 5, "category_id": A, "bbox": G1,
+                                                             "score": 0.5}], "bbox", [1])

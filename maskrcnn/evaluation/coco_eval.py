@@ -134,6 +134,31 @@ def _records_for(results: list[dict], iou_type: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
 
 
+def check_results(coco_gt, results, source: str = "detections", iou_types=("bbox",)) -> None:
+    """COCO results records that pycocotools can evaluate against `coco_gt`, else a one-line ValueError naming
+    `source`, the record and the problem: a list of dicts with image_id, category_id, score and (per iou type)
+    bbox [x, y, w, h] or segmentation; every image id and category id present in the annotations."""
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: expected a JSON list of COCO result records, got {type(results).__name__}")
+    need = ["image_id", "category_id", "score"] + [("bbox" if t == "bbox" else "segmentation") for t in iou_types]
+    for i, r in enumerate(results):
+        missing = [k for k in need if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"{source}: record {i} has no {', '.join(repr(k) for k in missing)}")
+        if "bbox" in iou_types and (not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4):
+            raise ValueError(f"{source}: record {i} (image_id {r['image_id']}): bbox must be [x, y, w, h], "
+                             f"got {r['bbox']!r}")
+    unknown = sorted({r["image_id"] for r in results} - set(coco_gt.imgs))
+    if unknown:
+        n = sum(r["image_id"] in set(unknown) for r in results)
+        raise ValueError(f"{source}: {n} detections for {len(unknown)} image ids not in the annotations "
+                         f"(first: {unknown[:3]})")
+    cats = sorted({r["category_id"] for r in results} - set(coco_gt.cats))
+    if cats:
+        raise ValueError(f"{source}: category ids {cats[:5]} are not among the annotations' categories "
+                         f"({sorted(coco_gt.cats)[:10]}{' ...' if len(coco_gt.cats) > 10 else ''})")
+
+
 def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
                   cat_ids: Optional[list[int]] = None, verbose: bool = False, analysis: bool = True) -> dict:
     """The 12-number COCO summary (as fractions), per-category AP (AP, AP50, AP75) and, with `analysis`, the
@@ -151,6 +176,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[i
 
             out["errors"] = analyze(coco_gt, [], iou_type, image_ids, cats)
         return out
+    check_results(coco_gt, results, "detections", (iou_type,))  # loadRes would assert, COCOeval ignore them
     coco_dt, _ = _quiet(coco_gt.loadRes, _records_for(results, iou_type))
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = sorted(image_ids)
