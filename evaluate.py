@@ -206,6 +206,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     n_images = len(dataset) if args.max_images <= 0 else min(args.max_images, len(dataset))
     image_set = outputs.image_set(args.split, args.max_images, len(dataset))
     report["image_set"], report["images"] = image_set, n_images
+    # the evaluated images, in order: compare.py resamples them (a paired bootstrap over images)
+    report["image_ids"] = [int(i) for i in dataset.image_ids[:n_images]]
+    report["annotations"] = str(Path(dataset.ann_file).resolve())
+    report["cat_ids"] = sorted(int(c) for c in dataset.contiguous_to_cat_id.values())
     one_pass = len(runs) == 1
     if main:  # the passes of an earlier same-named evaluation that this one does not repeat would pass for its own
         kept = {outputs.detections_file(image_set, tag, t, one_pass) for t, _ in runs}

@@ -265,3 +265,37 @@ def test_coco_evaluate_names_unknown_image_ids():
     with pytest.raises(ValueError, match="image ids not in the annotations"):
         coco_evaluate(coco([(A, G1)]), dets((A, G1, 0.9)) + [{"image_id": 5, "category_id": A, "bbox": G1,
                                                              "score": 0.5}], "bbox", [1])
+
+
+def test_resampled_ap_is_cocoeval_ap_and_counts_images():
+    """Every image once: COCOeval's AP (IoU 0.5:0.95) to the last digit; an image counted twice: the AP of the
+    image set with that image's annotations and detections duplicated under a new id."""
+    from maskrcnn.evaluation.errors import image_matches, resampled_ap
+
+    def coco_ap(gt, res):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(gt, gt.loadRes([dict(r) for r in res]), "bbox")
+            ev.params.imgIds = sorted(gt.getImgIds())
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return ev.stats[0]
+
+    gt, res = synthetic(30, 2, crowd=0.0)
+    ids = sorted(gt.getImgIds())
+    m = image_matches(gt, res, "bbox", ids)
+    assert resampled_ap(m) == pytest.approx(coco_ap(gt, res), abs=1e-12)
+    counts = np.ones(len(ids))
+    counts[0], counts[1] = 2, 0  # image 1 twice, image 2 left out
+    data = {k: list(v) for k, v in gt.dataset.items()}
+    data["images"] = [im for im in data["images"] if im["id"] != 2] + [{"id": 1000, "width": 200, "height": 200}]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2] + [
+        {**a, "id": 10_000 + a["id"], "image_id": 1000} for a in data["annotations"] if a["image_id"] == 1]
+    twice = COCO()
+    twice.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        twice.createIndex()
+    res2 = [r for r in res if r["image_id"] != 2] + [{**r, "image_id": 1000} for r in res if r["image_id"] == 1]
+    # equal up to the order of tied scores, which image 1's copies (adjacent here, last in COCOeval) can change
+    assert resampled_ap(m, counts) == pytest.approx(coco_ap(twice, res2), abs=1e-4)
+    assert abs(resampled_ap(m, counts) - resampled_ap(m)) > 5e-4  # and the resample changes it

@@ -202,25 +202,84 @@ def match(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], cat
                    gt_cls=cat["gt_cls"].astype(np.int64), gt_used=cat["gt_used"].astype(bool), confusion=confusion)
 
 
-def precision_curves(cls: np.ndarray, score: np.ndarray, tp: np.ndarray, npos: np.ndarray) -> np.ndarray:
+def precision_curves(cls: np.ndarray, score: np.ndarray, tp: np.ndarray, npos: np.ndarray,
+                     weight: Optional[np.ndarray] = None) -> np.ndarray:
     """[K, 101] interpolated precision at COCO's recall points per class (COCOeval.accumulate's arithmetic), from
-    detections in COCOeval's order (image by image, by falling score); NaN for a class without GT."""
+    detections in COCOeval's order (image by image, by falling score); 0 for a class without GT. `weight`: each
+    detection counted that many times (its image's count in a bootstrap resample)."""
     K = len(npos)
     q = np.zeros((K, len(RECALLS)))
     order = np.lexsort((-score, cls))  # by class, then falling score; stable: ties keep image order
     cls, tp = cls[order], tp[order]
+    w = np.ones(len(cls)) if weight is None else weight[order]
     bounds = np.searchsorted(cls, np.arange(K + 1))
     for k in range(K):
         if npos[k] <= 0:
             continue
-        t = tp[bounds[k]:bounds[k + 1]]
-        tps, fps = np.cumsum(t, dtype=np.float64), np.cumsum(~t, dtype=np.float64)
+        t, wk = tp[bounds[k]:bounds[k + 1]], w[bounds[k]:bounds[k + 1]]
+        tps, fps = np.cumsum(t * wk, dtype=np.float64), np.cumsum(~t * wk, dtype=np.float64)
         rc = tps / npos[k]
         pr = tps / (fps + tps + np.spacing(1))
         pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision made non-increasing
         inds = np.searchsorted(rc, RECALLS, side="left")
         q[k] = np.where(inds < len(pr), pr[np.minimum(inds, len(pr) - 1)] if len(pr) else 0.0, 0.0)
     return q
+
+
+COCO_IOUS = np.linspace(0.5, 0.95, 10)  # COCOeval's IoU thresholds
+
+
+@dataclass
+class ImageMatches:
+    """Each detection's match at COCO's ten IoU thresholds, and its image: enough to recompute AP for any
+    resample of the images (a bootstrap)."""
+    image: np.ndarray     # [N] index (into the sorted image ids) of each detection's image
+    cls: np.ndarray       # [N]
+    score: np.ndarray     # [N]
+    tp: np.ndarray        # [T, N] bool
+    ignored: np.ndarray   # [T, N] bool
+    gt_image: np.ndarray  # [G] image index of each non-crowd GT
+    gt_cls: np.ndarray    # [G]
+    n_images: int
+    K: int
+
+
+def image_matches(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
+                  cat_ids: Optional[list[int]] = None) -> ImageMatches:
+    cat_ids = sorted(coco_gt.getCatIds() if cat_ids is None else cat_ids)
+    p: dict[str, list] = {k: [] for k in ("image", "cls", "score", "tp", "ignored", "gt_image", "gt_cls")}
+    for i, (cls, score, iou, g_cls, crowd) in enumerate(_images(coco_gt, results, iou_type, image_ids, cat_ids)):
+        same = cls[:, None] == g_cls[None, :]
+        matched = [_match(iou, same, crowd, t) for t in COCO_IOUS]
+        p["image"].append(np.full(len(cls), i))
+        p["cls"].append(cls)
+        p["score"].append(score)
+        p["tp"].append(np.stack([g >= 0 for g, _ in matched]).reshape(len(COCO_IOUS), len(cls)))
+        p["ignored"].append(np.stack([ig for _, ig in matched]).reshape(len(COCO_IOUS), len(cls)))
+        p["gt_image"].append(np.full(int((~crowd).sum()), i))
+        p["gt_cls"].append(g_cls[~crowd])
+    cat = {k: np.concatenate(v, axis=-1) for k, v in p.items()}
+    return ImageMatches(image=cat["image"].astype(np.int64), cls=cat["cls"].astype(np.int64),
+                        score=cat["score"].astype(np.float64), tp=cat["tp"].astype(bool),
+                        ignored=cat["ignored"].astype(bool), gt_image=cat["gt_image"].astype(np.int64),
+                        gt_cls=cat["gt_cls"].astype(np.int64), n_images=len(image_ids), K=len(cat_ids))
+
+
+def resampled_ap(m: ImageMatches, counts: Optional[np.ndarray] = None) -> float:
+    """COCO AP (IoU 0.5:0.95, all areas) with image i counted counts[i] times (default once each: COCOeval's AP;
+    a class without GT in the resample is left out of the mean, as COCOeval leaves it out)."""
+    counts = np.ones(m.n_images) if counts is None else np.asarray(counts, dtype=np.float64)
+    npos = np.bincount(m.gt_cls, weights=counts[m.gt_image], minlength=m.K)
+    has_gt = npos > 0
+    if not has_gt.any():
+        return 0.0
+    w = counts[m.image]
+    aps = []
+    for t in range(len(COCO_IOUS)):
+        keep = ~m.ignored[t] & (w > 0)
+        q = precision_curves(m.cls[keep], m.score[keep], m.tp[t][keep], npos, w[keep])
+        aps.append(q[has_gt].mean())
+    return float(np.mean(aps))
 
 
 def _mean_ap(m: Matched, keep: np.ndarray, cls: np.ndarray, tp: np.ndarray, npos: np.ndarray,
