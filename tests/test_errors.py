@@ -299,3 +299,14 @@ def test_resampled_ap_is_cocoeval_ap_and_counts_images():
     # equal up to the order of tied scores, which image 1's copies (adjacent here, last in COCOeval) can change
     assert resampled_ap(m, counts) == pytest.approx(coco_ap(twice, res2), abs=1e-4)
     assert abs(resampled_ap(m, counts) - resampled_ap(m)) > 5e-4  # and the resample changes it
+
+
+def test_speed_script_runs_and_agrees():
+    """maskrcnn/evaluation/bench_errors.py on 20 images: both timings, and the same AP50 as pycocotools."""
+    from maskrcnn.evaluation import bench_errors
+
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        times = bench_errors.main(["--images", "20", "--dets", "30"])
+    assert set(times) == {"pycocotools loadRes+evaluate+accumulate", "error analysis"}
+    ap = [float(x) for x in buf.getvalue().split("AP50 pycocotools ")[1].split(", error analysis ")]
+    assert ap[0] == pytest.approx(ap[1], abs=1e-6) and ap[0] > 0
