@@ -18,7 +18,8 @@ BestGTMatch), the others of the type are removed; dupe, bkg and both errors are 
 from the GT count. FP dAP removes every false positive, FN dAP every GT not found. AP is the mean over the
 classes that have GT; a class whose GT an oracle removes entirely scores 0 (as TIDE's).
 Differences from the `tidecv` package (its AP: the top 100 per image over all classes; here per image and class,
-as COCO's): detections inside crowd regions are ignored here, not analysed.
+as COCO's): detections inside crowd regions are ignored here, not analysed; a false positive at IoU exactly 0.5
+with a taken GT of its class is a dupe here, a loc error in TIDE.
 
 COCO analyze() (the PR curves of Hoiem-style analysis in the COCO API's MATLAB analyze.m and mmdetection's port):
   C75, C50   PR at IoU 0.75, 0.5
