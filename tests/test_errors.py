@@ -166,6 +166,14 @@ def test_ap50_and_ap75_equal_cocoeval(seed):
         p = ev.eval["precision"][t, :, :, 0, -1]
         assert ours == pytest.approx(float(np.mean([p[:, k].mean() for k in range(p.shape[1]) if p[0, k] > -1])),
                                      abs=1e-12)
+    # per area (COCOeval's small, medium, large: GT outside ignored, unmatched detections outside ignored)
+    for a, area in enumerate(("small", "medium", "large"), start=1):
+        for t, curve in ((0, "C50"), (5, "C75")):
+            p = ev.eval["precision"][t, :, :, a, -1]
+            present = [k for k in range(p.shape[1]) if p[0, k] > -1]
+            expected = float(np.mean([p[:, k].mean() for k in present])) if present else 0.0
+            assert e["pr_breakdown"]["by_area"][area]["AP"][curve] == pytest.approx(expected, abs=1e-12), (area, t)
+    assert all(e["pr_breakdown"]["by_area"][area]["AP"]["C50"] > 0 for area in ("small", "medium"))
     # every type occurs here, each oracle gains, and the curves only rise from C75 to FN
     assert all(e["counts"][t] > 0 for t in ERROR_TYPES)
     assert all(v >= -1e-12 for v in e["dAP"].values())

@@ -19,22 +19,32 @@ CURVE_COLOURS = ["#1f3b73", "#2e6fb0", "#4c9bd6", "#7fc3e8", "#f5a65b", "#e8604c
 
 
 def pr_figure(metrics: dict, title: str = ""):
-    """COCO analyze()'s stacked PR curves (C75 .. FN), one panel per iou type; the legend gives each AP."""
+    """COCO analyze()'s stacked PR curves (C75 .. FN): a row per iou type, a column per area (all, small, medium,
+    large); the legend gives each AP."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     types = [(t, name) for t, name in IOU_TYPES if "errors" in metrics.get(t, {})]
-    fig, axes = plt.subplots(1, len(types), figsize=(5 * len(types), 4), squeeze=False)
-    for ax, (t, name) in zip(axes[0], types):
-        pr = metrics[t]["errors"]["pr_breakdown"]
-        below = np.zeros(len(RECALLS))
-        for curve, colour in zip(CURVES, CURVE_COLOURS):
-            y = np.asarray(pr["curves"][curve])
-            ax.fill_between(RECALLS, below, y, color=colour, label=f"[{pr['AP'][curve]:.3f}] {curve}")
-            below = np.maximum(below, y)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision", title=f"{name} {title}".strip())
-        ax.legend(loc="lower left", fontsize=8)
+    areas = ["all", "small", "medium", "large"]
+    fig, axes = plt.subplots(len(types), len(areas), figsize=(4 * len(areas), 3.6 * len(types)), squeeze=False)
+    for row, (t, name) in zip(axes, types):
+        for ax, area in zip(row, areas):
+            pr = metrics[t]["errors"]["pr_breakdown"]
+            pr = pr if area == "all" else pr.get("by_area", {}).get(area)
+            if pr is None or pr.get("classes_with_gt", 1) == 0:
+                ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}, {area}")
+                ax.text(0.5, 0.5, "no objects of this size", ha="center", va="center")
+                continue
+            below = np.zeros(len(RECALLS))
+            for curve, colour in zip(CURVES, CURVE_COLOURS):
+                y = np.asarray(pr["curves"][curve])
+                ax.fill_between(RECALLS, below, y, color=colour, label=f"[{pr['AP'][curve]:.3f}] {curve}")
+                below = np.maximum(below, y)
+            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision", title=f"{name}, {area}")
+            ax.legend(loc="lower left", fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -28,7 +28,7 @@ COCO analyze() (the PR curves of Hoiem-style analysis in the COCO API's MATLAB a
   Oth        and FPs that overlap a GT of any other class dropped
   BG         and every remaining FP dropped (precision 1 wherever Oth found anything)
   FN         precision 1 at every recall (every missed GT found)
-(for the area range `all`; analyze.m relabels the similar GT as ignored ones and rematches at IoU 0.1, here the
+(for all areas, and for COCO's small, medium and large as COCOeval restricts them; analyze.m relabels the similar GT as ignored ones and rematches at IoU 0.1, here the
 detections unmatched at 0.1 are dropped: the same except where one detection would take a similar GT that another
 needed.)
 
@@ -51,6 +51,7 @@ SUMMARY_TYPES = ("FP", "FN")
 CURVES = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")
 RECALLS = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall points
 MAX_DETS = 100  # per image and class, as COCOeval's AP
+AREAS = {"small": (0.0, 32.0 ** 2), "medium": (32.0 ** 2, 96.0 ** 2), "large": (96.0 ** 2, 1e5 ** 2)}  # COCOeval's
 CONFUSION_SCORE, CONFUSION_IOU = 0.3, 0.5
 _ERR = {name: i for i, name in enumerate(ERROR_TYPES)}  # det error codes; -1: not an error
 
@@ -69,26 +70,38 @@ class Matched:
     gt_cls: np.ndarray    # [G] class index of each non-crowd GT
     gt_used: np.ndarray   # [G] bool: matched at IoU 0.5
     confusion: np.ndarray  # [K + 1, K + 1]
+    gt_area: np.ndarray   # [G] the annotation's area of each non-crowd GT
+    by_area: dict         # {(area name, IoU threshold): ([N] true positive, [N] ignored)}
 
 
-def _match(iou: np.ndarray, same: np.ndarray, crowd: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray]:
-    """pycocotools' greedy matching of one image's detections (rows, by falling score) to its GT (columns,
-    non-crowd first) at IoU `thr`: (matched GT index or -1 [D], ignored [D]). Among the free non-crowd GT of its
-    class a detection takes the best IoU (the last of equal ones, as COCOeval); with none, a crowd region it
-    overlaps at `thr` makes it ignored."""
+def _last_best(cand: np.ndarray, row: np.ndarray) -> int:
+    """The index of the best IoU among the candidates, the last of equal ones (as COCOeval's loop)."""
+    row = np.where(cand, row, -1.0)
+    return len(row) - 1 - int(np.argmax(row[::-1]))
+
+
+def _match(iou: np.ndarray, same: np.ndarray, crowd: np.ndarray, thr: float,
+           ignore: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """pycocotools' greedy matching of one image's detections (rows, by falling score) to its GT (columns) at IoU
+    `thr`: (matched GT index or -1 [D], ignored [D]). Among the free GT of its class that are not ignored (crowd
+    regions, and GT outside an area range) a detection takes the best IoU (the last of equal ones, as COCOeval);
+    with none, the best free ignored one (a crowd region is never used up), and the detection is ignored."""
+    ignore = crowd if ignore is None else ignore
     D = iou.shape[0]
     gt = np.full(D, -1)
     ignored = np.zeros(D, bool)
     ok = same & (iou >= thr)  # [D, G]
-    taken = crowd.copy()  # crowd regions are never taken: handled below
+    taken = np.zeros(len(crowd), bool)
     for d in np.flatnonzero(ok.any(1)):  # only detections that overlap something of their class
-        cand = ok[d] & ~taken
+        cand = ok[d] & ~taken & ~ignore
         if cand.any():
-            row = np.where(cand, iou[d], -1.0)
-            g = len(row) - 1 - int(np.argmax(row[::-1]))
+            g = _last_best(cand, iou[d])
             taken[g] = True
             gt[d] = g
-        elif (ok[d] & crowd).any():
+            continue
+        cand = ok[d] & ignore & (~taken | crowd)
+        if cand.any():
+            taken[_last_best(cand, iou[d])] = True
             ignored[d] = True
     return gt, ignored
 
@@ -119,12 +132,17 @@ def _images(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], c
         g_geo = [a["bbox"] if iou_type == "bbox" else coco_gt.annToRLE(a) for a in anns]
         d_geo = [dets[i][geometry] for i in keep]
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
+        g_area = np.array([float(a.get("area", 0.0)) for a in anns], dtype=np.float64)
+        if iou_type == "bbox":  # loadRes's areas: the box's w * h, the mask's pixel count
+            d_area = np.array([g[2] * g[3] for g in d_geo], dtype=np.float64)
+        else:
+            d_area = np.asarray(mask_util.area(d_geo), dtype=np.float64).reshape(-1) if d_geo else np.zeros(0)
         if d_geo and g_geo:
             iou = np.asarray(mask_util.iou(d_geo, g_geo, crowd.astype(np.uint8).tolist()), dtype=np.float64)
         else:
             iou = np.zeros((len(d_geo), len(g_geo)))
         g_cls = np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)
-        yield cls[rank < MAX_DETS], scores[keep], iou.reshape(len(d_geo), len(g_geo)), g_cls, crowd
+        yield cls[rank < MAX_DETS], scores[keep], iou.reshape(len(d_geo), len(g_geo)), g_cls, crowd, d_area, g_area
 
 
 def match(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], cat_ids: list[int]) -> Matched:
@@ -133,16 +151,25 @@ def match(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], cat
     superc = [coco_gt.cats[c].get("supercategory", str(c)) for c in cat_ids]
     same_super = np.array([[a == b for b in superc] for a in superc], bool).reshape(K, K)
     parts: dict[str, list] = {k: [] for k in ("cls", "score", "tp75", "ig75", "tp50", "ig50", "tp10", "ig10",
-                                             "error", "target", "near_sim", "near_oth", "gt_cls", "gt_used")}
+                                             "error", "target", "near_sim", "near_oth", "gt_cls", "gt_used", "gt_area")}
     confusion = np.zeros((K + 1, K + 1), np.int64)
+    by_area: dict[tuple[str, float], tuple[list, list]] = {}
     gt_offset = 0
-    for cls, score, iou, g_cls, crowd in _images(coco_gt, results, iou_type, image_ids, cat_ids):
+    for cls, score, iou, g_cls, crowd, d_area, g_area in _images(coco_gt, results, iou_type, image_ids, cat_ids):
         same = cls[:, None] == g_cls[None, :]  # [D, G]
         gt50, ig50 = _match(iou, same, crowd, FG_IOU)
         for thr, key in ((0.75, "75"), (0.1, "10")):
             gt_t, ig_t = _match(iou, same, crowd, thr)
             parts["tp" + key].append(gt_t >= 0)
             parts["ig" + key].append(ig_t)
+        for area, (lo, hi) in AREAS.items():  # COCOeval's area ranges: GT outside ignored, unmatched dets too
+            outside = (g_area < lo) | (g_area > hi)
+            d_out = (d_area < lo) | (d_area > hi)
+            for thr in (0.75, 0.5, 0.1):
+                gt_t, ig_t = _match(iou, same, crowd, thr, crowd | outside)
+                by_area.setdefault((area, thr), ([], []))
+                by_area[(area, thr)][0].append(gt_t >= 0)
+                by_area[(area, thr)][1].append(ig_t | ((gt_t < 0) & d_out))
         real = ~crowd
         n_real = int(real.sum())
         used = np.zeros(len(g_cls), bool)
@@ -192,6 +219,7 @@ def match(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], cat
         parts["target"].append(target)
         parts["gt_cls"].append(g_cls[real])
         parts["gt_used"].append(used[real])
+        parts["gt_area"].append(g_area[real])
         gt_offset += n_real
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
     return Matched(cls=cat["cls"].astype(np.int64), score=cat["score"].astype(np.float64),
@@ -200,7 +228,11 @@ def match(coco_gt, results: list[dict], iou_type: str, image_ids: list[int], cat
                             0.1: cat["ig10"].astype(bool)},
                    error=cat["error"].astype(np.int64), target=cat["target"].astype(np.int64),
                    near_sim=cat["near_sim"].astype(bool), near_oth=cat["near_oth"].astype(bool),
-                   gt_cls=cat["gt_cls"].astype(np.int64), gt_used=cat["gt_used"].astype(bool), confusion=confusion)
+                   gt_cls=cat["gt_cls"].astype(np.int64), gt_used=cat["gt_used"].astype(bool), confusion=confusion,
+                   gt_area=cat["gt_area"].astype(np.float64),
+                   by_area={k: (np.concatenate(tp).astype(bool) if tp else np.zeros(0, bool),
+                                np.concatenate(ig).astype(bool) if ig else np.zeros(0, bool))
+                            for k, (tp, ig) in by_area.items()})
 
 
 def precision_curves(cls: np.ndarray, score: np.ndarray, tp: np.ndarray, npos: np.ndarray,
@@ -249,7 +281,8 @@ def image_matches(coco_gt, results: list[dict], iou_type: str, image_ids: list[i
                   cat_ids: Optional[list[int]] = None) -> ImageMatches:
     cat_ids = sorted(coco_gt.getCatIds() if cat_ids is None else cat_ids)
     p: dict[str, list] = {k: [] for k in ("image", "cls", "score", "tp", "ignored", "gt_image", "gt_cls")}
-    for i, (cls, score, iou, g_cls, crowd) in enumerate(_images(coco_gt, results, iou_type, image_ids, cat_ids)):
+    for i, (cls, score, iou, g_cls, crowd, _, _) in enumerate(_images(coco_gt, results, iou_type, image_ids,
+                                                                      cat_ids)):
         same = cls[:, None] == g_cls[None, :]
         matched = [_match(iou, same, crowd, t) for t in COCO_IOUS]
         p["image"].append(np.full(len(cls), i))
@@ -332,21 +365,31 @@ def decompose(m: Matched, K: int) -> dict:
 
 
 def pr_breakdown(m: Matched, K: int) -> dict:
-    """COCO analyze()'s seven PR curves (mean over the classes with GT, area all) and the AP under each."""
-    npos = np.bincount(m.gt_cls, minlength=K)
+    """COCO analyze()'s seven PR curves (mean over the classes with GT) and the AP under each: for all areas, and
+    under "by_area" for COCO's small, medium and large."""
+    out = _pr_curves(m, K, m.tp, m.ignored, np.ones(len(m.gt_cls), bool))
+    out["by_area"] = {}
+    for area, (lo, hi) in AREAS.items():
+        tp = {thr: m.by_area[(area, thr)][0] for thr in (0.75, 0.5, 0.1)} if m.by_area else m.tp
+        ign = {thr: m.by_area[(area, thr)][1] for thr in (0.75, 0.5, 0.1)} if m.by_area else m.ignored
+        out["by_area"][area] = _pr_curves(m, K, tp, ign, (m.gt_area >= lo) & (m.gt_area <= hi))
+    return out
+
+
+def _pr_curves(m: Matched, K: int, tp: dict, ignored: dict, counted: np.ndarray) -> dict:
+    npos = np.bincount(m.gt_cls[counted], minlength=K)
     has_gt = npos > 0
     curves = {}
     for name, thr in (("C75", 0.75), ("C50", 0.5), ("Loc", 0.1)):
-        q = precision_curves(m.cls[~m.ignored[thr]], m.score[~m.ignored[thr]], m.tp[thr][~m.ignored[thr]], npos)
-        curves[name] = q
-    tp10, keep10 = m.tp[0.1], ~m.ignored[0.1]
+        curves[name] = precision_curves(m.cls[~ignored[thr]], m.score[~ignored[thr]], tp[thr][~ignored[thr]], npos)
+    tp10, keep10 = tp[0.1], ~ignored[0.1]
     for name, near in (("Sim", m.near_sim), ("Oth", m.near_oth)):
         keep = keep10 & ~(~tp10 & near)
         curves[name] = precision_curves(m.cls[keep], m.score[keep], tp10[keep], npos)
     curves["BG"] = (curves["Oth"] > 0).astype(np.float64)
     curves["FN"] = np.ones_like(curves["Oth"])
     mean = {k: (v[has_gt].mean(0) if has_gt.any() else np.zeros(len(RECALLS))) for k, v in curves.items()}
-    return {"AP": {k: float(v.mean()) for k, v in mean.items()},
+    return {"AP": {k: float(v.mean()) for k, v in mean.items()}, "classes_with_gt": int(has_gt.sum()),
             "curves": {k: [round(float(x), 4) for x in v] for k, v in mean.items()}}
 
 
