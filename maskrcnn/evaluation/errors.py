@@ -275,6 +275,7 @@ class ImageMatches:
     gt_cls: np.ndarray    # [G]
     n_images: int
     K: int
+    sorted: Optional[dict] = None  # the detections by class, then falling score (resampled_ap sets it once)
 
 
 def image_matches(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
@@ -301,19 +302,35 @@ def image_matches(coco_gt, results: list[dict], iou_type: str, image_ids: list[i
 
 def resampled_ap(m: ImageMatches, counts: Optional[np.ndarray] = None) -> float:
     """COCO AP (IoU 0.5:0.95, all areas) with image i counted counts[i] times (default once each: COCOeval's AP;
-    a class without GT in the resample is left out of the mean, as COCOeval leaves it out)."""
+    a class without GT in the resample is left out of the mean, as COCOeval leaves it out). All ten thresholds at
+    once: a detection that is ignored, or whose image is not drawn, weighs 0 (it repeats the point before it on
+    the PR curve, which changes no interpolated precision)."""
     counts = np.ones(m.n_images) if counts is None else np.asarray(counts, dtype=np.float64)
     npos = np.bincount(m.gt_cls, weights=counts[m.gt_image], minlength=m.K)
     has_gt = npos > 0
     if not has_gt.any():
         return 0.0
-    w = counts[m.image]
-    aps = []
-    for t in range(len(COCO_IOUS)):
-        keep = ~m.ignored[t] & (w > 0)
-        q = precision_curves(m.cls[keep], m.score[keep], m.tp[t][keep], npos, w[keep])
-        aps.append(q[has_gt].mean())
-    return float(np.mean(aps))
+    if m.sorted is None:  # by class, then falling score; stable: ties keep COCOeval's image order
+        o = np.lexsort((-m.score, m.cls))
+        m.sorted = {"image": m.image[o], "tp": m.tp[:, o].astype(np.float64), "fp": (~m.tp[:, o]).astype(np.float64),
+                    "counted": (~m.ignored[:, o]).astype(np.float64),
+                    "bounds": np.searchsorted(m.cls[o], np.arange(m.K + 1))}
+    srt = m.sorted
+    w = counts[srt["image"]][None, :] * srt["counted"]  # [T, N]
+    tp_w, fp_w = srt["tp"] * w, srt["fp"] * w
+    q = np.zeros((len(COCO_IOUS), m.K, len(RECALLS)))
+    for k in np.flatnonzero(has_gt):
+        s, e = srt["bounds"][k], srt["bounds"][k + 1]
+        if s == e:
+            continue
+        tps, fps = np.cumsum(tp_w[:, s:e], axis=1), np.cumsum(fp_w[:, s:e], axis=1)
+        rc = tps / npos[k]
+        pr = tps / (fps + tps + np.spacing(1))
+        pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), axis=1), 1)
+        for t in range(len(COCO_IOUS)):
+            inds = np.searchsorted(rc[t], RECALLS, side="left")
+            q[t, k] = np.where(inds < e - s, pr[t, np.minimum(inds, e - s - 1)], 0.0)
+    return float(q[:, has_gt].mean())
 
 
 def _mean_ap(m: Matched, keep: np.ndarray, cls: np.ndarray, tp: np.ndarray, npos: np.ndarray,
