@@ -7,7 +7,10 @@ corruption, per run or group of runs.
 
 Runs whose names differ only in a trailing seed suffix (-s0, -s1, ...) form one group. With two or more seeds
 in common, each group's difference from the first group is also given paired by seed, with a 95% confidence
-interval (t-distribution) and in words whether it excludes zero.
+interval (t-distribution) and in words whether it excludes zero; for clean box and mask AP also a 95% interval
+over the evaluation images (a paired bootstrap, --bootstrap N resamples) and the smallest difference the seeds
+could detect. A second table gives every error type's dAP (TIDE, maskrcnn/evaluation/errors.py) per group and
+its difference from the first.
 """
 from __future__ import annotations
 
@@ -266,10 +269,10 @@ def bootstrap_over_images(base_runs: list[Path], other_runs: list[Path], key: st
 
 def robustness_words(diff: dict, base_runs: list[Path], other_runs: list[Path], key: str, resamples: int) -> str:
     """After a paired AP difference: its interval over the evaluation images and the detectable difference."""
-    if key not in ("bbox", "segm") or resamples <= 0:
+    if key not in ("bbox", "segm"):
         return ""
     words = ""
-    boot = bootstrap_over_images(base_runs, other_runs, key, resamples)
+    boot = bootstrap_over_images(base_runs, other_runs, key, resamples) if resamples > 0 else None
     if boot and "why" not in boot:
         words += (f" Over the evaluation images (paired bootstrap, the same {boot['images']} images resampled for "
                   f"both arms, {boot['resamples']} times): 95% CI [{boot['low']:+.3f}, {boot['high']:+.3f}], "
