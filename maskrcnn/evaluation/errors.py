@@ -28,9 +28,9 @@ COCO analyze() (the PR curves of Hoiem-style analysis in the COCO API's MATLAB a
   Oth        and FPs that overlap a GT of any other class dropped
   BG         and every remaining FP dropped (precision 1 wherever Oth found anything)
   FN         precision 1 at every recall (every missed GT found)
-(for all areas, and for COCO's small, medium and large as COCOeval restricts them; analyze.m relabels the similar GT as ignored ones and rematches at IoU 0.1, here the
-detections unmatched at 0.1 are dropped: the same except where one detection would take a similar GT that another
-needed.)
+(for all areas, and for COCO's small, medium and large as COCOeval restricts them; analyze.m relabels the
+similar GT as ignored ones and rematches at IoU 0.1, here the detections unmatched at 0.1 are dropped: the same
+except where one detection would take a similar GT that another needed.)
 
 Confusion matrix (mmdetection's tools/analysis_tools/confusion_matrix.py): rows the GT class (and background),
 columns the detected class (and background); each detection scoring >= 0.3 counts once against every GT it
