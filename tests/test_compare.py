@@ -223,6 +223,9 @@ def test_error_types_of_both_groups_and_their_paired_difference(runs, tmp_path):
         assert float(cells[3]) == pytest.approx(100 * np.mean(noise), abs=6e-3)
         d = compare.paired_difference({"0": base[0], "1": base[1]}, {"0": noise[0], "1": noise[1]})
         assert parse_cell(cells[4]) == pytest.approx((100 * d["mean"], 100 * d["low"], 100 * d["high"]), abs=6e-3)
+    # the end-of-run evaluation logged each dAP to TensorBoard
+    steps, values = compare.read_scalars(runs["base-s0"])["val/bbox_dAP_loc"]
+    assert values[-1] == pytest.approx(dap["base-s0"]["loc"], abs=1e-6)
     # the AP lines say why there is no interval over images (no evaluate.py detections) and the detectable size
     line = next(ln for ln in table.splitlines() if ln.startswith("- noise - base, box AP"))
     assert "No interval over images" in line and "Smallest difference 2 seeds detect" in line
