@@ -68,6 +68,8 @@ def test_classification_error():
     e = run([(A, G1), (A, G2)], dets((A, G1, 0.9), (B, G2, 0.8)))
     assert e["AP50"] == pytest.approx(HALF)
     only(e, "cls", 1 - HALF)
+    assert set(e["per_category_dAP"]) == {"a"}  # b has no GT: no AP, no dAP
+    assert e["per_category_dAP"]["a"]["cls"] == pytest.approx(1 - HALF)
     # the confusion matrix: g2 (A) detected as B, and no A detection on it: one in A's background column
     assert e["confusion"]["classes"] == ["a", "b", "background"]
     assert e["confusion"]["matrix"] == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
@@ -94,6 +96,10 @@ def test_both_error():
     assert e["AP50"] == pytest.approx(TP_FP_TP / 2)
     only(e, "both", (1 - TP_FP_TP) / 2)
     assert e["counts"]["miss"] == 1 and e["dAP"]["miss"] == pytest.approx(0.0, abs=1e-12)
+    # per class: the both error costs class A, class B only misses
+    assert e["per_category_dAP"]["a"]["both"] == pytest.approx(1 - TP_FP_TP)
+    assert e["per_category_dAP"]["b"]["both"] == pytest.approx(0.0, abs=1e-12)
+    assert e["per_category_dAP"]["b"]["FN"] == pytest.approx(0.0, abs=1e-12)  # no TP: AP 0 with or without
 
 
 def test_missed_error():

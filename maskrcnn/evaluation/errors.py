@@ -333,10 +333,9 @@ def resampled_ap(m: ImageMatches, counts: Optional[np.ndarray] = None) -> float:
     return float(q[:, has_gt].mean())
 
 
-def _mean_ap(m: Matched, keep: np.ndarray, cls: np.ndarray, tp: np.ndarray, npos: np.ndarray,
-             has_gt: np.ndarray) -> float:
-    q = precision_curves(cls[keep], m.score[keep], tp[keep], npos)
-    return float(q[has_gt].mean()) if has_gt.any() else 0.0
+def _class_ap(m: Matched, keep: np.ndarray, cls: np.ndarray, tp: np.ndarray, npos: np.ndarray) -> np.ndarray:
+    """[K] AP50 of each class (0 for a class without GT)."""
+    return precision_curves(cls[keep], m.score[keep], tp[keep], npos).mean(1)
 
 
 def decompose(m: Matched, K: int) -> dict:
@@ -345,7 +344,13 @@ def decompose(m: Matched, K: int) -> dict:
     has_gt = npos > 0
     tp, ign = m.tp[0.5], m.ignored[0.5]
     base_keep = ~ign
-    base = _mean_ap(m, base_keep, m.cls, tp, npos, has_gt)
+    base_k = _class_ap(m, base_keep, m.cls, tp, npos)
+    per_class: dict[str, np.ndarray] = {}
+
+    def mean(ap_k: np.ndarray) -> float:
+        return float(ap_k[has_gt].mean()) if has_gt.any() else 0.0
+
+    base = mean(base_k)
     # loc / cls errors whose GT is free: the highest-scoring one per GT is fixed (TIDE's BestGTMatch, over both)
     fixable = np.isin(m.error, (_ERR["loc"], _ERR["cls"])) & (m.target >= 0)
     fixable &= ~m.gt_used[np.maximum(m.target, 0)]
@@ -371,11 +376,13 @@ def decompose(m: Matched, K: int) -> dict:
             n = npos - np.bincount(m.gt_cls[missed], minlength=K)
         else:
             keep &= ~this
-        out["dAP"][name] = _mean_ap(m, keep, cls, fixed_tp, n, has_gt) - base
+        per_class[name] = _class_ap(m, keep, cls, fixed_tp, n) - base_k
         out["counts"][name] = int(missed.sum() if name == "miss" else this.sum())
-    out["dAP"]["FP"] = _mean_ap(m, base_keep & tp, m.cls, tp, npos, has_gt) - base
-    out["dAP"]["FN"] = _mean_ap(m, base_keep, m.cls, tp, np.bincount(m.gt_cls[m.gt_used], minlength=K),
-                                has_gt) - base
+    per_class["FP"] = _class_ap(m, base_keep & tp, m.cls, tp, npos) - base_k
+    per_class["FN"] = _class_ap(m, base_keep, m.cls, tp, np.bincount(m.gt_cls[m.gt_used], minlength=K)) - base_k
+    out["dAP"] = {name: mean(d) for name, d in per_class.items()}
+    # per class (only those with GT: the mean above is over them)
+    out["per_class_dAP"] = {name: [float(v) if g else None for v, g in zip(d, has_gt)] for name, d in per_class.items()}
     out["counts"]["tp"] = int(tp.sum())
     out["counts"]["gt"] = int(len(m.gt_cls))
     return out
@@ -419,7 +426,11 @@ def analyze(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
     K = len(cat_ids)
     m = match(coco_gt, results, iou_type, image_ids, cat_ids)
     names = [coco_gt.cats[c]["name"] for c in cat_ids]
-    return {"thresholds": {"foreground": FG_IOU, "background": BG_IOU}, **decompose(m, K),
+    errors = decompose(m, K)
+    per_class = errors.pop("per_class_dAP")
+    errors["per_category_dAP"] = {n: {t: per_class[t][k] for t in per_class} for k, n in enumerate(names)
+                                  if per_class["cls"][k] is not None}
+    return {"thresholds": {"foreground": FG_IOU, "background": BG_IOU}, **errors,
             "pr_breakdown": pr_breakdown(m, K),
             "confusion": {"classes": names + ["background"], "matrix": m.confusion.tolist(),
                           "iou": CONFUSION_IOU, "score_threshold": CONFUSION_SCORE}}
@@ -436,7 +447,9 @@ def category_table(metrics: dict) -> str:
         return ""
     names = list(metrics[types[0][0]]["per_category_ap"])
     width = max(8, *(len(n) for n in names))
+    box_errors = metrics.get("bbox", {}).get("errors", {}).get("per_category_dAP")
     head = f"{'category':<{width}}" + "".join(f" | {title + ' AP':>7} {'AP50':>5} {'AP75':>5}" for _, title in types)
+    head += " | box: costliest error" if box_errors else ""
     lines = [head, "-" * len(head)]
     for name in names:
         cells = []
@@ -444,8 +457,13 @@ def category_table(metrics: dict) -> str:
             row = metrics[t]["per_category_ap"].get(name, {})
             cells.append(" | " + " ".join(f"{100 * row.get(k, float('nan')):>{w}.1f}"
                                           for k, w in (("AP", 7), ("AP50", 5), ("AP75", 5))))
+        if box_errors and name in box_errors:
+            worst = max(ERROR_TYPES, key=lambda e: box_errors[name][e])
+            cells.append(f" | {worst} (dAP {100 * box_errors[name][worst]:.1f})")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    lines.append("(x 100; AP over IoU 0.5:0.95, AP50 and AP75 at IoU 0.5 and 0.75; all areas, 100 detections)")
+    lines.append("(x 100; AP over IoU 0.5:0.95, AP50 and AP75 at IoU 0.5 and 0.75; all areas, 100 detections"
+                 + ("; the costliest error: TIDE's type with the largest dAP of that category's box AP50)"
+                    if box_errors else ")"))
     return "\n".join(lines)
 
 
