@@ -8,11 +8,16 @@ corruption, per run or group of runs.
 
 Runs whose names differ only in a trailing seed suffix (-s0, -s1, ...) form one group. With two or more seeds
 in common, each group's difference from the first group is also given paired by seed, with a 95% confidence
-interval (t-distribution) and in words whether it excludes zero.
+interval (t-distribution) and in words whether it excludes zero; for clean box and mask AP also a 95% interval
+over the evaluation images (a paired bootstrap, --bootstrap N resamples) and the smallest difference the seeds
+could detect. A second table gives every error type's dAP (TIDE, maskrcnn/evaluation/errors.py) per group and
+its difference from the first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import re
@@ -117,7 +122,8 @@ def paired_difference(base: dict[str, float], other: dict[str, float]) -> Option
         return None
     d = np.array([other[s] - base[s] for s in seeds], dtype=np.float64)
     half = t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    return {"n": len(d), "mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
+    return {"n": len(d), "mean": float(d.mean()), "sd": float(d.std(ddof=1)),
+            "low": float(d.mean() - half), "high": float(d.mean() + half),
             "excludes_zero": bool(d.mean() - half > 0 or d.mean() + half < 0)}
 
 
@@ -131,7 +137,9 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def ap_table(groups: dict[str, list[Path]]) -> str:
+def ap_table(groups: dict[str, list[Path]], bootstrap: int = 0) -> str:
+    """The AP table; with `bootstrap` resamples, each paired AP difference also gets an interval over the
+    evaluation images and the smallest difference the seeds could detect (robustness_words)."""
     columns = [("bbox", "box AP"), ("segm", "mask AP"), ("bbox_corrupted", "box AP corrupted"),
                ("segm_corrupted", "mask AP corrupted"), ("bbox_mPC", "box mPC"), ("segm_mPC", "mask mPC"),
                ("bbox_rPC", "box rPC"), ("segm_rPC", "mask rPC")]
@@ -187,9 +195,158 @@ def ap_table(groups: dict[str, list[Path]]) -> str:
                        else "includes zero: no difference shown")
             paired.append(f"- {name} - {base_name}, {title}: {diff['mean']:+.3f}, 95% CI [{diff['low']:+.3f}, "
                           f"{diff['high']:+.3f}] over {diff['n']} seeds (paired, t with {diff['n'] - 1} df); the "
-                          f"interval {verdict}.")
+                          f"interval {verdict}." + robustness_words(diff, groups[base_name], runs, k, bootstrap))
     if paired:
         lines += ["", "Paired by seed:", *paired]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- error types and robust verdicts
+# One-sided 80% quantiles of Student's t with df = 1..30 (the power term of the detectable difference)
+T80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+       0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854]
+
+
+def detectable_difference(n: int, sd: float) -> float:
+    """The smallest true mean difference that n paired seeds detect with 80% power in a two-sided test at the 5%
+    level, if the paired differences spread by `sd` (their sample standard deviation) as here:
+    (t_0.975,n-1 + t_0.80,n-1) * sd / sqrt(n), the usual approximation of the paired t-test's power."""
+    t80 = T80[n - 2] if n - 1 <= len(T80) else 0.8416
+    return (t975(n - 1) + t80) * sd / math.sqrt(n)
+
+
+def _clean_evaluation(run: Path) -> Optional[dict]:
+    """The run's clean evaluation by evaluate.py (every val image if there is one, else the most), its
+    detections and the images it evaluated, or None."""
+    from maskrcnn.evaluation.outputs import detections_file, find_metrics
+
+    found = find_metrics(run, "val", "clean")
+    if not found:
+        return None
+    report = json.loads(found[1].read_text())
+    dets = run / detections_file(found[0], "clean", "clean", True)
+    if not report.get("image_ids") or not report.get("annotations") or not dets.is_file():
+        return None
+    return {"image_set": found[0], "detections": dets, **report}
+
+
+def bootstrap_over_images(base_runs: list[Path], other_runs: list[Path], key: str, resamples: int,
+                          seed: int = 0) -> Optional[dict]:
+    """A paired bootstrap over the evaluation images: each resample draws the images with replacement, the same
+    draw for every run of both arms, and takes the mean over seeds of (other - base) AP on it (AP from each
+    run's detections, as COCOeval computes it on those images); the 2.5 and 97.5 percentiles. `key`: bbox or
+    segm. None (with the reason in "why") where a run lacks evaluate.py's image ids or detections."""
+    from pycocotools.coco import COCO
+
+    from maskrcnn.evaluation.errors import image_matches, resampled_ap
+
+    base = {seed_of(r): r for r in base_runs}
+    other = {seed_of(r): r for r in other_runs}
+    seeds = sorted(set(base) & set(other))
+    evals = {r: _clean_evaluation(r) for s in seeds for r in (base[s], other[s])}
+    if not seeds or any(e is None for e in evals.values()):
+        return {"why": "needs evaluate.py's clean evaluation with its detections (image ids) for every run"}
+    first = next(iter(evals.values()))
+    if any(e["image_ids"] != first["image_ids"] or e["annotations"] != first["annotations"] for e in evals.values()):
+        return {"why": "the runs were evaluated on different images"}
+    if not Path(first["annotations"]).is_file():
+        return {"why": f"annotations not found: {first['annotations']}"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(first["annotations"])
+    ids = first["image_ids"]
+    matches = {r: image_matches(gt, json.loads(e["detections"].read_text()), key, ids, e["cat_ids"])
+               for r, e in evals.items()}
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    diffs = np.empty(resamples)
+    for b in range(resamples):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        diffs[b] = np.mean([resampled_ap(matches[other[s]], counts) - resampled_ap(matches[base[s]], counts)
+                            for s in seeds])
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"low": float(low), "high": float(high), "resamples": resamples, "images": n, "seeds": len(seeds),
+            "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def robustness_words(diff: dict, base_runs: list[Path], other_runs: list[Path], key: str, resamples: int) -> str:
+    """After a paired AP difference: its interval over the evaluation images and the detectable difference."""
+    if key not in ("bbox", "segm"):
+        return ""
+    words = ""
+    boot = bootstrap_over_images(base_runs, other_runs, key, resamples) if resamples > 0 else None
+    if boot and "why" not in boot:
+        words += (f" Over the evaluation images (paired bootstrap, the same {boot['images']} images resampled for "
+                  f"both arms, {boot['resamples']} times): 95% CI [{boot['low']:+.3f}, {boot['high']:+.3f}], "
+                  + ("excludes zero." if boot["excludes_zero"] else "includes zero."))
+    elif boot:
+        words += f" (No interval over images: {boot['why']}.)"
+    words += (f" Smallest difference {diff['n']} seeds detect (80% power, 5% level) at this seed spread of the "
+              f"differences ({diff['sd']:.3f}): {detectable_difference(diff['n'], diff['sd']):.3f}.")
+    return words
+
+
+def read_errors(run_dir: Path) -> dict[str, dict[str, float]]:
+    """TIDE's dAP per error type of a run's clean evaluation (evaluate.py's, else the training's own
+    metrics.json): {bbox|segm: {cls: dAP, ...}}."""
+    from maskrcnn.evaluation.outputs import find_metrics
+
+    clean = find_metrics(run_dir, "val", "clean")
+    if clean:
+        res = json.loads(clean[1].read_text())["results"]["clean"]
+    elif (run_dir / "metrics.json").is_file():
+        res = json.loads((run_dir / "metrics.json").read_text()).get("val", {})
+    else:
+        return {}
+    return {t: res[t]["errors"]["dAP"] for t in ("bbox", "segm") if "errors" in res.get(t, {})}
+
+
+def error_type_rows(groups: dict[str, list[Path]]) -> list[dict]:
+    """Per iou type and error type: each group's mean dAP and each other group's difference from the first,
+    paired by seed (mean and 95% CI) where two or more seeds are in common, else of the means."""
+    from maskrcnn.evaluation.errors import ERROR_TYPES, SUMMARY_TYPES
+
+    per_run = {r: read_errors(r) for runs in groups.values() for r in runs}
+    base_name = next(iter(groups))
+    rows = []
+    for t in ("bbox", "segm"):
+        for e in ERROR_TYPES + SUMMARY_TYPES:
+            values = {name: {seed_of(r): per_run[r][t][e] for r in runs if t in per_run[r]}
+                      for name, runs in groups.items()}
+            if not all(values.values()):
+                continue
+            row = {"iou_type": t, "error": e, "mean": {n: float(np.mean(list(v.values()))) for n, v in values.items()},
+                   "difference": {}}
+            for name, v in values.items():
+                if name != base_name:
+                    row["difference"][name] = paired_difference(values[base_name], v) or {
+                        "n": 1, "mean": row["mean"][name] - row["mean"][base_name]}
+            rows.append(row)
+    return rows
+
+
+def error_type_table(groups: dict[str, list[Path]]) -> str:
+    """Markdown: every error type's dAP (x 100) for each group and the difference from the first group."""
+    rows = error_type_rows(groups)
+    if not rows:
+        return ""
+    names = list(groups)
+    base = names[0]
+    head = ["iou", "error", *[f"{n} dAP" for n in names], *[f"{n} - {base}" for n in names[1:]]]
+    lines = ["Error types (TIDE: the AP50 an oracle gains by fixing only that type, x 100; mean over seeds; "
+             "the difference paired by seed with its 95% CI where two or more seeds are in common):", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in rows:
+        cells = [{"bbox": "box", "segm": "mask"}[row["iou_type"]], row["error"]]
+        cells += [f"{100 * row['mean'][n]:.2f}" for n in names]
+        for n in names[1:]:
+            d = row["difference"][n]
+            cell = f"{100 * d['mean']:+.2f}"
+            if "low" in d:
+                cell += f" [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" + (" *" if d["excludes_zero"] else "")
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "A positive dAP difference: that error costs the other group more AP than the first; `*`: the "
+              "interval excludes zero."]
     return "\n".join(lines)
 
 
@@ -277,6 +434,9 @@ def main(argv=None) -> str:
     p.add_argument("--out", required=True, help="PNG of the loss curves")
     p.add_argument("--table", help="also write the Markdown AP table to this file")
     p.add_argument("--smoothing", type=float, default=0.8, help="EMA weight (0: none)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the evaluation images for the second interval of each paired AP difference "
+                        "(0: none; needs evaluate.py's detections of the clean evaluation)")
     args = p.parse_args(argv)
     with one_line_errors():
         run_dirs = [Path(r) for r in args.runs]
@@ -285,7 +445,10 @@ def main(argv=None) -> str:
                 raise FileNotFoundError(f"run directory not found: {r}")
         groups = group_runs(run_dirs)
         plot(groups, Path(args.out), args.smoothing)
-        table = ap_table(groups)
+        table = ap_table(groups, args.bootstrap)
+        errors = error_type_table(groups)
+        if errors:
+            table += "\n\n" + errors
         print(table)
         print(f"chart: {args.out}")
         if args.table:

@@ -5,6 +5,7 @@ under image corruptions (COCO-C).
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption gaussian_noise --severity 3
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption all --severity 3
     python evaluate.py --checkpoint runs/full/model_final.pth --corruption benchmark   # P, mPC, rPC
+    python evaluate.py --detections dets.json --annotations val.json   # any detector's COCO results file
 
 --corruption benchmark evaluates clean and under the 15 COCO-C corruptions at severities 1..5 and reports
 P (clean AP), mPC (mean AP under corruption) and rPC = mPC / P for boxes and masks (Michaelis et al. 2019),
@@ -36,7 +37,11 @@ from maskrcnn.cli import one_line_errors
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a model_final.pth / last_checkpoint.pth of a run")
+    p.add_argument("--checkpoint", help="a model_final.pth / last_checkpoint.pth of a run")
+    p.add_argument("--detections", metavar="FILE", help="instead of a checkpoint: evaluate and analyse this COCO "
+                   "results file (from any detector) against --annotations")
+    p.add_argument("--annotations", metavar="ANN.json", help="with --detections: the COCO annotations (every image "
+                   "in them is evaluated)")
     p.add_argument("--config", help="YAML config (default: the config saved in the checkpoint)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--split", default="val", choices=["train", "val"])
@@ -122,13 +127,17 @@ def print_report(tag: str, metrics: dict) -> None:
     if "AR@100" in metrics:
         print("  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return
+    from maskrcnn.evaluation.errors import category_table, error_table
+
     for iou_type in ("bbox", "segm"):
         if iou_type not in metrics:
             continue
         m = metrics[iou_type]
         print(f"-- {iou_type}")
         print(m["summary"].rstrip())
-        print("  per-category AP: " + ", ".join(f"{k} {v:.3f}" for k, v in m["per_category"].items()))
+    for table in (category_table(metrics), error_table(metrics)):
+        if table:
+            print(table)
 
 
 def _one_line(tag: str, metrics: dict) -> str:
@@ -197,6 +206,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     n_images = len(dataset) if args.max_images <= 0 else min(args.max_images, len(dataset))
     image_set = outputs.image_set(args.split, args.max_images, len(dataset))
     report["image_set"], report["images"] = image_set, n_images
+    # the evaluated images, in order: compare.py resamples them (a paired bootstrap over images)
+    report["image_ids"] = [int(i) for i in dataset.image_ids[:n_images]]
+    report["annotations"] = str(Path(dataset.ann_file).resolve())
+    report["cat_ids"] = sorted(int(c) for c in dataset.contiguous_to_cat_id.values())
     one_pass = len(runs) == 1
     if main:  # the passes of an earlier same-named evaluation that this one does not repeat would pass for its own
         kept = {outputs.detections_file(image_set, tag, t, one_pass) for t, _ in runs}
@@ -220,6 +233,12 @@ def evaluate(args: argparse.Namespace) -> dict:
             else:
                 print_report(run_tag, metrics)
             (out_dir / outputs.detections_file(image_set, tag, run_tag, one_pass)).write_text(json.dumps(results))
+            if one_pass:  # the error analysis drawn: PR breakdown and confusion matrices
+                from maskrcnn.evaluation.error_plots import analysis_pictures
+
+                drawn = analysis_pictures(metrics, out_dir, image_set, tag)
+                if drawn["pictures"]:
+                    print("error analysis: " + ", ".join(p.name for p in drawn["pictures"] + drawn["tables"]))
         report["results"][run_tag] = {k: ({kk: vv for kk, vv in v.items() if kk != "summary"}
                                       if isinstance(v, dict) else v) for k, v in metrics.items()}
         outer.update(1)
@@ -257,10 +276,63 @@ def evaluate(args: argparse.Namespace) -> dict:
     return report
 
 
+def evaluate_file(args: argparse.Namespace) -> dict:
+    """--detections FILE --annotations ANN.json: COCO AP, per-category AP and the error analysis of a results file
+    over every image of the annotations, written beside it (or into --out) as eval_<split>_file-<stem>.json."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from maskrcnn.evaluation import outputs
+    from maskrcnn.evaluation.coco_eval import check_results, coco_evaluate
+    from maskrcnn.evaluation.error_plots import analysis_pictures
+
+    det_path, ann_path = Path(args.detections), Path(args.annotations)
+    for path in (det_path, ann_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"not found: {path}")
+    try:
+        results = json.loads(det_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{det_path}: not JSON ({e})") from None
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            coco_gt = COCO(str(ann_path))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{ann_path}: not COCO annotations ({type(e).__name__}: {e})") from None
+    iou_types = ["bbox"] + (["segm"] if results and all("segmentation" in r for r in results if isinstance(r, dict))
+                            else [])
+    check_results(coco_gt, results, str(det_path), iou_types)
+    image_ids = sorted(coco_gt.getImgIds())
+    if not results:
+        print(f"{det_path}: no detections: every AP is 0, every object missed")
+    metrics = {t: coco_evaluate(coco_gt, results, t, image_ids) for t in iou_types}
+    tag = f"file-{det_path.stem}"
+    print_report(tag, metrics)
+    out_dir = Path(args.out) if args.out else det_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn = analysis_pictures(metrics, out_dir, args.split, tag)
+    report = {"detections": str(det_path), "annotations": str(ann_path), "split": args.split,
+              "image_set": args.split, "images": len(image_ids), "detections_count": len(results),
+              "results": {tag: {t: {k: v for k, v in m.items() if k != "summary"} for t, m in metrics.items()}}}
+    path = out_dir / outputs.metrics_file(args.split, tag)
+    path.write_text(json.dumps(report, indent=2))
+    print("error analysis: " + ", ".join(p.name for p in drawn["pictures"] + drawn["tables"]))
+    print(f"metrics: {path}")
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed
+        if args.detections or args.annotations:
+            if args.checkpoint or not (args.detections and args.annotations):
+                raise ValueError("--detections FILE needs --annotations ANN.json, and no --checkpoint")
+            return evaluate_file(args)
+        if not args.checkpoint:
+            raise ValueError("give --checkpoint (or --detections FILE --annotations ANN.json)")
         if not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
         with distributed.process_group(args.device):  # under torchrun; an error on any process ends the job

@@ -6,7 +6,9 @@
   3. evaluation of every full run: clean on every val image (fp32), and under the COCO-C corruptions (the
      benchmark's 15 at severity 3 by default) on the first val images (20, or 10 in the fp32 schedule), every
      run on the same corrupted pixels, in the trainings' precision (`--corruption-fp32` for fp32): P, mPC, rPC;
-  4. the loss-comparison chart and the AP table, with differences paired by seed (95% t-interval).
+  4. the loss-comparison chart and the AP table, with differences paired by seed (95% t-interval), a second
+     interval over the evaluation images (paired bootstrap) and the smallest difference the seeds could detect,
+     and every error type's dAP (TIDE) for both arms with noise - baseline paired by seed.
 
     python experiment.py                      # the demo: configs/shapes.yaml, seeds 0, 1 and 2
     python experiment.py --seeds 0 1 2 3 --name noise-study --set model.noise.strength=0.3
@@ -464,13 +466,15 @@ def _experiment(args, cfg, root: Path, runner: Runner, precision, sched: Schedul
     with phase("comparison", "comparison"):
         chart, table_path = root / "comparison.png", root / "table.md"
         table = compare.main([str(r) for r in runs] + ["--out", str(chart), "--table", str(table_path)])
+        # per error type (TIDE's dAP), box and mask: each arm's mean and noise - baseline paired by seed
+        error_types = compare.error_type_rows(compare.group_runs(runs))
     summary = {"precision": precision.as_dict(), "schedule": {**asdict(sched), "sets": sched_sets, "reason": why,
                                                                "rpn_iters": rpn_iters,
                                                                "full_iters": full_iters or cfg.solver.max_iter,
                                                                "corruption_images": corruption_images if corrupt
                                                                else None},
                "image_sets": image_sets,
-               "rpn": rpn_val, "runs": evaluated, "jobs": runner.jobs,
+               "rpn": rpn_val, "runs": evaluated, "error_types": error_types, "jobs": runner.jobs,
                "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
                "phase_minutes": {k: round(v, 2) for k, v in minutes.items()},
                "minutes": (time.perf_counter() - start) / 60}

@@ -141,7 +141,7 @@ def test_compare_writes_png_and_table(planted, tmp_path):
     assert md.read_text().strip() == table.strip()
     assert table in stdout
 
-    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    lines = [ln for ln in table.split("\n\n")[0].splitlines() if ln.startswith("|")]  # the AP table, first
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["run", "seeds", "box AP", "mask AP"]  # no corrupted or benchmark AP in these runs
     assert set(lines[1].replace("|", "").strip()) <= {"-"}
@@ -260,7 +260,7 @@ def test_table_reports_paired_interval(planted, tmp_path):
 
     dirs = [str(planted[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
     table, _ = run_compare([*dirs, "--out", str(tmp_path / "c.png")])
-    paired = table.split("Paired by seed:\n", 1)[1].splitlines()
+    paired = table.split("Paired by seed:\n", 1)[1].split("\n\n")[0].splitlines()  # the AP lines; error types after
     assert len(paired) == 2, paired
     verdicts = []
     for line, (column, title) in zip(paired, ((0, "box AP"), (1, "mask AP")), strict=True):
@@ -270,8 +270,76 @@ def test_table_reports_paired_interval(planted, tmp_path):
         verdict = ("excludes zero: a difference at this confidence" if excludes
                    else "includes zero: no difference shown")
         verdicts.append(excludes)
-        assert line == (f"- noise - base, {title}: {mean:+.3f}, 95% CI [{mean - half:+.3f}, {mean + half:+.3f}] "
-                        f"over 2 seeds (paired, t with 1 df); the interval {verdict}."), line
+        assert line.startswith(f"- noise - base, {title}: {mean:+.3f}, 95% CI [{mean - half:+.3f}, {mean + half:+.3f}] "
+                               f"over 2 seeds (paired, t with 1 df); the interval {verdict}."), line
     assert verdicts == [True, False]  # both verdicts are exercised
     assert paired[0].startswith("- noise - base, box AP: +0.103, 95% CI [+0.065, +0.141]")  # worked by hand
     assert paired[1].startswith("- noise - base, mask AP: -0.010, 95% CI [-0.772, +0.752]")
+
+
+def test_error_types_of_both_groups_and_their_paired_difference(runs, tmp_path):
+    """Every error type's dAP (x 100) for base and noise, and noise - base paired by seed with its 95% CI, from the
+    runs' own end-of-run evaluations (metrics.json)."""
+    dirs = [str(runs[n]) for n in ("base-s0", "base-s1", "noise-s0", "noise-s1")]
+    table, _ = run_compare([*dirs, "--out", str(tmp_path / "c.png")])
+    assert "| iou | error | base dAP | noise dAP | noise - base |" in table
+    dap = {name: json.loads((runs[name] / "metrics.json").read_text())["val"]["bbox"]["errors"]["dAP"]
+           for name in runs}
+    for error in ("cls", "loc", "both", "dupe", "bkg", "miss", "FP", "FN"):
+        row = next(ln for ln in table.splitlines() if ln.startswith(f"| box | {error} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        base = [dap[f"base-s{s}"][error] for s in (0, 1)]
+        noise = [dap[f"noise-s{s}"][error] for s in (0, 1)]
+        assert float(cells[2]) == pytest.approx(100 * np.mean(base), abs=6e-3)
+        assert float(cells[3]) == pytest.approx(100 * np.mean(noise), abs=6e-3)
+        d = compare.paired_difference({"0": base[0], "1": base[1]}, {"0": noise[0], "1": noise[1]})
+        assert parse_cell(cells[4]) == pytest.approx((100 * d["mean"], 100 * d["low"], 100 * d["high"]), abs=6e-3)
+    # the end-of-run evaluation logged each dAP to TensorBoard
+    steps, values = compare.read_scalars(runs["base-s0"])["val/bbox_dAP_loc"]
+    assert values[-1] == pytest.approx(dap["base-s0"]["loc"], abs=1e-6)
+    # the AP lines say why there is no interval over images (no evaluate.py detections) and the detectable size
+    line = next(ln for ln in table.splitlines() if ln.startswith("- noise - base, box AP"))
+    assert "No interval over images" in line and "Smallest difference 2 seeds detect" in line
+
+
+def test_detectable_difference_by_hand():
+    # 3 seeds, sd 0.01: (4.303 + 1.061) * 0.01 / sqrt(3)
+    assert compare.detectable_difference(3, 0.01) == pytest.approx((4.303 + 1.061) * 0.01 / np.sqrt(3), abs=1e-6)
+    stats = pytest.importorskip("scipy.stats", reason="scipy not installed: the table alone is checked")
+    for df in (1, 2, 5, 29):
+        assert compare.T80[df - 1] == pytest.approx(stats.t.ppf(0.80, df), abs=2e-3), df
+
+
+def test_bootstrap_over_images_is_paired(tmp_path):
+    """Two arms evaluated on the same synthetic images: identical detections give the interval [0, 0]; the
+    other arm's detections with half its true positives shifted give an interval around the difference of APs."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_errors import synthetic
+
+    from maskrcnn.evaluation.errors import image_matches, resampled_ap
+
+    gt, res = synthetic(40, 3, crowd=0.0)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(gt.dataset))
+    ids = sorted(gt.getImgIds())
+    worse = [dict(r, bbox=[r["bbox"][0] + 4, *r["bbox"][1:]]) if i % 2 else r for i, r in enumerate(res)]
+
+    def run(name, records):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "eval_val_clean.json").write_text(json.dumps({"image_ids": ids, "annotations": str(ann),
+                                                           "cat_ids": sorted(gt.getCatIds()), "results": {}}))
+        (d / "detections_val_clean.json").write_text(json.dumps(records))
+        return d
+
+    base, same, other = [run("base-s0", res)], [run("same-s0", res)], [run("other-s0", worse)]
+    assert compare.bootstrap_over_images(base, same, "bbox", 30) | {"excludes_zero": None} == {
+        "low": 0.0, "high": 0.0, "resamples": 30, "images": 40, "seeds": 1, "excludes_zero": None}
+    boot = compare.bootstrap_over_images(base, other, "bbox", 200)
+    full = (resampled_ap(image_matches(gt, worse, "bbox", ids)) - resampled_ap(image_matches(gt, res, "bbox", ids)))
+    assert full < 0 and boot["low"] < full < boot["high"] and boot["high"] - boot["low"] > 1e-3
+    # no image ids (an evaluation older than them): no interval, and why
+    (base[0] / "eval_val_clean.json").write_text(json.dumps({"results": {}}))
+    assert "why" in compare.bootstrap_over_images(base, other, "bbox", 10)

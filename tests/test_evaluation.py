@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -337,8 +338,34 @@ def test_evaluate_full_checkpoint_clean_and_corrupted(checkpoints, val, tmp_path
         assert list(stats) == STAT_NAMES
         ev = by_hand(str(val_set.ann_file), dets_file, iou_type, image_ids, cat_ids)  # from the written file
         np.testing.assert_allclose([stats[k] for k in STAT_NAMES], ev.stats, rtol=0, atol=1e-9)
+        # per category: AP over IoU 0.5:0.95, AP50 and AP75, as COCOeval's precision array gives them
+        table = saved["results"]["clean"][iou_type]["per_category_ap"]
+        for k, cat_id in enumerate(ev.params.catIds):
+            row = table[val_set.coco.cats[cat_id]["name"]]
+            for key, t in (("AP", slice(None)), ("AP50", [0]), ("AP75", [5])):
+                p = ev.eval["precision"][t, :, k, 0, -1]
+                assert row[key] == pytest.approx(float(p[p > -1].mean()) if (p > -1).any() else float("nan"),
+                                                 abs=1e-12, nan_ok=True)
+        errors = saved["results"]["clean"][iou_type]["errors"]
+        assert errors["AP50"] == pytest.approx(stats["AP50"], abs=1e-12)
+        assert set(errors["dAP"]) == {"cls", "loc", "both", "dupe", "bkg", "miss", "FP", "FN"}
     assert report["results"]["clean"]["bbox"]["stats"]["AP"] == saved["results"]["clean"]["bbox"]["stats"]["AP"]
     assert "metrics:" in stdout
+    assert re.search(r"^category +\|  box AP  AP50  AP75 \| mask AP  AP50  AP75 \| box: costliest error$",
+                     stdout, re.M)
+    assert re.search(r"^triangle +\| .* \| (cls|loc|both|dupe|bkg|miss) \(dAP \d+\.\d\)$", stdout, re.M)
+    # the pictures and tables of the error analysis, beside the metrics, and found again for a report
+    from maskrcnn.evaluation.error_plots import run_analysis
+
+    drawn = ["pr_val_clean.png", "confusion-box_val_clean.png", "confusion-mask_val_clean.png",
+             "confusion-box_val_clean.md", "confusion-mask_val_clean.md"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in drawn)
+    assert "| GT \\ detected | circle | rectangle | triangle | star | background |" in \
+        (tmp_path / "confusion-box_val_clean.md").read_text()
+    found = run_analysis(tmp_path)
+    assert sorted(p.name for p in found["pictures"] + found["tables"]) == sorted(drawn)
+    assert found["image_set"] == "val" and "box dAP" in found["error_table"] and "triangle" in found["category_table"]
+    assert "error |  box dAP  count | mask dAP  count | meaning" in stdout
 
     run_evaluate(["--checkpoint", str(checkpoints["full"]), "--out", str(tmp_path), "--no-progress",
                   "--corruption", "contrast", "--severity", "2"])

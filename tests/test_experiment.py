@@ -70,6 +70,13 @@ def test_every_phase_writes_its_files(demo):
     assert out["table"] and out["table"] == table.rstrip("\n")  # what compare.py printed is what it wrote
     assert table.startswith("| run | seeds | box AP | mask AP | box mPC | mask mPC |")
     assert "Paired by seed" in table
+    # the verdict's second interval (over the 3 evaluated images) and its detectable difference
+    line = next(ln for ln in table.splitlines() if ln.startswith("- full-noise - full, box AP"))
+    assert "Over the evaluation images (paired bootstrap, the same 3 images" in line and "Smallest difference" in line
+    # per error type, noise - baseline paired by seed, in the table and in experiment.json
+    assert "| box | loc |" in table and "| mask | miss |" in table
+    rows = {(r["iou_type"], r["error"]): r for r in summary["error_types"]}
+    assert len(rows) == 16 and rows[("bbox", "bkg")]["difference"]["full-noise"]["n"] == 2
     # the baseline's row: the mean and spread of its two seeds' box AP and box mPC, read from the right files
     row = next(ln for ln in table.splitlines() if ln.startswith("| full | 2 |"))
     for values in ([box_ap["full-s0"], box_ap["full-s1"]], [mpc["full-s0"], mpc["full-s1"]]):

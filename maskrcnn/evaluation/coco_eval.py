@@ -140,12 +140,49 @@ def _records_for(results: list[dict], iou_type: str) -> list[dict]:
              "score": r.get("mask_score", r["score"])} for r in results]
 
 
+def check_results(coco_gt, results, source: str = "detections", iou_types=("bbox",)) -> None:
+    """COCO results records that pycocotools can evaluate against `coco_gt`, else a one-line ValueError naming
+    `source`, the record and the problem: a list of dicts with image_id, category_id, score and (per iou type)
+    bbox [x, y, w, h] or segmentation; every image id and category id present in the annotations."""
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: expected a JSON list of COCO result records, got {type(results).__name__}")
+    need = ["image_id", "category_id", "score"] + [("bbox" if t == "bbox" else "segmentation") for t in iou_types]
+    for i, r in enumerate(results):
+        missing = [k for k in need if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"{source}: record {i} has no {', '.join(repr(k) for k in missing)}")
+        if "bbox" in iou_types and (not isinstance(r["bbox"], (list, tuple)) or len(r["bbox"]) != 4):
+            raise ValueError(f"{source}: record {i} (image_id {r['image_id']}): bbox must be [x, y, w, h], "
+                             f"got {r['bbox']!r}")
+    unknown = sorted({r["image_id"] for r in results} - set(coco_gt.imgs))
+    if unknown:
+        n = sum(r["image_id"] in set(unknown) for r in results)
+        raise ValueError(f"{source}: {n} detections for {len(unknown)} image ids not in the annotations "
+                         f"(first: {unknown[:3]})")
+    cats = sorted({r["category_id"] for r in results} - set(coco_gt.cats))
+    if cats:
+        raise ValueError(f"{source}: category ids {cats[:5]} are not among the annotations' categories "
+                         f"({sorted(coco_gt.cats)[:10]}{' ...' if len(coco_gt.cats) > 10 else ''})")
+
+
 def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[int],
-                  cat_ids: Optional[list[int]] = None, verbose: bool = False) -> dict:
-    """The 12-number COCO summary (as fractions) and per-category AP for iou_type 'bbox' or 'segm'."""
+                  cat_ids: Optional[list[int]] = None, verbose: bool = False, analysis: bool = True) -> dict:
+    """The 12-number COCO summary (as fractions), per-category AP (AP, AP50, AP75) and, with `analysis`, the
+    error analysis of maskrcnn/evaluation/errors.py (TIDE's dAP per error type, analyze()'s PR breakdown, the
+    confusion matrix) for iou_type 'bbox' or 'segm'."""
     stats = {name: 0.0 for name in STAT_NAMES}
     if not results:
-        return {"stats": stats, "per_category": {}, "summary": "no detections"}
+        cats = sorted(coco_gt.getCatIds() if cat_ids is None else cat_ids)
+        names = [coco_gt.cats[c]["name"] for c in cats]
+        out = {"stats": stats, "per_category": {n: 0.0 for n in names},
+               "per_category_ap": {n: {"AP": 0.0, "AP50": 0.0, "AP75": 0.0} for n in names},
+               "summary": "no detections: every AP and AR is 0"}
+        if analysis:
+            from .errors import analyze
+
+            out["errors"] = analyze(coco_gt, [], iou_type, image_ids, cats)
+        return out
+    check_results(coco_gt, results, "detections", (iou_type,))  # loadRes would assert, COCOeval ignore them
     coco_dt, _ = _quiet(coco_gt.loadRes, _records_for(results, iou_type))
     ev = COCOeval(coco_gt, coco_dt, iou_type)
     ev.params.imgIds = sorted(image_ids)
@@ -157,14 +194,31 @@ def coco_evaluate(coco_gt, results: list[dict], iou_type: str, image_ids: list[i
     if verbose:
         print(summary)
     stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
-    # precision [T, R, K, A, M]: IoU thresholds, recall points, categories, areas, max dets
+    per_cat, table = per_category_ap(coco_gt, ev)
+    out = {"stats": stats, "per_category": per_cat, "per_category_ap": table, "summary": summary}
+    if analysis:
+        from .errors import analyze
+
+        out["errors"] = analyze(coco_gt, results, iou_type, image_ids, list(ev.params.catIds))
+    return out
+
+
+def per_category_ap(coco_gt, ev) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """From an accumulated COCOeval: {category name: AP} and {category name: {AP, AP50, AP75}} (area all, 100
+    detections; NaN for a category without GT)."""
+    # precision [T, R, K, A, M]: IoU thresholds (0.5:0.05:0.95), recall points, categories, areas, max dets
     precision = ev.eval["precision"]
-    per_cat = {}
+    iou_index = {"AP": slice(None), "AP50": [0], "AP75": [5]}
+    per_cat, table = {}, {}
     for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_cat[coco_gt.cats[cat_id]["name"]] = float(p.mean()) if p.size else float("nan")
-    return {"stats": stats, "per_category": per_cat, "summary": summary}
+        row = {}
+        for key, t in iou_index.items():
+            p = precision[t, :, k, 0, -1]
+            p = p[p > -1]
+            row[key] = float(p.mean()) if p.size else float("nan")
+        name = coco_gt.cats[cat_id]["name"]
+        per_cat[name], table[name] = row["AP"], row
+    return per_cat, table
 
 
 def proposal_recall(coco_gt, results: list[dict], image_ids: list[int], max_dets=(100, 1000)) -> dict:
@@ -218,6 +272,9 @@ def end_of_run_evaluation(model, dataset, device: torch.device, *, batch_size: i
         scalars = dict(metrics)
     else:
         scalars = {f"{t}_{k}": v for t in ("bbox", "segm") if t in metrics for k, v in metrics[t]["stats"].items()}
+        # TIDE's dAP per error type: val/bbox_dAP_loc, ...
+        scalars.update({f"{t}_dAP_{k}": v for t in ("bbox", "segm") if "errors" in metrics.get(t, {})
+                        for k, v in metrics[t]["errors"]["dAP"].items()})
     return stripped, format_metrics(metrics), scalars
 
 

@@ -9,6 +9,8 @@ An evaluation is named by its image set and by what it evaluates, and every file
                                                  one severity)
               detections_<set>_<tag>_<pass>.json one per pass of the others (benchmark: clean, gaussian_noise-3, ...)
               benchmark_<set>.md                 the benchmark's table
+              pr_<set>_<tag>.png                 COCO analyze()'s PR breakdown, box and mask (one-pass evaluations)
+              confusion-<box|mask>_<set>_<tag>.png / .md   the confusion matrix, picture and table
 
 So the clean pass of a benchmark on the first 20 images (detections_val-first20_benchmark_clean.json) never
 replaces the clean evaluation of every image (detections_val_clean.json), and compare.py, the report and
@@ -37,6 +39,11 @@ def metrics_file(image_set: str, tag: str) -> str:
 def detections_file(image_set: str, tag: str, pass_tag: str, one_pass: bool) -> str:
     """The detections of one pass (`clean`, `gaussian_noise-3`, ...) of the evaluation `tag`."""
     return f"detections_{image_set}_{tag}.json" if one_pass else f"detections_{image_set}_{tag}_{pass_tag}.json"
+
+
+def analysis_file(image_set: str, tag: str, kind: str, ext: str) -> str:
+    """A picture or table of the error analysis: `kind` is `pr` or `confusion-box` / `confusion-mask`."""
+    return f"{kind}_{image_set}_{tag}.{ext}"
 
 
 def benchmark_table_file(image_set: str) -> str:
