@@ -15,7 +15,7 @@ from maskrcnn.config import LOSS_NAMES, load_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.yaml", "--no-progress"]
 QUICK = ["train.eval_at_end=false", "train.precise_bn_iters=0", "solver.max_iter=1"]
-VALID = "loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask"
+VALID = "loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask, loss_maskiou"
 
 
 def _one_line_exit(capsys, main, argv, code=2) -> str:

@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
 
     from .errors import analyze
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.evaluation.bench_errors", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--dets", type=int, default=100, help="detections per image")
     p.add_argument("--repeat", type=int, default=1)

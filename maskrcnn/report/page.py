@@ -301,10 +301,12 @@ def first_day_section(sides: Sequence[PageSide]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m maskrcnn.report.page DIR`: DIR/index.html again from DIR/report.json; 2 on bad input."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 1:
-        return error("usage: python -m maskrcnn.report.page DIR (the folder of a report: DIR/report.json)")
-    path = Path(argv[0]) / "report.json"
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.report.page",
+                                description="Write DIR/index.html again from DIR/report.json (visualize.py report).")
+    p.add_argument("dir", metavar="DIR", help="the folder of a report (DIR/report.json)")
+    path = Path(p.parse_args(argv).dir) / "report.json"
     if not path.is_file():
         return error(f"{path}: no such file (visualize.py report writes it beside index.html)")
     try:
