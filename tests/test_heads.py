@@ -4,6 +4,7 @@ bilinearly at the RoI's centre (grid_sample) trains and infers through RoIHeads 
 from __future__ import annotations
 
 import contextlib
+import math
 import io
 from pathlib import Path
 
@@ -121,6 +122,9 @@ def test_a_pooled_head_needs_a_pooler():
 
 
 # ---------------------------------------------------------------------------- a head that samples the maps
+HALVE_MAX_STEPS = 100  # seen: 22-23 steps (seeds 0-2 at 2 and 1 threads, and ATen scalar kernels; AVX2 CPU): 4x
+
+
 @pytest.mark.trains
 def test_a_head_that_samples_the_fpn_maps_trains_and_infers_through_roi_heads(margin):
     torch.manual_seed(fixture_seed())
@@ -129,17 +133,20 @@ def test_a_head_that_samples_the_fpn_maps_trains_and_infers_through_roi_heads(ma
     feats, target = features(), a_target()
     proposals = [torch.tensor([[18.0, 12.0, 58.0, 52.0], [0.0, 0.0, 30.0, 20.0]])]
     opt = torch.optim.SGD(heads.parameters(), lr=0.5)
-    first = None
-    for _ in range(30):
+    first, halved_at = None, math.inf
+    for step in range(HALVE_MAX_STEPS + 1):
         _, losses = heads(feats, proposals, [PAD], [target])
         first = losses["loss_mask"].item() if first is None else first
+        if losses["loss_mask"].item() < 0.5 * first:
+            halved_at = step
+            break
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
     x, names, counts = head.calls[0]
     assert x is None and names == LEVELS and sum(counts) >= 1  # no pooled features: the maps and its RoIs
-    # it learns the mask from what it samples
-    margin.check("toy head's mask loss after 30 steps / before", losses["loss_mask"].item() / first, "<", 0.5)
+    # it learns the mask from what it samples: trained until its mask loss halves, within HALVE_MAX_STEPS
+    margin.check("SGD steps until the toy head's mask loss halves", halved_at, "<=", HALVE_MAX_STEPS)
     heads.eval()
     dets, _ = heads(feats, proposals, [PAD])
     assert len(dets[0]["boxes"]) > 0 and dets[0]["masks"].shape == (len(dets[0]["boxes"]), 1, 7, 7)
