@@ -130,8 +130,8 @@ def check_device(name: str) -> None:
 
 
 def trainer_hooks(init_torchvision: bool = False):
-    """What the trainer calls but does not import (maskrcnn.engine.trainer.Hooks): the end-of-run evaluation,
-    TensorBoard pictures (drawing code loaded only when a picture is due) and, for --init torchvision,
+    """What the trainer calls but does not import (maskrcnn.engine.trainer.Hooks): the end-of-run evaluation and
+    its error-analysis pictures (beside metrics.json and in TensorBoard), TensorBoard pictures (drawing code loaded only when a picture is due) and, for --init torchvision,
     torchvision's COCO weights."""
     from maskrcnn.engine.trainer import Hooks
     from maskrcnn.evaluation.coco_eval import end_of_run_evaluation
@@ -140,11 +140,19 @@ def trainer_hooks(init_torchvision: bool = False):
         from maskrcnn.vis.tensorboard import log_training_images
         log_training_images(*args, **kwargs)
 
+    def analyse(writer, metrics: dict, run_dir, iteration: int) -> list:
+        from maskrcnn.evaluation.error_plots import analysis_pictures
+        pictures = analysis_pictures(metrics, run_dir, "val", "training")["pictures"]
+        if writer is not None and pictures:
+            from maskrcnn.vis.tensorboard import log_pictures
+            log_pictures(writer, pictures, iteration, "errors")
+        return pictures
+
     def initialise(model, cfg, class_names) -> str:
         from maskrcnn.torchvision_weights import load_torchvision_coco
         return load_torchvision_coco(model, cfg.model.num_classes, class_names, cfg).summary()
 
-    return Hooks(evaluate=end_of_run_evaluation, log_images=log_images,
+    return Hooks(evaluate=end_of_run_evaluation, log_images=log_images, analyse=analyse,
                  initialise=initialise if init_torchvision else None)
 
 

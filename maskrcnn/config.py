@@ -211,6 +211,8 @@ class TrainConfig:
     vis_period: int = 0  # TensorBoard images of proposals / RoIs every N iterations (0: off)
     precise_bn_iters: int = 0  # after training, recompute BatchNorm statistics over N batches (0: off; norm bn)
     eval_at_end: bool = True  # AR (rpn stage) or AP (full stage) on the val split at the end
+    error_pictures: bool = True  # with eval_at_end, full stage: the error analysis's pictures (PR breakdown,
+    # confusion matrices) beside metrics.json and in TensorBoard ("errors/..."); ~2 s
     sync_bn: bool = False  # under torchrun: trained BatchNorm layers use the statistics of the global batch
     # (SyncBatchNorm, CUDA only); frozen BatchNorm is unaffected
     dist_timeout_min: float = 30.0  # under torchrun: a process waiting longer than this for the others fails

@@ -293,3 +293,49 @@ def test_summary_marks_better_and_worse():
     p = Page()
     p.feed(summary_html(list(rows.values()), sides))
     assert sorted(c for c in p.cells if "better" in c or "worse" in c) == ["num better", "num worse"]
+
+
+def planted_run(root: Path, name: str, checkpoint: str, ann: Path, boxes: list) -> Path:
+    """A run directory: the checkpoint and a metrics.json whose val entry is the box evaluation of planted
+    detections ((image id, box, score) each) on the planted dataset, error analysis included."""
+    from pycocotools.coco import COCO
+
+    from maskrcnn.evaluation.coco_eval import coco_evaluate
+
+    run = root / name
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(Path(checkpoint).read_bytes())
+    coco = COCO(str(ann))
+    results = [{"image_id": i, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+               for i, (x0, y0, x1, y1), score in boxes]
+    metrics = {"bbox": coco_evaluate(coco, results, "bbox", [1, 2, 3])}
+    metrics["bbox"].pop("summary")
+    (run / "metrics.json").write_text(json.dumps({"stage": "full", "iterations": 1, "val": metrics}))
+    return run
+
+
+def test_errors_section_shows_each_runs_error_types_and_pictures(planted, tmp_path):
+    """Two runs whose planted detections differ by one error: `this` finds the first object and puts a box on
+    background in the third image (bkg), `against` finds the first and mislocalises the third (loc), each error
+    scored above the true positive so that it costs AP. The page
+    shows each run's dAP as its metrics.json has it (x 100), their difference, and both runs' pictures."""
+    ann = planted["root"] / "ann.json"
+    this = planted_run(tmp_path, "this", planted["full"], ann, [(1, EXACT_P2, 0.8), (3, [100, 100, 120, 120], 0.9)])
+    against = planted_run(tmp_path, "against", planted["full"], ann, [(1, EXACT_P2, 0.8), (3, [32, 32, 64, 50], 0.9)])
+    data, page = report(tmp_path, "--checkpoint", str(this / "model_final.pth"), "--against",
+                        str(against / "model_final.pth"), "--images", "1")
+    dap = {label: json.loads((run / "metrics.json").read_text())["val"]["bbox"]["errors"]["dAP"]
+           for label, run in (("this", this), ("against", against))}
+    assert dap["this"]["bkg"] > 0 and dap["this"]["loc"] == 0  # the planted errors are what the analysis sees
+    assert dap["against"]["loc"] > 0 and dap["against"]["bkg"] == 0
+    for label in ("this", "against"):
+        errors = data["sides"][label]["errors"]
+        assert errors["source"] == "metrics.json" and errors["types"]["box"]["dAP"] == dap[label]
+        assert [Path(p).name for p in errors["pictures"]] == ["pr_val_training.png", "confusion-box_val_training.png"]
+    p = parse(page, tmp_path / "rep")
+    assert "errors" in p.ids
+    assert {Path(v).name for v in p.links if "/errors_" in v} == {"pr_val_training.png", "confusion-box_val_training.png"}
+    for name in ("bkg", "loc"):
+        a, b = 100 * dap["this"][name], 100 * dap["against"][name]
+        assert f"<td>{name}</td>" in page and f"{a:.2f}</td>" in page and f"{a - b:.2f}</td>" in page
+    assert not (this / "pr_val_training.png").exists()  # drawn for the page, not into the run directory

@@ -64,6 +64,34 @@ def test_full_stage_init_from_rpn_reports_modules(rpn_run, capsys):
     assert load_config(tmp / "full-noise" / "config.yaml").model.noise.enabled
 
 
+def test_full_stage_draws_its_error_analysis_beside_metrics_and_in_tensorboard(rpn_run):
+    """train.error_pictures: the end-of-run evaluation's PR breakdown and confusion matrices as PNGs (and the
+    confusion tables) beside metrics.json, named in it, and the same pictures as TensorBoard images; off, none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, summary = rpn_run
+    pictures = ["pr_val_training.png", "confusion-box_val_training.png", "confusion-mask_val_training.png"]
+    for on in (True, False):
+        name = f"full-pictures-{on}"
+        out = train.main(["--config", "configs/tiny.yaml", "--stage", "full", "--init", summary["checkpoint"],
+                          "--name", name, "--no-progress", "--set", f"train.output_dir={tmp}",
+                          "solver.max_iter=2", f"train.error_pictures={str(on).lower()}"])
+        run = tmp / name
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert "errors" in metrics["val"]["bbox"] and "errors" in metrics["val"]["segm"]
+        acc = EventAccumulator(str(run), size_guidance={"images": 0})
+        acc.Reload()
+        if on:
+            assert out["val_pictures"] == metrics["val_pictures"] == pictures
+            assert all((run / p).stat().st_size > 0 for p in pictures)
+            assert (run / "confusion-box_val_training.md").read_text().startswith("| GT \\ detected |")
+            assert sorted(acc.Tags()["images"]) == sorted(f"errors/{p[:-4]}" for p in pictures)
+            assert all(acc.Images(f"errors/{p[:-4]}")[0].step == 2 for p in pictures)
+        else:
+            assert "val_pictures" not in metrics and not list(run.glob("*.png"))
+            assert acc.Tags()["images"] == []
+
+
 def test_resume_continues_and_nan_keeps_last_checkpoint(tmp_path, capsys):
     _train(tmp_path, "solver.max_iter=2", "train.eval_at_end=false", name="r")
     # No --config, no --stage: a resumed run takes its own saved config (tiny, rpn stage), plus --set.

@@ -64,6 +64,9 @@ class Hooks:
     evaluate: Optional[Callable[..., tuple[dict, str, dict[str, float]]]] = None
     # log_images(writer, record, iteration, *, class_names, logits): pictures of a step (train.vis_period)
     log_images: Optional[Callable[..., None]] = None
+    # analyse(writer, metrics, run_dir, iteration) -> paths: the end-of-run evaluation's error-analysis pictures,
+    # written beside metrics.json and added to TensorBoard (writer None: files only)
+    analyse: Optional[Callable[..., list[Path]]] = None
     # initialise(model, cfg, class_names) -> report line: weights from elsewhere (train.py --init torchvision);
     # it may change cfg (the run's config.yaml is written again after it)
     initialise: Optional[Callable[..., str]] = None
@@ -495,3 +498,6 @@ class Trainer:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(f"val/{k}", v, it)
+        if self.main and cfg.train.error_pictures and self.hooks.analyse is not None:
+            pictures = self.hooks.analyse(self.writer, summary["val"], self.run_dir, it)
+            summary["val_pictures"] = [Path(p).name for p in pictures]

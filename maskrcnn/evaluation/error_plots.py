@@ -117,11 +117,13 @@ def analysis_pictures(metrics: dict, out_dir: Path, image_set: str, tag: str) ->
     return written
 
 
-def run_analysis(run_dir: Path, split: str = "val", draw: bool = True) -> Optional[dict]:
+def run_analysis(run_dir: Path, split: str = "val", draw: bool = True, out_dir: Optional[Path] = None
+                 ) -> Optional[dict]:
     """For a report page: the error analysis of a run's clean evaluation (evaluate.py's `eval_<set>_clean.json`,
     every image if there is one, else the most; else the training's own `metrics.json`): {"source", "image_set",
-    "pictures" (PNG paths, drawn if missing and `draw`), "tables" (Markdown paths), "category_table",
-    "error_table" (text)}; None where the run has no such evaluation."""
+    "pictures" (PNG paths: those beside the evaluation, else drawn into `out_dir` (default: the run directory) if
+    `draw`), "tables" (Markdown paths), "category_table", "error_table" (text), "errors" ({"box"/"mask": {"AP50",
+    "dAP", "counts"}})}; None where the run has no such evaluation."""
     import json
 
     run_dir = Path(run_dir)
@@ -135,13 +137,14 @@ def run_analysis(run_dir: Path, split: str = "val", draw: bool = True) -> Option
         metrics = json.loads(path.read_text()).get(split, {})
     else:
         return None
-    if not any("errors" in metrics.get(t, {}) for t, _ in IOU_TYPES):
+    types = [(t, n) for t, n in IOU_TYPES if "errors" in metrics.get(t, {})]
+    if not types:
         return None
-    names = {"pictures": [run_dir / outputs.analysis_file(image_set, tag, kind, "png")
-                          for kind in ["pr"] + [f"confusion-{n}" for t, n in IOU_TYPES if t in metrics]],
-             "tables": [run_dir / outputs.analysis_file(image_set, tag, f"confusion-{n}", "md")
-                        for t, n in IOU_TYPES if t in metrics]}
+    kinds = ["pr"] + [f"confusion-{n}" for t, n in types]
+    names = {"pictures": [run_dir / outputs.analysis_file(image_set, tag, kind, "png") for kind in kinds],
+             "tables": [run_dir / outputs.analysis_file(image_set, tag, kind, "md") for kind in kinds[1:]]}
     if draw and not all(p.is_file() for p in names["pictures"] + names["tables"]):
-        names = analysis_pictures(metrics, run_dir, image_set, tag)
-    return {"source": str(path), "image_set": image_set, **names,
+        names = analysis_pictures(metrics, run_dir if out_dir is None else out_dir, image_set, tag)
+    errors = {n: {k: metrics[t]["errors"][k] for k in ("AP50", "dAP", "counts")} for t, n in types}
+    return {"source": str(path), "image_set": image_set, **names, "errors": errors,
             "category_table": category_table(metrics), "error_table": error_table(metrics)}

@@ -91,6 +91,7 @@ def measure_side(s: M.Side, first: M.Side, train_set, val_set, out: Path, args, 
     else:
         M.anchor_section(s, train_set, out, args.train_images, args.seed, tick)
     M.read_run(s)
+    M.error_analysis(s, out)
     if not s.has_weights:
         say(f"report {s.label}: timing")
         M.first_day(s, train_set, args.minutes, args.timing_steps, tick)

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +342,28 @@ def read_run(side: Side) -> None:
         run["eval"], run["eval_file"] = flat_metrics(res), clean[1].name
     if len(run) > 1:
         side.stats["run"] = run
+
+
+def error_analysis(side: Side, out: Path) -> None:
+    """The error analysis of the checkpoint's run (evaluate.py's clean evaluation, else its metrics.json): TIDE's
+    dAP per error type (box and mask) and the pictures, those beside the evaluation copied into img/ (else drawn
+    there), so that the page stands alone."""
+    if side.checkpoint is None:
+        return
+    from ..evaluation.error_plots import run_analysis
+    from ..evaluation.errors import ERROR_WORDS
+    img = out / "img" / f"errors_{side.label}"
+    found = run_analysis(side.checkpoint.parent, "val", draw=True, out_dir=img)
+    if found is None:
+        return
+    img.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for path in found["pictures"]:
+        if path.parent.resolve() != img.resolve():
+            shutil.copyfile(path, img / path.name)
+        pictures.append(f"img/errors_{side.label}/{path.name}")
+    side.stats["errors"] = {"source": Path(found["source"]).name, "image_set": found["image_set"],
+                            "types": found["errors"], "words": ERROR_WORDS, "pictures": pictures}
 
 
 def flat_metrics(metrics: dict) -> dict:

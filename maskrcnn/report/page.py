@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..vis import html as H
 
@@ -44,7 +44,7 @@ def render(report: dict) -> str:
     sides = page_sides(report)
     body = [header_html(report, sides), summary_section(report, sides), views_section(sides),
             anchor_fit_section(sides), suggestions_section(sides), proposals_section(sides),
-            run_section(report, sides), first_day_section(sides)]
+            run_section(report, sides), errors_section(sides), first_day_section(sides)]
     return H.page("anchor and proposal check-up", [b for b in body if b])
 
 
@@ -262,6 +262,43 @@ def run_section(report: dict, sides: Sequence[PageSide]) -> str:
         body.append(H.table(["run", "iterations"] + keys, rows))
     body.append(H.para("run directories: " + "; ".join(f"{s.label}: {s.data['run']['dir']}" for s in with_run),
                        "note"))
+    return "\n".join(body)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def errors_table(with_errors: Sequence[PageSide]) -> str:
+    """TIDE's dAP per error type (x 100), box and mask, each side and (two sides) this - against."""
+    kinds = [k for k in ("box", "mask") if all(k in s.data["errors"]["types"] for s in with_errors)]
+    two = len(with_errors) == 2
+
+    def cells(kind: str, value: Callable[[dict], float]) -> list[str]:
+        v = [100 * value(s.data["errors"]["types"][kind]) for s in with_errors]
+        return [H.fmt(x, 2) for x in v + ([v[0] - v[1]] if two else [])]
+
+    header = ["error", "meaning"] + [f"{k} {what}" for k in kinds
+                                     for what in [f"dAP {s.label}" for s in with_errors] + (["difference"] if two else [])]
+    rows = [[name, meaning] + [c for k in kinds for c in cells(k, lambda e: e["dAP"][name])]
+            for name, meaning in with_errors[0].data["errors"]["words"].items()]
+    rows.append(["AP50", "the AP50 the oracles start from"] + [c for k in kinds for c in cells(k, lambda e: e["AP50"])])
+    return H.table(header, rows, [["", ""] + ["num"] * (len(r) - 2) for r in rows])
+
+
+def errors_section(sides: Sequence[PageSide]) -> str:
+    """Where the AP is lost (TIDE's error types) and the pictures of the analysis, for each side with an
+    evaluated run."""
+    with_errors = [s for s in sides if "errors" in s.data]
+    if not with_errors:
+        return ""
+    body = [H.h2("Errors: where the AP is lost", "errors"),
+            H.para("TIDE's error types at foreground IoU 0.5, background 0.1: dAP is the AP50 (x 100) an oracle "
+                   "fixing only that type would gain (a smaller dAP is better). From "
+                   + "; ".join(f"{s.label}: {s.data['errors']['source']}" for s in with_errors)
+                   + ".", "note"),
+            errors_table(with_errors)]
+    cols = []
+    for s in with_errors:
+        cols.append(H.h3(s.label) + "".join(H.picture(p, Path(p).stem, "figure") for p in s.data["errors"]["pictures"]))
+    body.append(H.pair(cols))
     return "\n".join(body)
 
 

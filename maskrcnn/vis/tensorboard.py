@@ -53,3 +53,16 @@ def log_training_images(writer, record: dict, iteration: int, top: int = 20, max
     for name, img in training_panels(record, top, class_names, logits).items():
         writer.add_image(f"vis/{name}", fit(img, 2 * max_side if name in ("gt_proposals", "features") else max_side),
                          iteration, dataformats="HWC")
+
+
+def log_pictures(writer, paths: Sequence, iteration: int, prefix: str) -> None:
+    """PNG files into TensorBoard as "<prefix>/<file stem>" (the end-of-run error analysis: "errors/pr_val_training",
+    "errors/confusion-box_val_training", ...)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as im:
+            writer.add_image(f"{prefix}/{Path(path).stem}", np.asarray(im.convert("RGB")), iteration,
+                             dataformats="HWC")
