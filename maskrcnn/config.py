@@ -35,6 +35,8 @@ class BackboneConfig:
     freeze_at: int = 2  # 0: train all; 1: freeze stem; 2: stem+res2; ... 5: stem..res5
     weights: str = "imagenet"  # imagenet (through torchvision) | none | path to a .pth state dict
     frozen_bn_eps: float = 1e-5  # eps of FrozenBatchNorm2d (torchvision's COCO Mask R-CNN weights use 0.0)
+    fold_frozen_bn: bool = False  # each FrozenBatchNorm2d computed inside its convolution (weight x scale, bias)
+    # in training too (model/fuse.py: fold_frozen_batchnorm_live); the same state dict
 
 
 @dataclass

@@ -478,3 +478,26 @@ def test_inference_class_specific_decoding_and_mask_channel():
     p3 = math.exp(10) / (math.exp(10) + K)
     torch.testing.assert_close(d["scores"], torch.full((3,), p3), atol=1e-6, rtol=0)
     torch.testing.assert_close(d["masks"], torch.full((3, 1, 28, 28), 1 / (1 + math.exp(-0.5))))
+
+
+def test_mask_inference_computes_each_detections_class_only():
+    """In inference the mask head gives the deconvolution's features (channels-last on a CPU) and class_logits
+    applies the 1x1 predictor of each detection's class only: the same logits as every class's map indexed by
+    the label, which is what training's forward gives."""
+    from maskrcnn.model.mask_head import MaskFeatures
+
+    torch.manual_seed(0)
+    head = MaskHead(**mask_head_kwargs())
+    torch.nn.init.normal_(head.predictor.weight, std=0.3)
+    torch.nn.init.normal_(head.predictor.bias, std=0.3)
+    x, labels = torch.rand(6, C, 14, 14), torch.tensor([1, 3, 3, 2, 1, 4])
+    train_logits = head.train()(x)
+    assert train_logits.shape == (6, K + 1, 28, 28)
+    out = head.eval()(x)
+    assert isinstance(out, MaskFeatures) and out.features.is_contiguous(memory_format=torch.channels_last)
+    picked = train_logits[torch.arange(6), labels]
+    torch.testing.assert_close(head.class_logits(out, labels), picked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.class_logits(train_logits, labels), picked, rtol=0, atol=0)
+    with torch.no_grad():
+        (d,) = head.inference(out, [{"boxes": torch.zeros(6, 4), "labels": labels}])
+    torch.testing.assert_close(d["masks"][:, 0], picked.sigmoid(), rtol=1e-5, atol=1e-5)

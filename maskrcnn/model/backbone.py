@@ -43,7 +43,11 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)  # present in BatchNorm checkpoints
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    folded = False  # set by model/fuse.py's fold_frozen_batchnorm_live: the preceding conv applies it
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.folded:
+            return x
         # Folded into one scale and shift: cheaper than F.batch_norm and safe in fp16.
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale

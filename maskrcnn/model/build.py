@@ -7,6 +7,7 @@ from .backbone import ResNetBottomUp, load_pretrained
 from .box_coder import BoxCoder
 from .box_head import BoxHead
 from .fpn import FPN
+from .fuse import fold_frozen_batchnorm_live
 from .latent_noise import LatentNoise
 from .mask_head import MaskHead
 from .maskiou_head import MaskIoUHead
@@ -40,6 +41,8 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
     bottom_up = ResNetBottomUp(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, frozen_bn_eps=b.frozen_bn_eps)
     if load_weights:
         load_pretrained(bottom_up, b.weights)
+    if b.fold_frozen_bn:
+        fold_frozen_batchnorm_live(bottom_up)
     fpn = FPN(in_channels=[bottom_up.out_channels[c] for c in m.fpn.in_features], in_features=m.fpn.in_features,
               out_channels=m.fpn.out_channels)
     a = m.anchors

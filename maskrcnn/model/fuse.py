@@ -60,6 +60,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     scale, shift = _scale_shift(bn)
     weight = conv.weight.detach()
     fused = copy.deepcopy(conv)
+    if isinstance(fused, FrozenBNConv2d):  # folded live (fold_frozen_batchnorm_live): a plain conv from here on
+        fused.__class__ = nn.Conv2d
+        del fused._bn
     fused.weight = nn.Parameter((weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype).contiguous(
         memory_format=torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last)
         and not weight.is_contiguous() else torch.contiguous_format), requires_grad=False)
@@ -80,3 +83,37 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
             setattr(parent, bn_name, nn.Identity())
     return model
 
+
+
+class FrozenBNConv2d(nn.Conv2d):
+    """A convolution followed by its FrozenBatchNorm2d, computed as one convolution with bias during training
+    too: conv(x, W * s) + (b * s + shift), where s and shift come from the BatchNorm's buffers at every call.
+    The weight stays the trained parameter (its gradient flows through the product, a weight-sized
+    operation), so this saves the BatchNorm's pass over the activations in the forward and its pass in the
+    backward. The state dict is the conv's and the BatchNorm's own, under their own names: the BatchNorm stays
+    in place, switched to the identity (`folded`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self._bn[0]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        bias = shift if self.bias is None else self.bias * scale + shift
+        weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
+        return self._conv_forward(x, weight, bias.to(weight.dtype))
+
+
+def fold_frozen_batchnorm_live(model: nn.Module) -> int:
+    """In place: every Conv2d followed by a FrozenBatchNorm2d (found as fold_batchnorm finds pairs) becomes a
+    FrozenBNConv2d over the same parameters and the BatchNorm an identity, for training and inference alike
+    (model.backbone.fold_frozen_bn). Returns the number of pairs folded."""
+    n = 0
+    for parent in list(model.modules()):
+        for conv_name, bn_name in _pairs(parent):
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if not isinstance(bn, FrozenBatchNorm2d) or isinstance(conv, FrozenBNConv2d):
+                continue
+            conv.__class__ = FrozenBNConv2d  # the same object, parameters and hooks: only its forward changes
+            conv._bn = [bn]  # a list: not registered as a submodule, so the state dict keeps its keys
+            bn.folded = True
+            n += 1
+    return n

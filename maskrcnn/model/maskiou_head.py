@@ -20,7 +20,7 @@ branch and the shared RoI features, not the mask predictor).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +65,10 @@ class MaskIoUHead(MaskHead):
         if hasattr(self, "iou_pred"):  # MaskHead.__init__ calls this before the branch exists
             self._reset_iou_predictor()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """[F, C, Sm, Sm] pooled features -> (mask logits [F, K+1, M, M], the pooled features for the MaskIoU
-        branch, which needs each RoI's class: it runs in losses and inference)."""
+    def forward(self, x: Tensor) -> tuple[Any, Tensor]:
+        """[F, C, Sm, Sm] pooled features -> (the mask head's predictions: logits [F, K+1, M, M] in training,
+        MaskFeatures in inference; the pooled features for the MaskIoU branch, which needs each RoI's class: it
+        runs in losses and inference)."""
         return super().forward(x), x
 
     def predict_iou(self, pooled: Tensor, class_logits: Tensor, labels: Tensor) -> Tensor:
@@ -144,7 +145,7 @@ class MaskIoUHead(MaskHead):
         logits, pooled = predictions
         results = super().inference(logits, results, record)
         labels = torch.cat([r["labels"] for r in results])
-        class_logits = logits[torch.arange(labels.numel(), device=labels.device), labels]
+        class_logits = self.class_logits(logits, labels)
         iou = self.predict_iou(pooled, class_logits, labels).float().clamp(0, 1)
         for r, v in zip(results, iou.split([len(r["boxes"]) for r in results])):
             r["mask_iou"] = v

@@ -1,0 +1,201 @@
+"""Where the time of one training step and one inference goes, stage by stage, for this project's Mask R-CNN and
+torchvision's, on the benchmark's settings and weights (maskrcnn/bench.py):
+
+    python -m maskrcnn.bench_profile                  # 512x512, batch 2, median of 3 steps after 1 warm-up
+    python -m maskrcnn.bench_profile --repeats 5 --out profile.json
+
+Each stage is timed by forward hooks on the module that computes it (pre-hook: start, hook: stop), on both
+models alike; a stage's time excludes the stages inside it. The backward pass and the optimiser step are timed
+as wholes (autograd runs the stages' backward interleaved), "other" is the rest of the forward (the input
+transform, mask pasting and what runs between the stages). On a CPU every kernel is synchronous, so the
+wall-clock times add up; on CUDA each hook synchronises first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+# stage -> (our module, torchvision's modules); the first stage a module belongs to is its stage
+STAGES = {
+    "bottom-up (ResNet)": (["bottom_up"], ["backbone.body"]),
+    "FPN": (["fpn"], ["backbone.fpn"]),
+    "RPN head (conv)": (["rpn.head"], ["rpn.head"]),
+    "RPN: anchors, proposals, losses": (["rpn"], ["rpn"]),
+    "RoIAlign (box and mask)": (["roi_heads.box_pooler", "roi_heads.mask_pooler"],
+                                ["roi_heads.box_roi_pool", "roi_heads.mask_roi_pool"]),
+    "box head (FCs + predictor)": (["roi_heads.box_head"], ["roi_heads.box_head", "roi_heads.box_predictor"]),
+    "mask head (convs + predictor)": (["roi_heads.mask_head"], ["roi_heads.mask_head", "roi_heads.mask_predictor"]),
+    "RoI heads: sampling, targets, losses, post-processing": (["roi_heads"], ["roi_heads"]),
+}
+
+
+class StageTimer:
+    """Forward hooks that add each stage's exclusive time (its own, less the timed stages inside it)."""
+
+    def __init__(self, model: nn.Module, names: dict[str, list[str]], sync: Callable[[], None]):
+        self.seconds: dict[str, float] = {stage: 0.0 for stage in names}
+        self.stack: list[list] = []  # [stage, start, time spent in timed stages inside]
+        self.sync = sync
+        self.handles = []
+        modules = dict(model.named_modules())
+        for stage, paths in names.items():
+            for path in paths:
+                m = modules[path]
+                self.handles.append(m.register_forward_pre_hook(self._enter(stage)))
+                self.handles.append(m.register_forward_hook(self._leave()))
+
+    def _enter(self, stage: str):
+        def hook(module, args):
+            self.sync()
+            self.stack.append([stage, time.perf_counter(), 0.0])
+        return hook
+
+    def _leave(self):
+        def hook(module, args, output):
+            self.sync()
+            stage, start, inner = self.stack.pop()
+            total = time.perf_counter() - start
+            self.seconds[stage] += total - inner
+            if self.stack:
+                self.stack[-1][2] += total
+        return hook
+
+    def reset(self) -> None:
+        self.seconds = {k: 0.0 for k in self.seconds}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets, sync: Callable[[], None]
+             ) -> dict[str, float]:
+    """Seconds per stage of one training step (forward stages, other, backward, optimiser) or inference."""
+    timer.reset()
+    sync()
+    t0 = time.perf_counter()
+    after = {}
+    if kind == "training":
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        losses = net(images, targets)
+        sync()
+        t1 = time.perf_counter()
+        sum(losses.values()).backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        sync()
+        after = {"backward": t2 - t1, "optimiser": time.perf_counter() - t2}
+        forward = t1 - t0
+    else:
+        net.eval()
+        with torch.no_grad():
+            net(images)
+        sync()
+        forward = time.perf_counter() - t0
+    row = dict(timer.seconds)
+    row["other (transform, paste, between stages)"] = forward - sum(timer.seconds.values())
+    row.update(after)
+    row["total"] = sum(row.values())
+    return row
+
+
+def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, device: str
+            ) -> list[dict[str, float]]:
+    """{stage: median ms} of each model (ours first, torchvision's second), one warm-up each, then `repeats`
+    steps interleaved (alternating who goes first, as maskrcnn/bench.py does). Training: SGD with momentum, as
+    the benchmark's step."""
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    timers = [StageTimer(m, {k: v[which] for k, v in STAGES.items()}, sync) for which, m in enumerate(models)]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                            weight_decay=1e-4) for m in models]
+    runs: list[list[dict]] = [[] for _ in models]
+    for r in range(repeats + 1):  # the first is a warm-up
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            row = one_step(models[i], kind, timers[i], opts[i], images, targets, sync)
+            if r > 0:
+                runs[i].append(row)
+    for t in timers:
+        t.remove()
+    return [{k: 1e3 * statistics.median(run[k] for run in model_runs) for k in model_runs[0]}
+            for model_runs in runs]
+
+
+def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
+        log: Callable[[str], None] = print) -> dict:
+    from . import bench
+    from .model.fuse import fold_batchnorm
+    from .torchvision_weights import to_torchvision
+
+    s = bench.Settings(height=height, width=width, batch=batch, device=device, amp=False, depth=depth)
+    state = bench.seeded_state(s)
+    ours, tv = bench.load_pair(s, state)
+    images, targets = bench.make_batch(s)
+    result = {"cpu": bench.cpu_header(), "settings": {"height": height, "width": width, "batch": batch,
+                                                       "repeats": repeats, "device": device, "depth": depth},
+              "ours": {}, "torchvision": {}}
+    log("training ...")
+    result["ours"]["training"], result["torchvision"]["training"] = profile([ours, tv], "training", images, targets,
+                                                                            repeats, device)
+    ours.load_state_dict(state)  # inference sees the seeded weights (100 detections per image), as the benchmark
+    tv.load_state_dict(to_torchvision(state))
+    log("inference ...")
+    # ours as its inference entry points run it, BatchNorm folded (maskrcnn/model/fuse.py), as the benchmark
+    result["ours"]["inference"], result["torchvision"]["inference"] = profile(
+        [fold_batchnorm(ours), tv], "inference", images, targets, repeats, device)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [bench_cpu_line(result)]
+    for kind in ("training", "inference"):
+        s = result["settings"]
+        lines += ["", f"{kind} ({s['batch']} x {s['height']}x{s['width']}, median of {s['repeats']}; ms)", "",
+                  "| stage | ours | torchvision | ours / torchvision | share of ours |", "|---|---|---|---|---|"]
+        ours, tv = result["ours"][kind], result["torchvision"][kind]
+        for stage in ours:
+            ratio = ours[stage] / tv[stage] if tv[stage] > 0.05 else float("nan")
+            lines.append(f"| {stage} | {ours[stage]:.1f} | {tv[stage]:.1f} | {ratio:.2f} | "
+                         f"{100 * ours[stage] / ours['total']:.0f}% |")
+    return "\n".join(lines)
+
+
+def bench_cpu_line(result: dict) -> str:
+    from .bench import cpu_line
+    return cpu_line(result["cpu"])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m maskrcnn.bench_profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (medians)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--depth", type=int, default=50, help="ResNet depth of both models (18: a smoke run)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", help="write the result as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth)
+    print(format_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
