@@ -19,8 +19,8 @@ a CPU: its RoIAlign has no bf16 CPU kernel. `--bf16 auto` (the default) times th
 bfloat16 natively (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
 7-16x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
 with one warm-up and one repeat. The printout and the JSON start with the CPU capability and whether bfloat16
-is native. Our fp32 inference row also folds BatchNorm, as our inference entry
-points do. That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
+is native. Our fp32 inference row also folds BatchNorm and, on an AVX2 or AVX-512 CPU, runs channels-last, as
+our inference entry points do (evaluate.py, infer.py: test.channels_last auto). That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
 seeded random weights every score is a near tie, and no detector's detections are stable.
 
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .config import load_config
-from .model.fuse import fold_batchnorm
+from .model.fuse import fold_batchnorm, inference_channels_last
 from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
@@ -595,9 +595,13 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
-    # Ours as its inference entry points run it: BatchNorm folded into the convolutions (model/fuse.py).
+    # Ours as its inference entry points run it (engine/checkpoint.py: model_from_checkpoint): BatchNorm folded
+    # into the convolutions (model/fuse.py) and channels-last where that gains (test.channels_last: auto).
     ours_infer = fold_batchnorm(ours).eval()
-    add(f"inference ({tag}, ours BN folded)", *compare(inference_fn(ours_infer, s, images),
+    layout = inference_channels_last("auto", s.device) or s.channels_last
+    if layout:
+        ours_infer = ours_infer.to(memory_format=torch.channels_last)
+    add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''})", *compare(inference_fn(ours_infer, s, images),
                                                        inference_fn(tv, s, images), s), 0.9, per_image=True)
     del ours_infer
     if not cuda:

@@ -228,6 +228,9 @@ class TestConfig:
     max_images: int = 0  # evaluate on at most this many val images (0: all)
     amp: Switch = False  # mixed precision in the end-of-run evaluation: fp16 on CUDA, bf16 on a CPU; auto: where
     # the device computes it natively (false: fp32)
+    channels_last: Switch = "auto"  # evaluate.py and infer.py run the model in channels-last memory format: auto
+    # (on an AVX2 or AVX-512 CPU: 10-11% faster inference measured on AVX2, fp32, BatchNorm folded; 15% slower
+    # with scalar ATen kernels), true or false
 
 
 # The named losses the model returns in training, over both stages (the RPN stage returns the first two): the

@@ -69,6 +69,28 @@ def test_fold_bn_gives_the_same_features_without_batchnorm(run, count_batchnorms
         a, b = plain.features(images)[2], folded.features(images)[2]
     for level in a:
         torch.testing.assert_close(b[level], a[level], rtol=1e-4, atol=1e-5)
+    # test.channels_last: auto (the default) follows the CPU; true and false choose
+    from maskrcnn.model.fuse import inference_channels_last
+
+    weight = folded.bottom_up.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) == inference_channels_last("auto", "cpu")
+    for setting in ("true", "false"):
+        chosen, _ = model_from_checkpoint(run / "model_final.pth", overrides=[f"test.channels_last={setting}"],
+                                          fold_bn=True)
+        weight = chosen.bottom_up.conv1.weight
+        assert (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()) == \
+            (setting == "true")
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX2", True), ("AVX512", True), ("DEFAULT", False),
+                                                  ("SVE256", False)])
+def test_channels_last_inference_only_where_it_was_measured_to_gain(monkeypatch, capability, expected):
+    from maskrcnn.model.fuse import inference_channels_last
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert inference_channels_last("auto", "cpu") is expected
+    assert inference_channels_last("auto", "cuda") is False
+    assert inference_channels_last(True, "cpu") is True and inference_channels_last(False, "cpu") is False
 
 
 def test_keeps_the_newest_k_and_last_is_the_newest(run):

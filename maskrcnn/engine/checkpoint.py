@@ -318,8 +318,9 @@ def partial_load(model: nn.Module, source: str | Path | dict) -> LoadReport:
 def model_from_checkpoint(path: str | Path, config: str | None = None, overrides: list[str] | None = None,
                           device: str = "cpu", fold_bn: bool = False):
     """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
-    `config` names a YAML file; `overrides` apply on top of either. `fold_bn`: every BatchNorm folded into its
-    convolution (`maskrcnn.model.fuse`): the same outputs to float rounding, faster, for inference only."""
+    `config` names a YAML file; `overrides` apply on top of either. `fold_bn`: for inference only, every BatchNorm
+    folded into its convolution (`maskrcnn.model.fuse`) and, as test.channels_last says (auto: on a CPU where
+    it was measured to gain, `fuse.inference_channels_last`), the weights in channels-last memory format: the same outputs to float rounding, faster."""
     from ..model.build import build_model
     from ..config import Config, apply_overrides, load_config
 
@@ -339,8 +340,10 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
     model.class_names = state.get("class_names")  # index 0 is the background
     model = model.to(device).eval()
     if fold_bn:
-        from ..model.fuse import fold_batchnorm
+        from ..model.fuse import fold_batchnorm, inference_channels_last
         fold_batchnorm(model, inplace=True)
+        if inference_channels_last(cfg.test.channels_last, device):
+            model = model.to(memory_format=torch.channels_last)
     return model, cfg
 
 

@@ -117,3 +117,17 @@ def fold_frozen_batchnorm_live(model: nn.Module) -> int:
             bn.folded = True
             n += 1
     return n
+
+
+# CPU capabilities where channels-last inference was measured to gain (fp32, BatchNorm folded, the benchmark's
+# 512x512 batch of 2): AVX2 -9.5% and -11% (two runs), as training on AVX-512 gains 7-10%; with ATen's scalar
+# kernels and oneDNN at SSE4.1 (`ATEN_CPU_CAPABILITY=default`) it lost 15%.
+CHANNELS_LAST_CAPABILITIES = ("AVX2", "AVX512")
+
+
+def inference_channels_last(setting, device) -> bool:
+    """test.channels_last resolved for `device`: true / false as given; auto: on a CPU whose capability
+    (torch.backends.cpu.get_cpu_capability()) is one where it was measured to gain, never on CUDA."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability() in CHANNELS_LAST_CAPABILITIES
