@@ -67,8 +67,9 @@ def test_fold_bn_gives_the_same_features_without_batchnorm(run, count_batchnorms
     images = [torch.rand(3, 120, 150, generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         a, b = plain.features(images)[2], folded.features(images)[2]
-    for level in a:
-        torch.testing.assert_close(b[level], a[level], rtol=1e-4, atol=1e-5)
+    for level in a:  # float rounding of another summation order (folded weights, channels-last kernels): seen up
+        # to 1.2e-5 (one element of 40960); a fold that lost or doubled a BatchNorm is off by the features' own scale
+        torch.testing.assert_close(b[level], a[level], rtol=1e-4, atol=1e-3 * a[level].abs().max().item())
     # test.channels_last: auto (the default) follows the CPU; true and false choose
     from maskrcnn.model.fuse import inference_channels_last
 

@@ -481,9 +481,9 @@ def test_inference_class_specific_decoding_and_mask_channel():
 
 
 def test_mask_inference_computes_each_detections_class_only():
-    """In inference the mask head gives the deconvolution's features (channels-last on a CPU) and class_logits
-    applies the 1x1 predictor of each detection's class only: the same logits as every class's map indexed by
-    the label, which is what training's forward gives."""
+    """In inference the mask head gives the deconvolution's features (channels-last where that gains) and
+    class_logits applies the 1x1 predictor of each detection's class only: the same logits as every class's map
+    indexed by the label, which is what training's forward gives."""
     from maskrcnn.model.mask_head import MaskFeatures
 
     torch.manual_seed(0)
@@ -494,7 +494,10 @@ def test_mask_inference_computes_each_detections_class_only():
     train_logits = head.train()(x)
     assert train_logits.shape == (6, K + 1, 28, 28)
     out = head.eval()(x)
-    assert isinstance(out, MaskFeatures) and out.features.is_contiguous(memory_format=torch.channels_last)
+    from maskrcnn.model.fuse import inference_channels_last
+
+    assert isinstance(out, MaskFeatures)
+    assert out.features.is_contiguous(memory_format=torch.channels_last) == inference_channels_last("auto", "cpu")
     picked = train_logits[torch.arange(6), labels]
     torch.testing.assert_close(head.class_logits(out, labels), picked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(head.class_logits(train_logits, labels), picked, rtol=0, atol=0)
