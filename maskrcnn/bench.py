@@ -13,9 +13,9 @@ stem and res2 frozen), loaded with maskrcnn.torchvision_weights.to_torchvision. 
 inference). The class scores are biased towards a few classes so that inference keeps 100 detections per
 image (the mask head and the paste run at full load) instead of none.
 
-On a CPU two more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat16)` (channels-last, and for
-inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32, its best on
-a CPU: its RoIAlign has no bf16 CPU kernel. `--bf16 auto` (the default) times them only where the CPU computes
+On a CPU four more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat16)` (channels-last, and for
+inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32 and against
+torchvision under the same autocast, what its user on a bf16 CPU would run (a note says why if it cannot run so). `--bf16 auto` (the default) times them only where the CPU computes
 bfloat16 natively (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
 7-16x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
 with one warm-up and one repeat. The printout and the JSON start with the CPU capability and whether bfloat16
@@ -528,8 +528,9 @@ def measure_memory(s: Settings, state: dict[str, Tensor], steps: int, runs: int)
 # ---------------------------------------------------------------------------------------------- main
 def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tensor], images, targets, tag: str,
               add: Callable, notes: list[str], log: Callable[[str], None]) -> None:
-    """Ours under bf16 autocast (channels-last; BatchNorm folded for inference) against torchvision in fp32, its
-    best on a CPU (its RoIAlign has no bf16 CPU kernel). s.bf16: auto times them where the CPU computes bf16
+    """Ours under bf16 autocast (channels-last; BatchNorm folded for inference) against torchvision in fp32, and
+    against torchvision under bf16 autocast too (what its user on a bf16 CPU would run; a note says why where it
+    cannot run so). s.bf16: auto times them where the CPU computes bf16
     natively and skips them with a note elsewhere; always times them anyway (emulated: 1 warm-up, 1 repeat)."""
     native, evidence = cpu_bf16_native()
     if s.bf16 == "never":
@@ -548,11 +549,38 @@ def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tens
         *compare(training_step_fn(fast, s, images, targets, bf16=True),
                  training_step_fn(tv, s, images, targets), s, repeats, warmup), 0.6, per_image=True)
     tv.load_state_dict(to_torchvision(state))
+    # the peer a torchvision user with a bf16 CPU would run: its model under torch.autocast("cpu", bfloat16)
+    # (emulated, where torchvision's bf16 step is slower still: one repeat without a warm-up, a smoke run only)
+    peer_warmup = warmup if native else 0
+    fresh = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    peer_row(f"training step ({tag}), ours bf16 channels-last{which}, tv bf16 autocast",
+             lambda: compare(training_step_fn(fresh, s, images, targets, bf16=True),
+                             training_step_fn(tv, s, images, targets, bf16=True), s, repeats, peer_warmup),
+             add, notes, log)
+    tv.load_state_dict(to_torchvision(state))
     log(f"inference, ours bf16{which} ...")
     fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
     add(f"inference ({tag}), ours bf16 channels-last folded{which}, tv fp32",
         *compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s, repeats, warmup), 0.6,
         per_image=True)
+    peer_row(f"inference ({tag}), ours bf16 channels-last folded{which}, tv bf16 autocast",
+             lambda: compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images, bf16=True), s,
+                             repeats, peer_warmup), add, notes, log)
+
+
+def peer_row(name: str, measure: Callable[[], tuple[float, float]], add: Callable, notes: list[str],
+             log: Callable[[str], None]) -> None:
+    """A row against torchvision under bf16 autocast; if torchvision cannot run so, a note that says why."""
+    log(f"{name} ...")
+    try:
+        ours_s, tv_s = measure()
+    except Exception as e:  # an op without a bf16 CPU kernel, a dtype mismatch: said, not hidden
+        detail = " ".join(str(e).split())[:200]
+        notes.append(f"{name}: not measured, torchvision could not run under bf16 autocast ({type(e).__name__}: "
+                     f"{detail})")
+        log(notes[-1])
+        return
+    add(name, ours_s, tv_s, 0.6, per_image=True)
 
 
 def cpu_header() -> dict:

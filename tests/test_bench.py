@@ -35,6 +35,10 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
         assert any(n.startswith(expected) for n in names), (expected, names)
     bf16_rows = [n for n in names if "ours bf16" in n and n.endswith("tv fp32")]  # CPU: ours bf16, torchvision fp32
     assert [n.split(" (")[0] for n in bf16_rows] == ["training step", "inference"], names
+    # and against torchvision under bf16 autocast: a row, or a note saying why it could not run
+    peer = [n for n in names if "ours bf16" in n and n.endswith("tv bf16 autocast")]
+    peer_notes = [n for n in result["notes"] if "tv bf16 autocast: not measured" in n]
+    assert len(peer) + len(peer_notes) == 2, (names, result["notes"])
     assert not any(n.startswith("load + validate") for n in names)  # the COCO-sized file only on request
     for row in result["rows"]:
         if "extra peak memory" in row["name"]:  # a quick run's tiny masks may need no extra memory at all
@@ -67,7 +71,7 @@ def test_bf16_rows_follow_the_cpu(monkeypatch, native):
         s = bench.Settings(bf16=mode)
         bench.bf16_rows(s, model, model, {}, [], [], "tag", lambda name, *a, **k: rows.append(name), notes,
                         lambda line: None)
-        assert (len(rows) == 2) == expect_rows, (mode, rows)
+        assert (len(rows) == 4) == expect_rows, (mode, rows)  # ours bf16 against tv fp32 and tv bf16 autocast
         assert bool(notes) == (not expect_rows), (mode, notes)
         if mode == "auto" and not native:
             assert "no native bfloat16" in notes[0] and "--bf16 always" in notes[0]
