@@ -48,7 +48,8 @@ class CentrePointMaskHead(RoIHead):
         self.calls: list[tuple] = []  # what forward was given, for the test
 
     select, targets, losses = MaskHead.select, MaskHead.targets, MaskHead.losses
-    inference_rois, inference, class_logits = MaskHead.inference_rois, MaskHead.inference, MaskHead.class_logits
+    inference_rois, inference = MaskHead.inference_rois, MaskHead.inference
+    class_logits, attach_masks = MaskHead.class_logits, MaskHead.attach_masks
 
     def reset_predictor(self) -> None:
         self.predictor.reset_parameters()

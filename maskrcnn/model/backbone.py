@@ -45,12 +45,16 @@ class FrozenBatchNorm2d(nn.Module):
 
     folded = False  # set by model/fuse.py's fold_frozen_batchnorm_live: the preceding conv applies it
 
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The normalisation as y = x * scale + shift (per channel)."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x: Tensor) -> Tensor:
         if self.folded:
             return x
         # Folded into one scale and shift: cheaper than F.batch_norm and safe in fp16.
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        scale, shift = self.scale_shift()
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
     def __repr__(self) -> str:

@@ -84,7 +84,6 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
-
 class FrozenBNConv2d(nn.Conv2d):
     """A convolution followed by its FrozenBatchNorm2d, computed as one convolution with bias during training
     too: conv(x, W * s) + (b * s + shift), where s and shift come from the BatchNorm's buffers at every call.
@@ -94,9 +93,7 @@ class FrozenBNConv2d(nn.Conv2d):
     in place, switched to the identity (`folded`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self._bn[0]
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        shift = bn.bias - bn.running_mean * scale
+        scale, shift = self._bn[0].scale_shift()
         bias = shift if self.bias is None else self.bias * scale + shift
         weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
         return self._conv_forward(x, weight, bias.to(weight.dtype))
@@ -130,4 +127,5 @@ def inference_channels_last(setting, device) -> bool:
     (torch.backends.cpu.get_cpu_capability()) is one where it was measured to gain, never on CUDA."""
     if setting != "auto":
         return bool(setting)
-    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability() in CHANNELS_LAST_CAPABILITIES
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.device(device).type == "cpu" and capability in CHANNELS_LAST_CAPABILITIES

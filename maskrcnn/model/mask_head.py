@@ -115,7 +115,11 @@ class MaskHead(RoIHead):
         by the model's postprocess). `record` receives "mask_logits": per image [Di, M, M], the logits of each
         detection's class before the sigmoid."""
         labels = torch.cat([r["labels"] for r in results])
-        logits = self.class_logits(predictions, labels).float()  # [D, M, M]
+        return self.attach_masks(self.class_logits(predictions, labels), results, record)
+
+    def attach_masks(self, class_logits: Tensor, results: list[dict], record: Optional[dict] = None) -> list[dict]:
+        """inference's second half: each detection's "masks" from the logits of its class [D, M, M]."""
+        logits = class_logits.float()
         probs = logits.sigmoid()[:, None]
         counts = [len(r["boxes"]) for r in results]
         for r, m in zip(results, probs.split(counts)):

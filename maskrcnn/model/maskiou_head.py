@@ -143,9 +143,9 @@ class MaskIoUHead(MaskHead):
         """The mask head's "masks", and per detection "mask_iou" [Di] (the predicted IoU of its mask) and
         "mask_scores" [Di] = scores x mask_iou, the score its mask is ranked by in mask AP."""
         logits, pooled = predictions
-        results = super().inference(logits, results, record)
         labels = torch.cat([r["labels"] for r in results])
-        class_logits = self.class_logits(logits, labels)
+        class_logits = self.class_logits(logits, labels)  # once, for the masks and the MaskIoU branch
+        results = self.attach_masks(class_logits, results, record)
         iou = self.predict_iou(pooled, class_logits, labels).float().clamp(0, 1)
         for r, v in zip(results, iou.split([len(r["boxes"]) for r in results])):
             r["mask_iou"] = v
