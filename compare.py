@@ -288,15 +288,12 @@ def robustness_words(diff: dict, base_runs: list[Path], other_runs: list[Path], 
 def read_errors(run_dir: Path) -> dict[str, dict[str, float]]:
     """TIDE's dAP per error type of a run's clean evaluation (evaluate.py's, else the training's own
     metrics.json): {bbox|segm: {cls: dAP, ...}}."""
-    from maskrcnn.evaluation.outputs import find_metrics
+    from maskrcnn.evaluation.outputs import clean_metrics
 
-    clean = find_metrics(run_dir, "val", "clean")
-    if clean:
-        res = json.loads(clean[1].read_text())["results"]["clean"]
-    elif (run_dir / "metrics.json").is_file():
-        res = json.loads((run_dir / "metrics.json").read_text()).get("val", {})
-    else:
+    found = clean_metrics(run_dir, "val")
+    if found is None:
         return {}
+    res = found[3]
     return {t: res[t]["errors"]["dAP"] for t in ("bbox", "segm") if "errors" in res.get(t, {})}
 
 

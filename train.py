@@ -131,8 +131,8 @@ def check_device(name: str) -> None:
 
 def trainer_hooks(init_torchvision: bool = False):
     """What the trainer calls but does not import (maskrcnn.engine.trainer.Hooks): the end-of-run evaluation and
-    its error-analysis pictures (beside metrics.json and in TensorBoard), TensorBoard pictures (drawing code loaded only when a picture is due) and, for --init torchvision,
-    torchvision's COCO weights."""
+    its error-analysis pictures (beside metrics.json and in TensorBoard), TensorBoard pictures (drawing code
+    loaded only when a picture is due) and, for --init torchvision, torchvision's COCO weights."""
     from maskrcnn.engine.trainer import Hooks
     from maskrcnn.evaluation.coco_eval import end_of_run_evaluation
 

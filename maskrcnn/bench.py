@@ -15,13 +15,15 @@ image (the mask head and the paste run at full load) instead of none.
 
 On a CPU four more rows time ours under `torch.autocast("cpu", dtype=torch.bfloat16)` (channels-last, and for
 inference BatchNorm folded into the convolutions, maskrcnn.model.fuse) against torchvision in fp32 and against
-torchvision under the same autocast, what its user on a bf16 CPU would run (a note says why if it cannot run so). `--bf16 auto` (the default) times them only where the CPU computes
-bfloat16 natively (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
-7-16x slower than fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones
-with one warm-up and one repeat. The printout and the JSON start with the CPU capability and whether bfloat16
-is native. Our fp32 inference row also folds BatchNorm and, on an AVX2 or AVX-512 CPU, runs channels-last, as
-our inference entry points do (evaluate.py, infer.py: test.channels_last auto). That bf16 gives the fp32 detections on trained weights is tests/test_bf16.py's job: on these
-seeded random weights every score is a near tie, and no detector's detections are stable.
+torchvision under the same autocast, what its user on a bf16 CPU would run (a note says why if it cannot run so).
+`--bf16 auto` (the default) times them only where the CPU computes bfloat16 natively
+(maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated, 7-16x slower than
+fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones with one repeat (one
+warm-up; none for the two against torchvision's bf16). The printout and the JSON start with the CPU capability and whether bfloat16 is native. Our fp32
+inference row also folds BatchNorm and, on an AVX2 or AVX-512 CPU, runs channels-last, as our inference entry
+points do (evaluate.py, infer.py: test.channels_last auto). That bf16 gives the fp32 detections on trained
+weights is tests/test_bf16.py's job: on these seeded random weights every score is a near tie, and no detector's
+detections are stable.
 
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
 reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training
@@ -629,8 +631,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     layout = inference_channels_last("auto", s.device) or s.channels_last
     if layout:
         ours_infer = ours_infer.to(memory_format=torch.channels_last)
-    add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''})", *compare(inference_fn(ours_infer, s, images),
-                                                       inference_fn(tv, s, images), s), 0.9, per_image=True)
+    add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''})",
+        *compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s), 0.9, per_image=True)
     del ours_infer
     if not cuda:
         bf16_rows(s, ours, tv, state, images, targets, tag, add, notes, log)

@@ -320,7 +320,8 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
     """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
     `config` names a YAML file; `overrides` apply on top of either. `fold_bn`: for inference only, every BatchNorm
     folded into its convolution (`maskrcnn.model.fuse`) and, as test.channels_last says (auto: on a CPU where
-    it was measured to gain, `fuse.inference_channels_last`), the weights in channels-last memory format: the same outputs to float rounding, faster."""
+    it was measured to gain, `fuse.inference_channels_last`), the weights in channels-last memory format: the same
+    outputs to float rounding, faster."""
     from ..model.build import build_model
     from ..config import Config, apply_overrides, load_config
 

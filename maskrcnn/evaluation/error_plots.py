@@ -124,19 +124,11 @@ def run_analysis(run_dir: Path, split: str = "val", draw: bool = True, out_dir: 
     "pictures" (PNG paths: those beside the evaluation, else drawn into `out_dir` (default: the run directory) if
     `draw`), "tables" (Markdown paths), "category_table", "error_table" (text), "errors" ({"box"/"mask": {"AP50",
     "dAP", "counts"}})}; None where the run has no such evaluation."""
-    import json
-
     run_dir = Path(run_dir)
-    found = outputs.find_metrics(run_dir, split, "clean")
-    if found:
-        image_set, path = found
-        metrics = json.loads(path.read_text())["results"]["clean"]
-        tag = "clean"
-    elif (run_dir / "metrics.json").is_file():
-        path, image_set, tag = run_dir / "metrics.json", split, "training"
-        metrics = json.loads(path.read_text()).get(split, {})
-    else:
+    found = outputs.clean_metrics(run_dir, split)
+    if found is None:
         return None
+    path, image_set, tag, metrics = found
     types = [(t, n) for t, n in IOU_TYPES if "errors" in metrics.get(t, {})]
     if not types:
         return None

@@ -64,3 +64,18 @@ def find_metrics(run_dir: Path, split: str, tag: str) -> Optional[tuple[str, Pat
         return None
     *_, found_set, path = max(found)
     return found_set, path
+
+
+def clean_metrics(run_dir: Path, split: str = "val") -> Optional[tuple[Path, str, str, dict]]:
+    """(source file, image set, tag, metrics) of a run's clean evaluation: evaluate.py's (every image if there is
+    one, else the most), else the training's own metrics.json entry for `split` (tag "training"); None if neither."""
+    import json
+
+    found = find_metrics(run_dir, split, "clean")
+    if found:
+        image_set, path = found
+        return path, image_set, "clean", json.loads(path.read_text())["results"]["clean"]
+    path = Path(run_dir) / "metrics.json"
+    if path.is_file():
+        return path, split, "training", json.loads(path.read_text()).get(split, {})
+    return None

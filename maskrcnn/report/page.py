@@ -275,8 +275,8 @@ def errors_table(with_errors: Sequence[PageSide]) -> str:
         v = [100 * value(s.data["errors"]["types"][kind]) for s in with_errors]
         return [H.fmt(x, 2) for x in v + ([v[0] - v[1]] if two else [])]
 
-    header = ["error", "meaning"] + [f"{k} {what}" for k in kinds
-                                     for what in [f"dAP {s.label}" for s in with_errors] + (["difference"] if two else [])]
+    columns = [f"dAP {s.label}" for s in with_errors] + (["difference"] if two else [])
+    header = ["error", "meaning"] + [f"{k} {what}" for k in kinds for what in columns]
     rows = [[name, meaning] + [c for k in kinds for c in cells(k, lambda e: e["dAP"][name])]
             for name, meaning in with_errors[0].data["errors"]["words"].items()]
     rows.append(["AP50", "the AP50 the oracles start from"] + [c for k in kinds for c in cells(k, lambda e: e["AP50"])])
