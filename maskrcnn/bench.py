@@ -19,11 +19,11 @@ torchvision under the same autocast, what its user on a bf16 CPU would run (a no
 `--bf16 auto` (the default) times them only where the CPU computes bfloat16 natively
 (maskrcnn.model.precision.cpu_bf16_native: AVX-512 BF16 or AMX); elsewhere bf16 is emulated, 7-16x slower than
 fp32, and the rows are skipped with a note. `--bf16 always` times them anyway, emulated ones with one repeat (one
-warm-up; none for the two against torchvision's bf16). The printout and the JSON start with the CPU capability and whether bfloat16 is native. Our fp32
-inference row also folds BatchNorm and, on an AVX2 or AVX-512 CPU, runs channels-last, as our inference entry
-points do (evaluate.py, infer.py: test.channels_last auto). That bf16 gives the fp32 detections on trained
-weights is tests/test_bf16.py's job: on these seeded random weights every score is a near tie, and no detector's
-detections are stable.
+warm-up; none for the two against torchvision's bf16). The printout and the JSON start with the CPU capability
+and whether bfloat16 is native. Our fp32 inference row also folds BatchNorm and, on an AVX2 or AVX-512 CPU, runs
+channels-last, as our inference entry points do (evaluate.py, infer.py: test.channels_last auto). That bf16 gives
+the fp32 detections on trained weights is tests/test_bf16.py's job: on these seeded random weights every score is
+a near tie, and no detector's detections are stable.
 
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
 reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training

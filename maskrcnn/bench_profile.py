@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -186,11 +187,17 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (medians)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--depth", type=int, default=50, help="ResNet depth of both models (18: a smoke run)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
+    from .engine.device import DeviceError, select_device
+    try:  # an unknown name or an absent GPU: one line, exit status 2
+        args.device = str(select_device(args.device))
+    except DeviceError as e:
+        print(f"error: --device: {e}", file=sys.stderr)
+        sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth)

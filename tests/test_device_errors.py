@@ -96,3 +96,11 @@ def test_select_device(no_cuda):
 def test_bench_device_errors(no_cuda, capsys, device):
     line = _one_line_exit_2(capsys, bench.main, ["--device", device, "--quick"])
     assert ("no CUDA device" in line) if device == "cuda" else ("auto, cpu, cuda or cuda:N" in line)
+
+
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_bench_profile_device_errors(no_cuda, capsys, device):
+    from maskrcnn import bench_profile
+
+    line = _one_line_exit_2(capsys, bench_profile.main, ["--device", device, "--depth", "18"])
+    assert ("no CUDA device" in line) if device == "cuda" else ("auto, cpu, cuda or cuda:N" in line)
