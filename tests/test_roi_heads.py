@@ -504,3 +504,19 @@ def test_mask_inference_computes_each_detections_class_only():
     with torch.no_grad():
         (d,) = head.inference(out, [{"boxes": torch.zeros(6, 4), "labels": labels}])
     torch.testing.assert_close(d["masks"][:, 0], picked.sigmoid(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_mask_head_layout_follows_the_cpu_not_the_pooler(monkeypatch, capability):
+    """The pooler gives channels-last RoI features; the head's convolutions run channels-last only where that was
+    measured to gain (AVX2, AVX-512), in training and inference, and in the standard layout elsewhere (with ATen's
+    scalar kernels the channels-last head took 1.14x torchvision's time)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    head = MaskHead(**mask_head_kwargs())
+    seen = []
+    head.convs[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    x = torch.rand(3, C, 14, 14).contiguous(memory_format=torch.channels_last)
+    head.train()(x)
+    with torch.no_grad():
+        head.eval()(x)
+    assert seen == [capability == "DEFAULT"] * 2
