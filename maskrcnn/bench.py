@@ -59,7 +59,8 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .config import load_config
-from .model.fuse import fold_batchnorm, inference_channels_last
+from .model.fuse import (fold_batchnorm, inference_channels_last, prepare_inference, resolve_winograd,
+                         use_winograd)
 from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
@@ -82,6 +83,8 @@ class Settings:
     channels_last: bool = False
     bf16: str = "auto"  # CPU only: time ours under bf16 autocast too (channels-last, BN folded for inference):
     # auto (where the CPU computes bf16 natively), always, never
+    winograd: str = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and inference, as
+    # train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512), never
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -479,6 +482,8 @@ def memory_child(which: str, s: Settings, state_path: str, steps: int) -> dict:
     model = model.to(torch.device(s.device))
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if which == "ours":  # as train.py trains it (train.winograd)
+        use_winograd(model, s.winograd, s.device)
     images, targets = make_batch(s)
     step = training_step_fn(model, s, images, targets)
     result = {"which": which}
@@ -618,20 +623,22 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     ours, tv = load_pair(s, state)
     images, targets = make_batch(s)
     tag = f"batch {s.batch}, {s.height}x{s.width}" + (", AMP" if s.amp else "")
+    # ours as train.py trains it: Winograd's 3x3 convolutions where they gain (train.winograd: auto)
+    winograd = resolve_winograd(s.winograd, s.device)
+    use_winograd(ours, s.winograd, s.device)
 
     log("training step ...")
-    add(f"training step ({tag})", *compare(training_step_fn(ours, s, images, targets),
+    add(f"training step ({tag}{', ours Winograd' if winograd else ''})", *compare(training_step_fn(ours, s, images, targets),
                                            training_step_fn(tv, s, images, targets), s), 1.0, per_image=True)
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
     # Ours as its inference entry points run it (engine/checkpoint.py: model_from_checkpoint): BatchNorm folded
-    # into the convolutions (model/fuse.py) and channels-last where that gains (test.channels_last: auto).
-    ours_infer = fold_batchnorm(ours).eval()
+    # into the convolutions, channels-last and Winograd's 3x3 convolutions where each gains (model/fuse.py:
+    # prepare_inference, test.channels_last and test.winograd: auto).
     layout = inference_channels_last("auto", s.device) or s.channels_last
-    if layout:
-        ours_infer = ours_infer.to(memory_format=torch.channels_last)
-    add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''})",
+    ours_infer = prepare_inference(ours, s.device, layout, s.winograd).eval()
+    add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''}{', Winograd' if winograd else ''})",
         *compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s), 0.9, per_image=True)
     del ours_infer
     if not cuda:
@@ -720,6 +727,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "natively (skipped with a note elsewhere: emulated, 7-16x slower); always: measured anyway "
                    "(emulated: one warm-up, one repeat); never")
     p.add_argument("--no-bf16", action="store_const", dest="bf16", const="never", help="the same as --bf16 never")
+    p.add_argument("--winograd", choices=["auto", "never"], default="auto",
+                   help="ours' 3x3 convolutions of 128 channels or more by Winograd's F(2x2, 3x3), in training and "
+                   "inference, as train.py and evaluate.py run them: auto (default; on an AVX2 or AVX-512 CPU, "
+                   "fp32) or never")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -758,7 +769,7 @@ def main(argv=None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
-                 bf16=args.bf16)
+                 bf16=args.bf16, winograd=args.winograd)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

@@ -134,9 +134,9 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
 
 
 def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
-        log: Callable[[str], None] = print) -> dict:
+        winograd: str = "auto", log: Callable[[str], None] = print) -> dict:
     from . import bench
-    from .model.fuse import fold_batchnorm, inference_channels_last
+    from .model.fuse import prepare_inference, resolve_winograd, use_winograd
     from .torchvision_weights import to_torchvision
 
     s = bench.Settings(height=height, width=width, batch=batch, device=device, amp=False, depth=depth)
@@ -144,19 +144,20 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
     ours, tv = bench.load_pair(s, state)
     images, targets = bench.make_batch(s)
     result = {"cpu": bench.cpu_header(), "settings": {"height": height, "width": width, "batch": batch,
-                                                       "repeats": repeats, "device": device, "depth": depth},
+                                                       "repeats": repeats, "device": device, "depth": depth,
+                                                       "winograd": resolve_winograd(winograd, device)},
               "ours": {}, "torchvision": {}}
+    use_winograd(ours, winograd, device)  # as train.py trains it (train.winograd)
     log("training ...")
     result["ours"]["training"], result["torchvision"]["training"] = profile([ours, tv], "training", images, targets,
                                                                             repeats, device)
     ours.load_state_dict(state)  # inference sees the seeded weights (100 detections per image), as the benchmark
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
-    # ours as its inference entry points run it, BatchNorm folded (maskrcnn/model/fuse.py) and channels-last where
-    # that gains (test.channels_last: auto), as the benchmark
-    fast = fold_batchnorm(ours)
-    if inference_channels_last("auto", device):
-        fast = fast.to(memory_format=torch.channels_last)
+    # ours as its inference entry points run it: BatchNorm folded, channels-last and Winograd's 3x3 convolutions
+    # where each gains (model/fuse.py: prepare_inference, test.channels_last and test.winograd: auto), as the
+    # benchmark
+    fast = prepare_inference(ours, device, winograd=winograd)
     result["ours"]["inference"], result["torchvision"]["inference"] = profile(
         [fast, tv], "inference", images, targets, repeats, device)
     return result
@@ -166,7 +167,8 @@ def format_table(result: dict) -> str:
     lines = [bench_cpu_line(result)]
     for kind in ("training", "inference"):
         s = result["settings"]
-        lines += ["", f"{kind} ({s['batch']} x {s['height']}x{s['width']}, median of {s['repeats']}; ms)", "",
+        how = ", ours with Winograd's 3x3 convolutions" if s.get("winograd") else ""
+        lines += ["", f"{kind} ({s['batch']} x {s['height']}x{s['width']}, median of {s['repeats']}{how}; ms)", "",
                   "| stage | ours | torchvision | ours / torchvision | share of ours |", "|---|---|---|---|---|"]
         ours, tv = result["ours"][kind], result["torchvision"][kind]
         for stage in ours:
@@ -190,6 +192,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--depth", type=int, default=50, help="ResNet depth of both models (18: a smoke run)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--winograd", choices=["auto", "never"], default="auto",
+                   help="ours' 3x3 convolutions by Winograd's F(2x2, 3x3) as train.py and evaluate.py run them: "
+                   "auto (default; on an AVX2 or AVX-512 CPU, fp32) or never")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     from .engine.device import DeviceError, select_device
@@ -200,7 +205,7 @@ def main(argv=None) -> dict:
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth)
+    result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth, args.winograd)
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

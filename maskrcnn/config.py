@@ -207,6 +207,9 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
     channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA;
     # on a CPU with AVX-512 7-10% faster training, fp32 or bf16; on an AVX2 CPU in fp32 ~6% slower)
+    winograd: Switch = "auto"  # the 3x3 convolutions of 128 channels or more computed by Winograd's F(2x2, 3x3),
+    # forward and backward (maskrcnn/model/winograd.py): auto (on an AVX2 or AVX-512 CPU, in fp32: 16% faster
+    # training steps measured on AVX2; never under bf16 autocast or on CUDA), true or false
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
     keep_checkpoints: int = 3  # keep the newest K model_<iter>.pth (0: only last_checkpoint.pth)
@@ -231,6 +234,9 @@ class TestConfig:
     channels_last: Switch = "auto"  # evaluate.py and infer.py run the model in channels-last memory format: auto
     # (on an AVX2 or AVX-512 CPU: 10-11% faster inference measured on AVX2, fp32, BatchNorm folded; 15% slower
     # with scalar ATen kernels), true or false
+    winograd: Switch = "auto"  # evaluate.py and infer.py compute the 3x3 convolutions of 128 channels or more by
+    # Winograd's F(2x2, 3x3) (maskrcnn/model/winograd.py): auto (on an AVX2 or AVX-512 CPU, in fp32: 17% faster
+    # inference measured on AVX2), true or false
 
 
 # The named losses the model returns in training, over both stages (the RPN stage returns the first two): the

@@ -81,6 +81,17 @@ def test_fold_bn_gives_the_same_features_without_batchnorm(run, count_batchnorms
         weight = chosen.bottom_up.conv1.weight
         assert (weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()) == \
             (setting == "true")
+    # test.winograd: auto follows the CPU (the features above were compared with it); true and false choose
+    from maskrcnn.model.fuse import resolve_winograd
+    from maskrcnn.model.winograd import WinogradConv2d
+
+    def winograd_convs(model):
+        return sum(isinstance(m, WinogradConv2d) for m in model.modules())
+
+    assert (winograd_convs(folded) > 0) == resolve_winograd("auto", "cpu") and winograd_convs(plain) == 0
+    for setting in ("true", "false"):
+        chosen, _ = model_from_checkpoint(run / "model_final.pth", overrides=[f"test.winograd={setting}"], fold_bn=True)
+        assert (winograd_convs(chosen) > 0) == (setting == "true")
 
 
 @pytest.mark.parametrize("capability, expected", [("AVX2", True), ("AVX512", True), ("DEFAULT", False),
@@ -92,6 +103,17 @@ def test_channels_last_inference_only_where_it_was_measured_to_gain(monkeypatch,
     assert inference_channels_last("auto", "cpu") is expected
     assert inference_channels_last("auto", "cuda") is False
     assert inference_channels_last(True, "cpu") is True and inference_channels_last(False, "cpu") is False
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX2", True), ("AVX512", True), ("DEFAULT", False),
+                                                  ("SVE256", False)])
+def test_winograd_only_where_it_was_measured_to_gain(monkeypatch, capability, expected):
+    from maskrcnn.model.fuse import resolve_winograd
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert resolve_winograd("auto", "cpu") is expected
+    assert resolve_winograd("auto", "cuda") is False
+    assert resolve_winograd(True, "cpu") is True and resolve_winograd(False, "cpu") is False
 
 
 def test_keeps_the_newest_k_and_last_is_the_newest(run):

@@ -137,7 +137,8 @@ def test_the_data_rules_live_in_one_module():
 # ------------------------------------------------------------------------------------- the engine's rooms
 ENGINE_MODEL_FUNCTIONS = {"maskrcnn.model.build": {"build_model"},  # the model's one public builder
                           "maskrcnn.model.precision": {"autocast", "choose_precision", "training_precision"},
-                          "maskrcnn.model.fuse": {"fold_batchnorm", "inference_channels_last"}}
+                          "maskrcnn.model.fuse": {"fold_batchnorm", "inference_channels_last",
+                                                                   "prepare_inference", "use_winograd"}}
 
 
 def engine_model_imports(path: Path) -> list[str]:

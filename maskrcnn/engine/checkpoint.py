@@ -319,9 +319,9 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
                           device: str = "cpu", fold_bn: bool = False):
     """(model in eval mode, config) from a training checkpoint. The checkpoint's own config is used unless
     `config` names a YAML file; `overrides` apply on top of either. `fold_bn`: for inference only, every BatchNorm
-    folded into its convolution (`maskrcnn.model.fuse`) and, as test.channels_last says (auto: on a CPU where
-    it was measured to gain, `fuse.inference_channels_last`), the weights in channels-last memory format: the same
-    outputs to float rounding, faster."""
+    folded into its convolution (`maskrcnn.model.fuse`) and, as test.channels_last and test.winograd say (auto: on
+    a CPU where each was measured to gain, `fuse.prepare_inference`), the weights in channels-last memory format and
+    the 3x3 convolutions computed by Winograd's F(2x2, 3x3): the same outputs to float rounding, faster."""
     from ..model.build import build_model
     from ..config import Config, apply_overrides, load_config
 
@@ -341,10 +341,8 @@ def model_from_checkpoint(path: str | Path, config: str | None = None, overrides
     model.class_names = state.get("class_names")  # index 0 is the background
     model = model.to(device).eval()
     if fold_bn:
-        from ..model.fuse import fold_batchnorm, inference_channels_last
-        fold_batchnorm(model, inplace=True)
-        if inference_channels_last(cfg.test.channels_last, device):
-            model = model.to(memory_format=torch.channels_last)
+        from ..model.fuse import prepare_inference
+        model = prepare_inference(model, device, cfg.test.channels_last, cfg.test.winograd, inplace=True)
     return model, cfg
 
 

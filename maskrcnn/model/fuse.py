@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .backbone import FrozenBatchNorm2d
+from .winograd import winograd_convs
 
 _BN_TYPES = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
@@ -129,3 +130,43 @@ def inference_channels_last(setting, device) -> bool:
         return bool(setting)
     capability = torch.backends.cpu.get_cpu_capability()
     return torch.device(device).type == "cpu" and capability in CHANNELS_LAST_CAPABILITIES
+
+
+# Where Winograd's 3x3 convolutions were measured to gain (model/winograd.py; fp32, channels-last inference and
+# standard-layout training): AVX2, 256 channels 0.6-0.85x oneDNN's direct convolution's time, 512 channels 0.4x,
+# 128 channels 0.5-0.85x, 64 channels 1.3-1.5x (hence WINOGRAD_MIN_CHANNELS). AVX-512 has the same kind of vector
+# units and GEMM and is listed with it; with ATen's scalar kernels it was not measured, so auto leaves it off there.
+WINOGRAD_CAPABILITIES = ("AVX2", "AVX512")
+WINOGRAD_MIN_CHANNELS = 128
+
+
+def resolve_winograd(setting, device) -> bool:
+    """test.winograd / train.winograd resolved for `device`: true / false as given; auto: on a CPU where it was
+    measured to gain. It computes in fp32 on a CPU only (elsewhere, and under autocast, the convolutions stay the
+    plain ones whatever this says)."""
+    if setting != "auto":
+        return bool(setting)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.device(device).type == "cpu" and capability in WINOGRAD_CAPABILITIES
+
+
+def use_winograd(model: nn.Module, setting, device) -> int:
+    """In place, where `setting` resolves to true: the model's 3x3 convolutions (stride 1) of WINOGRAD_MIN_CHANNELS
+    channels or more computed by Winograd's F(2x2, 3x3), forward and backward (model/winograd.py); the same
+    parameters and state dict. Returns how many convolutions."""
+    if not resolve_winograd(setting, device):
+        return 0
+    return winograd_convs([model], min_channels=WINOGRAD_MIN_CHANNELS)
+
+
+def prepare_inference(model: nn.Module, device, channels_last="auto", winograd="auto", inplace: bool = False
+                      ) -> nn.Module:
+    """The model as inference runs it (evaluate.py, infer.py, the benchmark): BatchNorm folded into the
+    convolutions (fold_batchnorm), the weights in channels-last memory format as `channels_last` says
+    (test.channels_last) and the 3x3 convolutions of 128 channels or more computed by Winograd's F(2x2, 3x3) as
+    `winograd` says (test.winograd). The same outputs to float rounding, faster; for inference only."""
+    model = fold_batchnorm(model, inplace=inplace)
+    if inference_channels_last(channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+    use_winograd(model, winograd, device)
+    return model
