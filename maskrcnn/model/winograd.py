@@ -1,5 +1,5 @@
-"""Winograd's minimal filtering F(2x2, 3x3) for the 3x3 convolutions of inference on a CPU: fewer multiplications for
-the same convolution (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+"""Winograd's minimal filtering F(2x2, 3x3) for 3x3 convolutions on a CPU: fewer multiplications for the same
+convolution (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
 
 A 3x3 convolution (stride 1, padding 1) computes each 2x2 block of its output from a 4x4 tile of its input: 36
 multiply-adds per channel pair done directly, 16 in Winograd's form. The tile d and the filter g are transformed
@@ -12,12 +12,16 @@ channels, for all tiles at once: [tiles, C] x [C, K]), and the product transform
            [0, 1,  0, -1]]          [0,    0,   1 ]]
 
 The multiplications drop 2.25x; what is added are the transforms, cheap sums that read and write memory. They
-run over chunks of ~2000 tiles so that a chunk's transformed tiles stay in the CPU's cache. The result equals
-F.conv2d's to float rounding (relative 3e-6 on 256 channels; tests/test_winograd.py).
+run over chunks of ~1000 tiles so that a chunk's transformed tiles stay in the CPU's cache. The backward pass goes
+through the same transforms: the input's gradient is the convolution of the output's gradient with the filters
+turned by 180 degrees (U permuted), the weight's is V^T (A gY A^T) summed over the tiles, brought back by G^T . G.
+The results equal F.conv2d's to float rounding (relative ~1.5e-6 on 256 channels; tests/test_winograd.py).
 
-Used for inference only, where it gains (`test.winograd`, measured per shape in the README): `winograd_convs`
-turns chosen Conv2d modules into WinogradConv2d, which falls back to F.conv2d whenever autograd, another dtype
-or another device is involved, so training is untouched. Shapes: N images, C input and K output channels, H x W.
+`winograd_convs` turns chosen Conv2d modules into WinogradConv2d (the same parameters and state dict), which
+computes in fp32 on a CPU and is the plain Conv2d elsewhere (autocast, other dtypes, CUDA), and, with autograd, for
+maps of fewer than MIN_TILES_WITH_AUTOGRAD tiles, where the plain convolution was measured faster. Which
+convolutions, and where, is `model/fuse.py`'s (test.winograd, train.winograd; the figures are in the README).
+Shapes: N images, C input and K output channels, H x W.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ from torch import Tensor, nn
 # G: the filter's transform (4x3); U = G g G^T for every (output, input) channel pair.
 _G = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]
 
+# With autograd every call transforms its filters and the weight's gradient costs 16 products of C x K whatever the
+# tiles: below ~1000 tiles (images x 2x2 output blocks) the plain convolution was as fast or faster (AVX2: 4 x 128
+# x 22x22 0.96x, 4 x 256 x 11x11 1.2x, 4 x 512 x 6x6 2.7x the plain one's time; 20 RoIs x 256 x 14x14 0.68x).
 MIN_TILES_WITH_AUTOGRAD = 1024
 TILES_PER_CHUNK = 1024  # ~16 MB of transformed fp32 tiles at 256 channels: measured best at 256-1024 on AVX2
 
