@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torchvision
@@ -83,8 +83,8 @@ class Settings:
     channels_last: bool = False
     bf16: str = "auto"  # CPU only: time ours under bf16 autocast too (channels-last, BN folded for inference):
     # auto (where the CPU computes bf16 natively), always, never
-    winograd: str = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and inference, as
-    # train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512), never
+    winograd: Union[str, bool] = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and
+    # inference, as train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512) or False
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -712,6 +712,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def winograd_setting(choice: str) -> Union[str, bool]:
+    """--winograd auto|never as the setting model/fuse.py reads (train.winograd, test.winograd): "auto" or False."""
+    return {"auto": "auto", "never": False}[choice]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maskrcnn.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -769,7 +774,7 @@ def main(argv=None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
-                 bf16=args.bf16, winograd=args.winograd)
+                 bf16=args.bf16, winograd=winograd_setting(args.winograd))
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

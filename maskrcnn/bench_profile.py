@@ -134,7 +134,7 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
 
 
 def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
-        winograd: str = "auto", log: Callable[[str], None] = print) -> dict:
+        winograd="auto", log: Callable[[str], None] = print) -> dict:
     from . import bench
     from .model.fuse import prepare_inference, resolve_winograd, use_winograd
     from .torchvision_weights import to_torchvision
@@ -205,7 +205,9 @@ def main(argv=None) -> dict:
         sys.exit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth, args.winograd)
+    from .bench import winograd_setting
+    result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth,
+                 winograd_setting(args.winograd))
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -208,8 +208,9 @@ class TrainConfig:
     channels_last: bool = False  # model weights (so activations) in channels-last memory format (faster on CUDA;
     # on a CPU with AVX-512 7-10% faster training, fp32 or bf16; on an AVX2 CPU in fp32 ~6% slower)
     winograd: Switch = "auto"  # the 3x3 convolutions of 128 channels or more computed by Winograd's F(2x2, 3x3),
-    # forward and backward (maskrcnn/model/winograd.py): auto (on an AVX2 or AVX-512 CPU, in fp32: 16% faster
-    # training steps measured on AVX2; never under bf16 autocast or on CUDA), true or false
+    # forward and backward (maskrcnn/model/winograd.py), in calls of 1024 tiles or more: auto (on an AVX2 or
+    # AVX-512 CPU, in fp32: 15% faster ResNet-50-FPN training steps at 512x512 measured on AVX2; never under bf16
+    # autocast, on CUDA, or for model.backbone.fold_frozen_bn's convolutions), true or false
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
     keep_checkpoints: int = 3  # keep the newest K model_<iter>.pth (0: only last_checkpoint.pth)

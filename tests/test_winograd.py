@@ -64,11 +64,14 @@ def test_the_module_with_autograd_gives_the_convolutions_gradients(monkeypatch):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(conv.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-4)
-    # float64, odd sizes and two chunks' worth of tiles: the gradients by finite differences
-    xd = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    # float64, odd sizes, chunks of 5 tiles (bands of rows within an image) and of whole images: the gradients by
+    # finite differences
+    xd = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)  # 2 x 3 x 4 tiles
     wd = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     bd = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, w, b: _Conv3x3.apply(a, w, b), (xd, wd, bd))
+    for tiles in (5, 12, 1024):
+        monkeypatch.setattr(winograd, "TILES_PER_CHUNK", tiles)
+        assert torch.autograd.gradcheck(lambda a, w, b: _Conv3x3.apply(a, w, b), (xd, wd, bd))
     # weight_grad on its own, chunked into single tiles
     torch.testing.assert_close(weight_grad(x.detach(), g, tiles_per_chunk=1), plain.weight.grad, rtol=1e-5,
                                atol=1e-4)
@@ -94,6 +97,73 @@ def test_the_module_without_autograd_caches_the_filter_transform():
             assert torch.equal(conv(x), plain(x))
         conv.double()  # other dtypes: the plain convolution, bit for bit
         assert torch.equal(conv(x.double()), F.conv2d(x.double(), conv.weight, conv.bias, padding=1))
+
+
+def test_a_geometry_it_does_not_compute_or_an_unbatched_input_is_the_plain_convolution():
+    for conv in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                 nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        plain = nn.Conv2d(4, 4, 3, stride=conv.stride, padding=conv.padding, padding_mode=conv.padding_mode)
+        plain.load_state_dict(conv.state_dict())
+        conv.__class__ = WinogradConv2d  # as if converted by hand
+        with torch.no_grad():
+            x = torch.randn(2, 4, 8, 8)
+            assert torch.equal(conv(x), plain(x))
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    winograd_convs([conv])
+    with torch.no_grad():
+        torch.testing.assert_close(conv(torch.randn(4, 6, 6)).shape, torch.Size([4, 6, 6]))
+
+
+def test_the_setting_is_true_false_or_auto():
+    from maskrcnn.model.fuse import resolve_winograd
+
+    assert resolve_winograd(False, "cpu") is False and resolve_winograd(True, "cuda") is True
+    with pytest.raises(ValueError, match="never"):
+        resolve_winograd("never", "cpu")  # a string that is not auto is a mistake, never "true"
+    # the benchmark's and the profile's --winograd never: off, whatever the CPU
+    from maskrcnn.bench import Settings, winograd_setting
+
+    assert resolve_winograd(winograd_setting("never"), "cpu") is False
+    assert resolve_winograd(winograd_setting("auto"), "cpu") is resolve_winograd("auto", "cpu")
+    assert Settings().winograd == "auto"
+
+
+def test_a_training_step_of_a_model_gives_the_plain_losses_and_gradients(monkeypatch):
+    """The tiny config's model, one training step with every eligible convolution by Winograd's (the tile rule
+    lowered to 0: its maps are small) against the plain model from the same weights: the same losses and
+    gradients to float rounding (measured: losses 3e-5 relative, the worst parameter 4e-3 of its gradient's
+    largest element)."""
+    import copy
+
+    from maskrcnn.config import load_config
+    from maskrcnn.model import winograd
+    from maskrcnn.model.build import build_model
+
+    monkeypatch.setattr(winograd, "MIN_TILES_WITH_AUTOGRAD", 0)
+    torch.manual_seed(0)
+    cfg = load_config("configs/tiny.yaml", ["stage=full"])
+    plain = build_model(cfg, load_weights=False).train()
+    fast = copy.deepcopy(plain)
+    assert winograd_convs([fast], min_channels=128) > 0
+    images = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 110.0, 80.0]])
+    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
+    masks[0, 12:70, 10:60] = 1
+    masks[1, 20:80, 50:110] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks} for _ in images]
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(1)  # the same sampling of anchors and RoIs
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (lp, gp), (lf, gf) = results
+    for k in lp:
+        torch.testing.assert_close(lf[k], lp[k], rtol=1e-3, atol=1e-5)
+    assert gp.keys() == gf.keys()
+    for n in gp:
+        scale = gp[n].abs().max().item() + 1e-12
+        assert (gf[n] - gp[n]).abs().max().item() <= 2e-2 * scale, n
 
 
 def test_only_plain_3x3_stride1_convolutions_with_enough_channels_are_chosen():

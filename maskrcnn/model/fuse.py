@@ -144,8 +144,10 @@ def resolve_winograd(setting, device) -> bool:
     """test.winograd / train.winograd resolved for `device`: true / false as given; auto: on a CPU where it was
     measured to gain. It computes in fp32 on a CPU only (elsewhere, and under autocast, the convolutions stay the
     plain ones whatever this says)."""
+    if isinstance(setting, bool):
+        return setting
     if setting != "auto":
-        return bool(setting)
+        raise ValueError(f"winograd: {setting!r} is not true, false or auto")
     capability = torch.backends.cpu.get_cpu_capability()
     return torch.device(device).type == "cpu" and capability in WINOGRAD_CAPABILITIES
 

@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # G: the filter's transform (4x3); U = G g G^T for every (output, input) channel pair.
 _G = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]
@@ -128,9 +129,12 @@ def _padded(x: Tensor, th: int, tw: int) -> Tensor:
     return F.pad(x, (1, 1 + 2 * tw - w, 1, 1 + 2 * th - h)).permute(0, 2, 3, 1)
 
 
-def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, tiles_per_chunk: int = TILES_PER_CHUNK) -> Tensor:
+def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, tiles_per_chunk: int | None = None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a 3x3 weight given as u = filter_transform(weight).
-    x [N, C, H, W] in any memory format -> [N, K, H, W], channels-last in memory (when H and W are even)."""
+    x [N, C, H, W] in any memory format -> [N, K, H, W], always channels-last in memory (the layout the blocks are
+    written in; in a model trained in the standard layout the layers after it then run channels-last too, as
+    the measured gains include)."""
+    tiles_per_chunk = tiles_per_chunk or TILES_PER_CHUNK
     n, _, h, w = x.shape
     k = u.shape[2]
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output blocks; odd sizes compute one extra row/column, dropped
@@ -148,9 +152,10 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, tiles_per_chunk: int = TI
     return out
 
 
-def weight_grad(x: Tensor, grad_y: Tensor, tiles_per_chunk: int = TILES_PER_CHUNK) -> Tensor:
+def weight_grad(x: Tensor, grad_y: Tensor, tiles_per_chunk: int | None = None) -> Tensor:
     """The gradient of a 3x3 convolution's weight [K, C, 3, 3] from its input x [N, C, H, W] and the gradient of
     its output grad_y [N, K, H, W], through the same transforms: dU = sum over tiles V^T (A gY A^T), dg = G^T dU G."""
+    tiles_per_chunk = tiles_per_chunk or TILES_PER_CHUNK
     n, c, h, w = x.shape
     k = grad_y.shape[1]
     th, tw = (h + 1) // 2, (w + 1) // 2
@@ -176,6 +181,7 @@ class _Conv3x3(torch.autograd.Function):
         return conv3x3(x, filter_transform(weight), bias)
 
     @staticmethod
+    @once_differentiable  # no double backward (its out= writes are not differentiable): a clear error instead
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
@@ -191,18 +197,21 @@ class _Conv3x3(torch.autograd.Function):
 class WinogradConv2d(nn.Conv2d):
     """A 3x3 Conv2d (stride 1, padding 1, no dilation or groups) computed by Winograd's F(2x2, 3x3) in fp32 on a
     CPU: with autograd (forward and backward through the transforms, _Conv3x3) or without (the filter transform
-    cached, recomputed when the weight changes). Anything else (other dtypes, autocast, CUDA) is the plain
-    Conv2d."""
+    cached, recomputed when the weight is replaced, moved, loaded or changed in place by autograd-visible ops;
+    an edit through `.data` is not seen: call train() or eval() after one). Anything else (other dtypes, autocast,
+    CUDA, an unbatched input, a geometry F(2x2, 3x3) does not compute) is the plain Conv2d."""
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu")):
+                or torch.is_autocast_enabled("cpu") or x.dim() != 4 or not _geometry(self)):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             if x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) < MIN_TILES_WITH_AUTOGRAD:
                 return super().forward(x)
             return _Conv3x3.apply(x, self.weight, self.bias)
-        key = (self.weight.data_ptr(), self.weight._version)
+        if self.weight.is_inference():  # no version counter to key a cache on: transform at every call
+            return conv3x3(x, filter_transform(self.weight), self.bias)
+        key = (id(self.weight), self.weight.data_ptr(), self.weight._version)
         if getattr(self, "_winograd_key", None) != key:
             self._winograd_u = filter_transform(self.weight.detach())
             self._winograd_key = key
@@ -215,12 +224,17 @@ class WinogradConv2d(nn.Conv2d):
         return super().train(mode)
 
 
+def _geometry(conv: nn.Conv2d) -> bool:
+    """3x3, stride 1, padding 1 of zeros, no dilation, one group: what F(2x2, 3x3) computes."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def eligible(conv: nn.Module, min_channels: int = 1) -> bool:
-    """A plain 3x3 convolution, stride 1, padding 1, no dilation, one group (what F(2x2, 3x3) computes), with at
-    least `min_channels` input and output channels."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= min_channels)
+    """A plain nn.Conv2d (not a subclass: model/fuse.py's FrozenBNConv2d computes its own weight) of Winograd's
+    geometry with at least `min_channels` input and output channels."""
+    return (type(conv) is nn.Conv2d and _geometry(conv)
+            and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
 def winograd_convs(modules: Iterable[nn.Module], min_channels: int = 1) -> int:
