@@ -101,7 +101,9 @@ class MultiScaleRoIAlign(nn.Module):
                 continue
             pooled = self._roi_align(feature, self._rois_for(rois[idx], feature), (self.output_size, self.output_size),
                                      spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
-            out.index_copy_(0, idx, pooled.to(out.dtype))  # written back by index: RoI order is kept
+            # written back by index, RoI order kept; index_put_ rather than index_copy_, whose backward keeps every
+            # level's pooled features alive until the backward (tens of MB) where only their shape is needed
+            out.index_put_((idx,), pooled.to(out.dtype))
         return out
 
     def _rois_for(self, rois: Tensor, feature: Tensor) -> Tensor:
