@@ -49,7 +49,25 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     assert all(r["ours_ms"] > 0 and r["torchvision_ms"] > 0 for r in timed)
     memory = next(r for r in result["rows"] if r["name"].startswith("training memory"))
     assert memory["ours_mb"] > 100 and memory["torchvision_mb"] > 100  # a real process with a real model
+    assert "mmap threshold fixed" in memory["name"]  # the children ran with bench.MEMORY_CHILD_ENV
     assert result["settings"]["depth"] == 18 and result["environment"]["device"] == "cpu"
+
+
+def test_memory_children_run_with_the_fixed_mmap_threshold(monkeypatch):
+    """Both models' fresh processes get MEMORY_CHILD_ENV (so their peak RSS follows their live memory)."""
+    envs = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = json.dumps({"peak_mb": 1.0, "setup_mb": 0.5})
+
+    def fake_run(cmd, **kwargs):
+        envs.append(kwargs.get("env") or {})
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    bench.measure_memory(bench.Settings(), {"w": torch.zeros(1)}, steps=1, runs=1)
+    assert len(envs) == 2 and all(e.get("MALLOC_MMAP_THRESHOLD_") == "131072" for e in envs)
 
 
 @pytest.mark.parametrize("native", [True, False])
