@@ -60,8 +60,7 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .config import load_config
-from .model.fuse import (fold_batchnorm, inference_channels_last, prepare_inference, resolve_winograd,
-                         use_winograd)
+from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, use_winograd
 from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
@@ -633,12 +632,12 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     images, targets = make_batch(s)
     tag = f"batch {s.batch}, {s.height}x{s.width}" + (", AMP" if s.amp else "")
     # ours as train.py trains it: Winograd's 3x3 convolutions where they gain (train.winograd: auto)
-    winograd = resolve_winograd(s.winograd, s.device)
-    use_winograd(ours, s.winograd, s.device)
+    winograd = use_winograd(ours, s.winograd, s.device) > 0
 
     log("training step ...")
-    add(f"training step ({tag}{', ours Winograd' if winograd else ''})", *compare(training_step_fn(ours, s, images, targets),
-                                           training_step_fn(tv, s, images, targets), s), 1.0, per_image=True)
+    add(f"training step ({tag}{', ours Winograd' if winograd else ''})",
+        *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s), 1.0,
+        per_image=True)
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")

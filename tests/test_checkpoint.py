@@ -96,24 +96,19 @@ def test_fold_bn_gives_the_same_features_without_batchnorm(run, count_batchnorms
 
 @pytest.mark.parametrize("capability, expected", [("AVX2", True), ("AVX512", True), ("DEFAULT", False),
                                                   ("SVE256", False)])
-def test_channels_last_inference_only_where_it_was_measured_to_gain(monkeypatch, capability, expected):
-    from maskrcnn.model.fuse import inference_channels_last
+@pytest.mark.parametrize("rule", ["inference_channels_last", "resolve_winograd"])
+def test_channels_last_and_winograd_only_where_they_were_measured_to_gain(monkeypatch, capability, expected, rule):
+    """test.channels_last and test.winograd / train.winograd: auto follows the CPU, never CUDA; true and false as
+    given; any other value (e.g. the benchmark's "never") is an error, not "true"."""
+    from maskrcnn.model import fuse
 
+    resolve = getattr(fuse, rule)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert inference_channels_last("auto", "cpu") is expected
-    assert inference_channels_last("auto", "cuda") is False
-    assert inference_channels_last(True, "cpu") is True and inference_channels_last(False, "cpu") is False
-
-
-@pytest.mark.parametrize("capability, expected", [("AVX2", True), ("AVX512", True), ("DEFAULT", False),
-                                                  ("SVE256", False)])
-def test_winograd_only_where_it_was_measured_to_gain(monkeypatch, capability, expected):
-    from maskrcnn.model.fuse import resolve_winograd
-
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert resolve_winograd("auto", "cpu") is expected
-    assert resolve_winograd("auto", "cuda") is False
-    assert resolve_winograd(True, "cpu") is True and resolve_winograd(False, "cpu") is False
+    assert resolve("auto", "cpu") is expected
+    assert resolve("auto", "cuda") is False
+    assert resolve(True, "cpu") is True and resolve(False, "cpu") is False
+    with pytest.raises(ValueError, match="never"):
+        resolve("never", "cpu")
 
 
 def test_keeps_the_newest_k_and_last_is_the_newest(run):

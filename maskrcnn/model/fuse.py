@@ -117,6 +117,16 @@ def fold_frozen_batchnorm_live(model: nn.Module) -> int:
     return n
 
 
+def _where_measured(setting, device, capabilities: tuple[str, ...], key: str) -> bool:
+    """A Switch (true / false / auto) resolved for `device`: true / false as given; auto: on a CPU whose capability
+    (torch.backends.cpu.get_cpu_capability()) is in `capabilities`, never on CUDA. Any other value is an error."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"{key}: {setting!r} is not true, false or auto")
+    return torch.device(device).type == "cpu" and torch.backends.cpu.get_cpu_capability() in capabilities
+
+
 # CPU capabilities where channels-last inference was measured to gain (fp32, BatchNorm folded, the benchmark's
 # 512x512 batch of 2): AVX2 -9.5% and -11% (two runs), as training on AVX-512 gains 7-10%; with ATen's scalar
 # kernels and oneDNN at SSE4.1 (`ATEN_CPU_CAPABILITY=default`) it lost 15%.
@@ -124,12 +134,8 @@ CHANNELS_LAST_CAPABILITIES = ("AVX2", "AVX512")
 
 
 def inference_channels_last(setting, device) -> bool:
-    """test.channels_last resolved for `device`: true / false as given; auto: on a CPU whose capability
-    (torch.backends.cpu.get_cpu_capability()) is one where it was measured to gain, never on CUDA."""
-    if setting != "auto":
-        return bool(setting)
-    capability = torch.backends.cpu.get_cpu_capability()
-    return torch.device(device).type == "cpu" and capability in CHANNELS_LAST_CAPABILITIES
+    """test.channels_last resolved for `device` (auto: where it was measured to gain, CHANNELS_LAST_CAPABILITIES)."""
+    return _where_measured(setting, device, CHANNELS_LAST_CAPABILITIES, "channels_last")
 
 
 # Where Winograd's 3x3 convolutions were measured to gain (model/winograd.py; fp32, channels-last inference and
@@ -141,15 +147,10 @@ WINOGRAD_MIN_CHANNELS = 128
 
 
 def resolve_winograd(setting, device) -> bool:
-    """test.winograd / train.winograd resolved for `device`: true / false as given; auto: on a CPU where it was
-    measured to gain. It computes in fp32 on a CPU only (elsewhere, and under autocast, the convolutions stay the
-    plain ones whatever this says)."""
-    if isinstance(setting, bool):
-        return setting
-    if setting != "auto":
-        raise ValueError(f"winograd: {setting!r} is not true, false or auto")
-    capability = torch.backends.cpu.get_cpu_capability()
-    return torch.device(device).type == "cpu" and capability in WINOGRAD_CAPABILITIES
+    """test.winograd / train.winograd resolved for `device` (auto: where it was measured to gain,
+    WINOGRAD_CAPABILITIES). It computes in fp32 on a CPU only (elsewhere, and under autocast, the convolutions stay
+    the plain ones whatever this says)."""
+    return _where_measured(setting, device, WINOGRAD_CAPABILITIES, "winograd")
 
 
 def use_winograd(model: nn.Module, setting, device) -> int:
