@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskrcnn.model.winograd import (WinogradConv2d, _Conv3x3, conv3x3, eligible, filter_transform, weight_grad,
-                                     winograd_convs)
+from maskrcnn.model.winograd import (WinogradConv2d, _Conv3x3, _window, conv3x3, eligible, filter_transform,
+                                     weight_grad, winograd_convs)
 
 
 def _rel_err(got, ref):
@@ -39,6 +39,38 @@ def test_chunks_of_images_and_bands_of_rows_give_the_same(tiles):
     u = filter_transform(w)
     torch.testing.assert_close(conv3x3(x, u, b, tiles_per_chunk=tiles), conv3x3(x, u, b, tiles_per_chunk=10_000))
     assert _rel_err(conv3x3(x, u, b, tiles_per_chunk=tiles), F.conv2d(x, w, b, padding=1)) < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_chunks_window_is_the_padded_maps_slice(channels_last):
+    """Each chunk pads only its own window (never the whole map): the window equals the slice of the map padded
+    with zeros, at the borders and inside; where nothing is padded it is a view, else a copy in the map's layout."""
+    x = torch.randn(3, 5, 7, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    padded = F.pad(x, (2, 2, 2, 2)).permute(0, 2, 3, 1)  # [N, H + 4, W + 4, C]
+    for i0, i1, top, rows, left, cols in [(0, 3, -1, 9, -1, 11), (1, 2, -1, 4, -1, 11), (0, 1, 4, 4, -1, 11),
+                                          (2, 3, 2, 3, 0, 9), (0, 3, 0, 8, 0, 10), (1, 3, 5, 2, 3, 4)]:
+        got = _window(x, i0, i1, top, rows, left, cols)
+        assert torch.equal(got, padded[i0:i1, top + 2:top + 2 + rows, left + 2:left + 2 + cols])
+    assert _window(x, 0, 2, 1, 4, 2, 5).data_ptr() == x[0:2, :, 1:, 2:].data_ptr()  # inside the map: a view
+    copy = _window(x, 0, 2, -1, 4, 2, 5)
+    assert copy.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert (copy.stride(-1) == 1) == channels_last  # a copy in the map's memory format
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 100])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_weights_gradient_over_chunks_is_the_convolutions(tiles, channels_last):
+    """weight_grad over bands of rows and whole images, odd and even sizes: the gradient of F.conv2d's weight."""
+    g = torch.Generator().manual_seed(2)
+    for shape in [(2, 4, 9, 11), (3, 4, 8, 6)]:
+        x, gy = torch.randn(shape, generator=g), torch.randn(shape[0], 3, *shape[2:], generator=g)
+        if channels_last:
+            x, gy = x.contiguous(memory_format=torch.channels_last), gy.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(3, shape[1], 3, 3, generator=g, requires_grad=True)
+        F.conv2d(x, w, padding=1).backward(gy)
+        assert _rel_err(weight_grad(x, gy, tiles_per_chunk=tiles), w.grad) < 1e-5
 
 
 def test_the_module_with_autograd_gives_the_convolutions_gradients(monkeypatch):
