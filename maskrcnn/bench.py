@@ -59,6 +59,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .model.build import build_model
+from .cli import use_huge_pages
 from .config import load_config
 from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, use_winograd
 from .engine.step import grad_scaler, train_step
@@ -603,12 +604,13 @@ def cpu_header() -> dict:
     benchmark prints and the first key of its JSON)."""
     native, evidence = cpu_bf16_native()
     return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": native, "evidence": evidence,
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")}
 
 
 def cpu_line(cpu: dict) -> str:
     return (f"CPU capability {cpu['capability']}, bfloat16 {'native' if cpu['bf16_native'] else 'not native'} "
-            f"({cpu['evidence']})")
+            f"({cpu['evidence']}); THP_MEM_ALLOC_ENABLE={cpu.get('huge_pages', 'unset')} (both models)")
 
 
 def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print,
@@ -761,6 +763,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    use_huge_pages()  # as train.py and evaluate.py run, for both models alike (the memory children inherit it)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

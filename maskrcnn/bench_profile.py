@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .cli import use_huge_pages
+
 # stage -> (our module, torchvision's modules); the first stage a module belongs to is its stage
 STAGES = {
     "bottom-up (ResNet)": (["bottom_up"], ["backbone.body"]),
@@ -184,6 +186,7 @@ def bench_cpu_line(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    use_huge_pages()  # as train.py and evaluate.py run, for both models alike
     p = argparse.ArgumentParser(prog="python -m maskrcnn.bench_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
