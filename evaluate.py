@@ -324,7 +324,7 @@ def evaluate_file(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first large allocation
+    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed

@@ -48,7 +48,7 @@ def output_stems(images: list[Path]) -> list[str]:
 
 
 def main(argv=None) -> list[dict]:
-    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first large allocation
+    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a full-stage checkpoint")
     p.add_argument("--input", required=True, help="an image file or a folder of images")

@@ -90,7 +90,7 @@ def _resumed_config(cfg, args):
 
 
 def main(argv=None) -> dict:
-    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first large allocation
+    use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed
