@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -86,6 +86,8 @@ class Settings:
     # auto (where the CPU computes bf16 natively), always, never
     winograd: Union[str, bool] = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and
     # inference, as train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512) or False
+    recompute: list = field(default_factory=list)  # ours' ResNet stages computed again in the backward pass
+    # (model.backbone.recompute): less training memory for more time
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -107,7 +109,8 @@ def build_ours(s: Settings) -> nn.Module:
         f"model.transform.min_size_test={size}", f"model.transform.max_size_test={max(s.height, s.width)}",
         f"model.rpn.post_nms_topk_train={s.post_nms_train}", f"model.rpn.post_nms_topk_test={s.post_nms_test}",
         f"model.roi_heads.batch_size_per_image={s.rois_per_image}",
-        f"model.roi_heads.detections_per_image={s.detections}"])
+        f"model.roi_heads.detections_per_image={s.detections}",
+        f"model.backbone.recompute=[{','.join(s.recompute)}]"])
     return build_model(cfg)
 
 
@@ -637,7 +640,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     winograd = use_winograd(ours, s.winograd, s.device) > 0
 
     log("training step ...")
-    add(f"training step ({tag}{', ours Winograd' if winograd else ''})",
+    add(f"training step ({tag}{', ours Winograd' if winograd else ''}"
+        f"{', ours recomputing ' + '+'.join(s.recompute) if s.recompute else ''})",
         *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s), 1.0,
         per_image=True)
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
@@ -746,6 +750,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours' 3x3 convolutions of 128 channels or more by Winograd's F(2x2, 3x3), in training and "
                    "inference, as train.py and evaluate.py run them: auto (default; on an AVX2 or AVX-512 CPU, "
                    "fp32) or never")
+    p.add_argument("--recompute", default="", metavar="STAGES",
+                   help="ours' ResNet stages to compute again in the backward pass instead of keeping their "
+                   "activations (model.backbone.recompute), comma-separated, e.g. layer2,layer3,layer4: the "
+                   "training rows and the memory row measure that trade (default: none, as train.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -785,7 +793,8 @@ def main(argv=None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
-                 bf16=args.bf16, winograd=winograd_setting(args.winograd))
+                 bf16=args.bf16, winograd=winograd_setting(args.winograd),
+                 recompute=[x.strip() for x in args.recompute.split(",") if x.strip()])
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import pickle
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 LEVELS = ("c2", "c3", "c4", "c5")
 _RESNETS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
@@ -86,9 +87,19 @@ def _freeze_batchnorm(module: nn.Module, eps: float) -> nn.Module:
     return module
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
 class ResNetBottomUp(nn.Module):
-    def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, frozen_bn_eps: float = 1e-5):
+    def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, frozen_bn_eps: float = 1e-5,
+                 recompute: Sequence[str] = ()):
         super().__init__()
+        unknown = [s for s in recompute if s not in STAGES]
+        if unknown:
+            raise ValueError(f"model.backbone.recompute: unknown stage(s) {unknown} (choose from {list(STAGES)})")
+        # Stages run under activation checkpointing in training: their inner activations are dropped after the
+        # forward and computed again in the backward pass (torch.utils.checkpoint); only the stage's input is kept.
+        self.recompute = tuple(s for s in STAGES if s in recompute)
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
         net = getattr(torchvision.models, _RESNETS[depth])(weights=None,
@@ -115,11 +126,17 @@ class ResNetBottomUp(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x [N, 3, H, W] normalised images -> {"c2".."c5"}."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
+        c2 = self._stage("layer1", x)
+        c3 = self._stage("layer2", c2)
+        c4 = self._stage("layer3", c3)
+        c5 = self._stage("layer4", c4)
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+
+    def _stage(self, name: str, x: Tensor) -> Tensor:
+        stage = getattr(self, name)
+        if name in self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
 
 
 def _sha256(path: Path) -> str:

@@ -38,7 +38,8 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
                                pixel_std=t.pixel_std, size_divisibility=t.size_divisibility,
                                resize_rounding=t.resize_rounding, mask_resize=t.mask_resize)
     b = m.backbone
-    bottom_up = ResNetBottomUp(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, frozen_bn_eps=b.frozen_bn_eps)
+    bottom_up = ResNetBottomUp(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, frozen_bn_eps=b.frozen_bn_eps,
+                               recompute=b.recompute)
     if load_weights:
         load_pretrained(bottom_up, b.weights)
     if b.fold_frozen_bn:

@@ -1,0 +1,84 @@
+"""model.backbone.recompute: ResNet stages whose activations are computed again in the backward pass instead of
+kept (torch.utils.checkpoint). The same losses and gradients, fewer saved tensors, nothing changed in inference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskrcnn.config import load_config
+from maskrcnn.model.build import build_model
+
+SETS = ["model.backbone.weights=none", "model.backbone.depth=18", "model.backbone.freeze_at=1"]
+
+
+def _model(recompute: str = "[]"):
+    torch.manual_seed(0)
+    return build_model(load_config("configs/torchvision_compat.yaml", SETS + [f"model.backbone.recompute={recompute}"]),
+                       load_weights=False)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while fn runs (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_same_gradients_fewer_saved_tensors():
+    plain, rec = _model(), _model("[layer1,layer2,layer3,layer4]")
+    rec.load_state_dict(plain.state_dict())
+    assert rec.bottom_up.recompute == ("layer1", "layer2", "layer3", "layer4") and plain.bottom_up.recompute == ()
+    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (plain, rec):
+        model.train()
+        out, saved = _saved_bytes(lambda: model.bottom_up(x))
+        sum(v.square().mean() for v in out.values()).backward()
+        results.append((out, saved, {n: p.grad for n, p in model.bottom_up.named_parameters() if p.requires_grad}))
+    (out_p, saved_p, grads_p), (out_r, saved_r, grads_r) = results
+    for k in out_p:
+        assert torch.equal(out_r[k], out_p[k])
+    assert grads_p.keys() == grads_r.keys() and len(grads_p) > 0
+    for n in grads_p:  # the same operations on the same values: equal, up to the order autograd sums in
+        torch.testing.assert_close(grads_r[n], grads_p[n], rtol=1e-6, atol=1e-7 * grads_p[n].abs().max().item())
+    # kept for the backward: the parameters and each stage's input instead of every activation inside
+    assert saved_r < 0.6 * saved_p, (saved_r, saved_p)
+
+
+def test_only_in_training_with_gradients():
+    """In eval mode, or with gradients off, the stages run as they are (nothing to recompute); in training the
+    stage's activations are not kept."""
+    plain, rec = _model(), _model("[layer2]")
+    rec.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    saved = {}
+    for mode in ("eval", "train"):
+        for name, model in (("plain", plain), ("rec", rec)):
+            model.train(mode == "train")
+            out, saved[mode, name] = _saved_bytes(lambda: model.bottom_up(x))
+    assert saved["eval", "rec"] == saved["eval", "plain"]
+    assert saved["train", "rec"] < saved["train", "plain"]
+    with torch.no_grad():
+        out_r, out_p = rec.bottom_up(x), plain.bottom_up(x)
+    assert all(v.grad_fn is None for v in out_r.values())
+    assert all(torch.equal(out_r[k], out_p[k]) for k in out_p)
+
+
+def test_an_unknown_stage_is_an_error():
+    with pytest.raises(ValueError, match=r"model.backbone.recompute: unknown stage\(s\) \['res2'\]"):
+        _model("[res2]")
+
+
+def test_the_benchmark_builds_ours_so():
+    """python -m maskrcnn.bench --recompute STAGES measures the trade: ours is built with those stages."""
+    from maskrcnn import bench
+
+    s = bench.Settings(depth=18, recompute=["layer3", "layer2"])
+    assert bench.build_ours(s).bottom_up.recompute == ("layer2", "layer3")
+    assert bench.build_ours(bench.Settings(depth=18)).bottom_up.recompute == ()
