@@ -517,8 +517,8 @@ def memory_child(which: str, s: Settings, state_path: str, steps: int) -> dict:
 # glibc's malloc raises its mmap threshold as large blocks are freed, after which freed activations stay in the
 # heap: the peak RSS of the same training step then moved by up to 150 MB between fresh processes (ResNet-50-FPN,
 # 512x512: ours 1892-2019, torchvision's 1791-1938 MB). A fixed threshold returns every freed block of 128 KiB or
-# more, so the peak RSS follows the live memory (ours 1659 MB, 1677 with Winograd's convolutions, torchvision's
-# 1651, the same in every process), for both models alike. Other C libraries ignore the variable.
+# more, so the peak RSS follows the live memory (ours 1661 MB with Winograd's convolutions, torchvision's 1651,
+# the same in every process), for both models alike. Other C libraries ignore the variable.
 MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -790,11 +790,17 @@ def main(argv=None) -> dict:
     except DeviceError as e:
         print(f"error: --device: {e}", file=sys.stderr)
         sys.exit(2)
+    from .model.backbone import check_stages
+    try:  # an unknown stage: one line, exit status 2
+        recompute = list(check_stages([x.strip() for x in args.recompute.split(",") if x.strip()]))
+    except ValueError as e:
+        print(f"error: --recompute: {e}", file=sys.stderr)
+        sys.exit(2)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
                  bf16=args.bf16, winograd=winograd_setting(args.winograd),
-                 recompute=[x.strip() for x in args.recompute.split(",") if x.strip()])
+                 recompute=recompute)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

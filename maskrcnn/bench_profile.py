@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn

@@ -39,7 +39,7 @@ class BackboneConfig:
     # in training too (model/fuse.py: fold_frozen_batchnorm_live); the same state dict
     recompute: list[str] = field(default_factory=list)  # ResNet stages (layer1..layer4) whose activations are not
     # kept for the backward pass but computed again there: less memory for more time (ResNet-50, 512x512, batch 2:
-    # layer2-4 peak 1661 -> 1487 MB for a 7.6% longer step). The same results.
+    # layer2-4 peak 1661 -> 1484 MB for a 7.6% longer step). The same results.
 
 
 @dataclass

@@ -98,6 +98,11 @@ def test_bench_device_errors(no_cuda, capsys, device):
     assert ("no CUDA device" in line) if device == "cuda" else ("auto, cpu, cuda or cuda:N" in line)
 
 
+def test_bench_unknown_recompute_stage(capsys):
+    line = _one_line_exit_2(capsys, bench.main, ["--recompute", "layer2,res3", "--quick"])
+    assert "unknown stage(s) ['res3']" in line and "layer1" in line
+
+
 @pytest.mark.parametrize("device", ["cuda", "gpu"])
 def test_bench_profile_device_errors(no_cuda, capsys, device):
     from maskrcnn import bench_profile

@@ -90,16 +90,22 @@ def _freeze_batchnorm(module: nn.Module, eps: float) -> nn.Module:
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+def check_stages(names: Sequence[str]) -> tuple[str, ...]:
+    """model.backbone.recompute's stage names in the order they run; an unknown one is a ValueError naming the
+    choices."""
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"model.backbone.recompute: unknown stage(s) {unknown} (choose from {list(STAGES)})")
+    return tuple(s for s in STAGES if s in names)
+
+
 class ResNetBottomUp(nn.Module):
     def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, frozen_bn_eps: float = 1e-5,
                  recompute: Sequence[str] = ()):
         super().__init__()
-        unknown = [s for s in recompute if s not in STAGES]
-        if unknown:
-            raise ValueError(f"model.backbone.recompute: unknown stage(s) {unknown} (choose from {list(STAGES)})")
         # Stages run under activation checkpointing in training: their inner activations are dropped after the
         # forward and computed again in the backward pass (torch.utils.checkpoint); only the stage's input is kept.
-        self.recompute = tuple(s for s in STAGES if s in recompute)
+        self.recompute = check_stages(recompute)
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
         net = getattr(torchvision.models, _RESNETS[depth])(weights=None,
