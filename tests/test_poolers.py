@@ -248,3 +248,28 @@ def test_bf16_boxes_are_computed_in_fp32():
     pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl="ours")
     out = pooler([f.to(torch.bfloat16) for f in feats], [boxes[0].to(torch.bfloat16)])
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pooler_gradient_matches_roi_by_roi_reference(impl):
+    """The backward hands each level the gradient of its own RoIs' rows: every level's map gradient equals the one
+    of pooling each RoI alone on its level (float64, a different weight for every output value)."""
+    features = [f.double().requires_grad_(True) for f in make_features()]
+    boxes = [b.double() for b in make_boxes()]
+    pooler = MultiScaleRoIAlign(output_size=7, strides=STRIDES, sampling_ratio=2, aligned=True, impl=impl)
+    out = pooler(features, boxes)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (out * weights).sum().backward()
+    reference = [f.detach().clone().requires_grad_(True) for f in features]
+    total, row = 0.0, 0
+    for i, image_boxes in enumerate(boxes):
+        for box in image_boxes.tolist():
+            k = fpn_level(box) - K_MIN
+            roi = torch.tensor([[i, *box]], dtype=torch.float64)
+            pooled = tv_roi_align(reference[k], roi, 7, spatial_scale=1.0 / STRIDES[k], sampling_ratio=2, aligned=True)
+            total = total + (pooled * weights[row:row + 1]).sum()
+            row += 1
+    total.backward()
+    assert {fpn_level(b) for image_boxes in boxes for b in image_boxes.tolist()} == {2, 3, 4, 5}  # every level
+    for k, (f, ref) in enumerate(zip(features, reference)):
+        torch.testing.assert_close(f.grad, ref.grad, rtol=1e-10, atol=1e-12, msg=f"level index {k}")

@@ -48,6 +48,29 @@ def assign_levels(boxes: Tensor, k_min: int, k_max: int, canonical_size: float, 
     return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
 
 
+class _InRoIOrder(torch.autograd.Function):
+    """Each level's pooled RoIs written to their rows of one [R, C, S, S] tensor, in RoI order; the backward
+    hands each level the gradient of its rows. (Written in place with index_put_ instead, autograd would clone
+    the whole RoI gradient once per level in the backward, tens of MB each while the step's memory peaks; with
+    index_copy_ it would keep every level's pooled features alive until the backward, where only their shape
+    is needed.)"""
+
+    @staticmethod
+    def forward(ctx, num_rois: int, layout: torch.memory_format, rows: list[Tensor],  # type: ignore[override]
+                *pooled: Tensor) -> Tensor:
+        first = pooled[0]
+        out = torch.empty((num_rois, *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
+        for idx, p in zip(rows, pooled):  # every RoI has exactly one level, so every row is written
+            out.index_copy_(0, idx, p)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return (None, None, None, *(grad.index_select(0, idx) if needs else None
+                                    for idx, needs in zip(ctx.rows, ctx.needs_input_grad[3:])))
+
+
 class MultiScaleRoIAlign(nn.Module):
     def __init__(self, *, output_size: int, strides: Sequence[int], sampling_ratio: int, aligned: bool,
                  canonical_box_size: float = 224.0, canonical_level: int = 4, impl: str = "ours",
@@ -85,26 +108,25 @@ class MultiScaleRoIAlign(nn.Module):
         if rois.dtype in (torch.float16, torch.bfloat16):
             rois = rois.float()  # coordinates stay fp32 even when the features are fp16 (AMP evaluation)
         c = features[0].shape[1]
-        # Not zero-filled: every RoI has exactly one level, so every row is written below. Channels-last for
-        # ours: the layout its RoIAlign computes (a plain copy below) and the mask head's convs run fastest on.
+        # Channels-last for ours: the layout its RoIAlign computes and the mask head's convs run fastest on.
         layout = torch.channels_last if self.impl == "ours" else torch.contiguous_format
-        out = torch.empty((rois.shape[0], c, self.output_size, self.output_size), dtype=features[0].dtype,
-                          device=features[0].device, memory_format=layout)
         if rois.shape[0] == 0:
-            return out
+            return torch.empty((0, c, self.output_size, self.output_size), dtype=features[0].dtype,
+                               device=features[0].device, memory_format=layout)
         levels = assign_levels(rois[:, 1:], self.k_min, self.k_max, self.canonical_box_size,
                                self.canonical_level, self.level_mapper)
         levels = levels.clamp_(0, len(features) - 1)  # a non-finite box's garbage level still gets a level
+        rows, pooled = [], []
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == level).squeeze(1)
             if idx.numel() == 0:
                 continue
-            pooled = self._roi_align(feature, self._rois_for(rois[idx], feature), (self.output_size, self.output_size),
-                                     spatial_scale=scale, sampling_ratio=self.sampling_ratio, aligned=self.aligned)
-            # written back by index, RoI order kept; index_put_ rather than index_copy_, whose backward keeps every
-            # level's pooled features alive until the backward (tens of MB) where only their shape is needed
-            out.index_put_((idx,), pooled.to(out.dtype))
-        return out
+            rows.append(idx)
+            pooled.append(self._roi_align(feature, self._rois_for(rois[idx], feature),
+                                          (self.output_size, self.output_size), spatial_scale=scale,
+                                          sampling_ratio=self.sampling_ratio, aligned=self.aligned
+                                          ).to(features[0].dtype))
+        return _InRoIOrder.apply(rois.shape[0], layout, rows, *pooled)
 
     def _rois_for(self, rois: Tensor, feature: Tensor) -> Tensor:
         """RoIs in the dtype the implementation should see. fp16 has 11 significant bits, so above 1024 px it
