@@ -17,8 +17,8 @@ def _model(recompute: str = "[]"):
                        load_weights=False)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass while fn runs (each storage once)."""
+def _saved_bytes(fn) -> tuple[object, int]:
+    """(fn's result, bytes of the tensors autograd keeps for the backward pass while fn runs, each storage once)."""
     seen: dict[int, int] = {}
 
     def pack(t):
