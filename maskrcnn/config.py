@@ -92,6 +92,9 @@ class RPNConfig:
     sigmoid_scores: bool = False  # proposal scores are sigmoid probabilities, as torchvision ranks them in NMS
     box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # box coder weights
     smooth_l1_beta: float = 0.0  # 0: L1 loss (detectron2); 1/9: torchvision's smooth L1
+    loss_at_sampled_cells: bool = True  # training: the head's whole-map pass (proposals) without autograd, and
+    # the losses from the head computed again at the sampled anchors' cells: the same losses and gradients for less
+    # time and memory; false: the whole map in autograd (for a loss over every anchor)
 
 
 @dataclass

@@ -263,3 +263,108 @@ def test_head_layout_matches_anchor_order():
     assert top["scores"][0].item() == pytest.approx(10.0)
     assert top["levels"][0].item() == level
     torch.testing.assert_close(top["boxes"][0], expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------- the losses at the sampled cells only
+def test_head_at_cells_equals_the_whole_map_there():
+    """RPNHead.at_cells gives forward()'s objectness and deltas at the chosen cells, borders and corners
+    included (the 3x3 neighbourhood is zero outside the map, as the conv's padding), and the same gradient to
+    the features and every parameter (float64)."""
+    from maskrcnn.model.rpn import RPNHead
+    torch.manual_seed(0)
+    head = RPNHead(in_channels=6, num_anchors=3).double()
+    for p in head.parameters():  # not the init's zero biases and tiny weights: every term matters
+        nn.init.normal_(p)
+    feats = [torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)]
+    cells = [torch.tensor([[0, 0, 0], [1, 4, 6], [0, 2, 3], [1, 0, 6], [0, 4, 0]]),
+             torch.tensor([[1, 1, 2], [0, 2, 3]])]
+    logits, deltas = head(feats)
+    want_l = torch.cat([lg[c[:, 0], :, c[:, 1], c[:, 2]] for lg, c in zip(logits, cells)])
+    want_d = torch.cat([d[c[:, 0], :, c[:, 1], c[:, 2]] for d, c in zip(deltas, cells)]).view(-1, 3, 4)
+    got_l, got_d = head.at_cells(feats, cells)
+    torch.testing.assert_close(got_l, want_l, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_d, want_d, rtol=1e-12, atol=1e-12)
+    wl, wd = torch.randn_like(got_l), torch.randn_like(got_d)
+    inputs = feats + list(head.parameters())
+    want = torch.autograd.grad((want_l * wl).sum() + (want_d * wd).sum(), inputs)
+    got = torch.autograd.grad((got_l * wl).sum() + (got_d * wd).sum(), inputs)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def _rpn_losses_and_grads(model, images, targets, at_cells):
+    model.rpn.loss_at_sampled_cells = at_cells
+    torch.manual_seed(1)  # the sampler's draws
+    losses = model(images, targets)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(sum(losses.values()), params)
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_losses_at_sampled_cells_equal_the_whole_map():
+    """model.rpn.loss_at_sampled_cells (the default) gives the same RPN losses and the same gradient to every
+    parameter, the bottom-up pathway's and the FPN's included, as the head computed in autograd over every cell
+    (float64, two images: one with objects, one without)."""
+    cfg, model = make_model()
+    assert cfg.model.rpn.loss_at_sampled_cells
+    model = model.double().train()
+    images, targets = images_and_targets((True, False))
+    images = [i.double() for i in images]
+    whole, whole_grads = _rpn_losses_and_grads(model, images, targets, False)
+    cells, cells_grads = _rpn_losses_and_grads(model, images, targets, True)
+    assert whole.keys() == cells.keys() == {"loss_rpn_cls", "loss_rpn_box"}
+    assert whole["loss_rpn_box"] > 0
+    for k in whole:
+        torch.testing.assert_close(cells[k], whole[k], rtol=1e-12, atol=0)
+    for w, g in zip(whole_grads, cells_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-15)
+
+
+def test_losses_at_sampled_cells_keep_no_whole_map_activations():
+    """With the losses at the sampled cells the RPN's training forward saves for the backward pass only the
+    sampled cells' neighbourhoods, not the levels' maps and the head's activations over every cell."""
+    def saved_bytes(at_cells):
+        _, model = make_model()
+        model.train().rpn.loss_at_sampled_cells = at_cells
+        images, targets = images_and_targets((True, True))
+        h, w = 256, 256
+        feats = {f"p{k}": torch.randn(2, 16, h // 2**k, w // 2**k, requires_grad=True) for k in range(2, 7)}
+        model.rpn.head = type(model.rpn.head)(in_channels=16, num_anchors=model.rpn.anchor_generator.num_anchors)
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size() if t.is_floating_point() else 0)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)
+            _, losses = model.rpn(ImageList(torch.zeros(2, 3, h, w), [(h, w)] * 2), feats, targets)
+        assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
+        return sum(total)
+    whole, cells = saved_bytes(False), saved_bytes(True)
+    map_bytes = sum(2 * 16 * (256 // 2**k) ** 2 * 4 for k in range(2, 7))
+    assert whole >= 2 * map_bytes  # each level's map and the head's ReLU output over it
+    assert cells < 0.3 * whole, (cells, whole)
+
+
+def test_head_without_at_cells_trains_over_the_whole_map(tiny):
+    """A head of the user's own without at_cells still trains: the RPN then computes the losses from the whole
+    map, with the same losses as the default head's at_cells."""
+    _, model = make_model()
+    model.train()
+    images, targets = images_and_targets((True, True))
+    torch.manual_seed(1)
+    want = model(images, targets)
+
+    class OwnHead(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.inner = head
+
+        def forward(self, features):
+            return self.inner(features)
+    model.rpn.head = OwnHead(model.rpn.head)
+    torch.manual_seed(1)
+    got = model(images, targets)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert got["loss_rpn_cls"].requires_grad

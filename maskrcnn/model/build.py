@@ -60,7 +60,8 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
               pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
               post_nms_topk=(r.post_nms_topk_train, r.post_nms_topk_test), nms_thresh=r.nms_thresh,
               min_size=r.min_size, smooth_l1_beta=r.smooth_l1_beta, conv_dims=r.conv_dims,
-              score_thresh=r.score_thresh, sigmoid_scores=r.sigmoid_scores)
+              score_thresh=r.score_thresh, sigmoid_scores=r.sigmoid_scores,
+              loss_at_sampled_cells=r.loss_at_sampled_cells)
     roi_heads = None
     if cfg.stage == "full":
         if m.num_classes < 1:

@@ -9,6 +9,7 @@ anchors; M ground-truth boxes in an image; P proposals per image after NMS.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +49,34 @@ class RPNHead(nn.Module):
             deltas.append(fp32(self.bbox_pred, t))
         return logits, deltas
 
+    def at_cells(self, features: list[Tensor], cells: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The head at chosen cells only: per level i, `cells[i]` [Ki, 3] (image, y, x) -> objectness [K, A] and
+        deltas [K, A, 4] for the K = sum Ki cells in level order. The same values as forward() at those cells (to
+        float rounding): the 3x3 conv at a cell is its 3x3 neighbourhood (zeros outside the map) convolved without
+        padding. Gradients reach the features only in those neighbourhoods."""
+        patches = [_neighbourhoods(x, c) for x, c in zip(features, cells)]
+        x = torch.cat(patches) if patches else features[0].new_zeros(0, features[0].shape[1], 3, 3)
+        t = F.relu(F.conv2d(x, self.conv.weight, self.conv.bias))  # [K, mid, 1, 1]
+        logits = fp32(self.cls_logits, t).flatten(1)
+        deltas = fp32(self.bbox_pred, t).view(len(t), -1, 4)  # channel 4a + j: anchor a, coordinate j
+        return logits, deltas
+
+
+_OFFSETS = (-1, 0, 1)
+
+
+def _neighbourhoods(x: Tensor, cells: Tensor) -> Tensor:
+    """x [N, C, H, W], cells [K, 3] (image, y, x) -> [K, C, 3, 3]: each cell's 3x3 neighbourhood, zero where it
+    leaves the map (the head conv's padding)."""
+    h, w = x.shape[-2:]
+    d = torch.tensor(_OFFSETS, device=x.device)
+    ys = (cells[:, 1, None] + d.repeat_interleave(3))  # [K, 9]: row-major over (dy, dx), the weight's (ky, kx)
+    xs = (cells[:, 2, None] + d.repeat(3))
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    v = x[cells[:, :1], :, ys.clamp(0, h - 1), xs.clamp(0, w - 1)]  # [K, 9, C]
+    v = v * inside.unsqueeze(-1).to(v.dtype)
+    return v.transpose(1, 2).reshape(len(cells), x.shape[1], 3, 3)
+
 
 class RPN(nn.Module):
     def __init__(
@@ -67,6 +96,7 @@ class RPN(nn.Module):
         conv_dims: int = -1,
         score_thresh: float = 0.0,  # on sigmoid(objectness); 0 keeps every proposal
         sigmoid_scores: bool = False,  # rank (NMS) and return proposals by probability, not logit
+        loss_at_sampled_cells: bool = True,  # training: the head's gradient from the sampled anchors' cells only
     ):
         super().__init__()
         self.in_features = list(in_features)
@@ -82,6 +112,7 @@ class RPN(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.score_thresh = score_thresh
         self.sigmoid_scores = sigmoid_scores
+        self.loss_at_sampled_cells = loss_at_sampled_cells
 
     def forward(self, images: ImageList, features: dict[str, Tensor], targets: Optional[list[dict]] = None,
                 record: Optional[dict] = None, stats: Optional[dict] = None
@@ -91,7 +122,14 @@ class RPN(nn.Module):
         "anchor_labels", "sampled_anchor_labels" and "anchor_matched_boxes". `stats` (training) receives
         rpn_pos_anchors and rpn_neg_anchors: the sampled positive and negative anchors per image."""
         feats = [features[name] for name in self.in_features]
-        logits, deltas = self.head(feats)
+        # The losses see only the sampled anchors, so with loss_at_sampled_cells the whole-map pass (for the
+        # proposals, which are detached anyway) runs without autograd, and the losses compute the head again at
+        # the sampled anchors' cells: the same losses and gradients, without the head's backward over every cell
+        # of every level or its saved activations (README, "Where the time goes").
+        at_cells = (self.training and self.loss_at_sampled_cells and torch.is_grad_enabled()
+                    and hasattr(self.head, "at_cells"))  # a head of the user's own without it: the whole map
+        with torch.no_grad() if at_cells else contextlib.nullcontext():
+            logits, deltas = self.head(feats)
         anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], tuple(images.tensor.shape[-2:]))
         n = feats[0].shape[0]
         # [N, A, Hi, Wi] -> [N, Hi, Wi, A] -> [N, Hi*Wi*A]: the anchor order of AnchorGenerator
@@ -115,7 +153,10 @@ class RPN(nn.Module):
             if self.training and stats is not None:
                 stats["rpn_pos_anchors"] = ratio((sampled == 1).sum(), len(sampled))
                 stats["rpn_neg_anchors"] = ratio((sampled == 0).sum(), len(sampled))
-            if self.training:
+            if at_cells:
+                cell_logits, cell_deltas = self.sampled_head_outputs(feats, sampled)
+                losses = self.losses_of_sampled(all_anchors, cell_logits, cell_deltas, sampled, matched_boxes)
+            elif self.training:
                 losses = self.losses(all_anchors, torch.cat(logits, 1), torch.cat(deltas, 1), sampled, matched_boxes)
         return proposals, losses
 
@@ -190,11 +231,41 @@ class RPN(nn.Module):
         """anchors [Atot, 4], logits [N, Atot], deltas [N, Atot, 4], sampled labels [N, Atot], matched gt
         boxes [N, Atot, 4]."""
         valid = sampled >= 0
+        return self.losses_of_sampled(anchors, logits[valid], deltas[valid], sampled, matched_boxes)
+
+    def losses_of_sampled(self, anchors: Tensor, logits: Tensor, deltas: Tensor, sampled: Tensor,
+                          matched_boxes: Tensor) -> dict[str, Tensor]:
+        """losses() from the sampled anchors' outputs only: logits [S], deltas [S, 4] in the order of
+        (sampled >= 0).nonzero() (image by image, anchor by anchor)."""
+        valid = sampled >= 0
         pos = sampled == 1
         normalizer = max(1, int(valid.sum()))
         loss_cls = F.binary_cross_entropy_with_logits(
-            logits[valid].float(), sampled[valid].float(), reduction="sum") / normalizer
+            logits.float(), sampled[valid].float(), reduction="sum") / normalizer
         # Regression targets only for the sampled positives: [N, Atot, 4][pos] -> [P, 4]
         reg = self.box_coder.encode(anchors.expand(len(sampled), -1, -1)[pos], matched_boxes[pos])
-        loss_box = smooth_l1_sum(deltas[pos], reg, self.smooth_l1_beta) / normalizer
+        loss_box = smooth_l1_sum(deltas[sampled[valid] == 1], reg, self.smooth_l1_beta) / normalizer
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
+
+    def sampled_head_outputs(self, feats: list[Tensor], sampled: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's objectness [S] and deltas [S, 4] at the S sampled anchors (sampled [N, Atot] >= 0), in
+        the order of (sampled >= 0).nonzero(), computed at their cells only (RPNHead.at_cells): an anchor's
+        index within level i is (y * Wi + x) * A + a (AnchorGenerator's order)."""
+        image, index = (sampled >= 0).nonzero(as_tuple=True)
+        a = self.anchor_generator.num_anchors
+        cells_per_level = torch.tensor([f.shape[-2] * f.shape[-1] for f in feats], device=index.device)
+        ends = cells_per_level.cumsum(0) * a
+        level = torch.bucketize(index, ends, right=True)  # anchors [ends[i-1], ends[i]) are level i's
+        local = index - (ends - cells_per_level * a)[level]
+        cell, anchor = local // a, local % a
+        # one row per distinct (level, image, cell): the key sorts by level first, so rows come level by level
+        n, most = len(sampled), int(cells_per_level.max())
+        rows, inverse = torch.unique((level * n + image) * most + cell, return_inverse=True)
+        row_level, row_image, row_cell = rows // (n * most), rows // most % n, rows % most
+        cells = []
+        for i, f in enumerate(feats):
+            on = row_level == i
+            w = f.shape[-1]
+            cells.append(torch.stack([row_image[on], row_cell[on] // w, row_cell[on] % w], 1))
+        logits, deltas = self.head.at_cells(feats, cells)
+        return logits[inverse, anchor], deltas[inverse, anchor]
