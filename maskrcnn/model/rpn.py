@@ -258,14 +258,11 @@ class RPN(nn.Module):
         level = torch.bucketize(index, ends, right=True)  # anchors [ends[i-1], ends[i]) are level i's
         local = index - (ends - cells_per_level * a)[level]
         cell, anchor = local // a, local % a
-        # one row per distinct (level, image, cell): the key sorts by level first, so rows come level by level
-        n, most = len(sampled), int(cells_per_level.max())
-        rows, inverse = torch.unique((level * n + image) * most + cell, return_inverse=True)
-        row_level, row_image, row_cell = rows // (n * most), rows // most % n, rows % most
+        # one row per distinct (level, image, cell), sorted: level by level
+        rows, inverse = torch.unique(torch.stack([level, image, cell], 1), dim=0, return_inverse=True)
         cells = []
         for i, f in enumerate(feats):
-            on = row_level == i
-            w = f.shape[-1]
-            cells.append(torch.stack([row_image[on], row_cell[on] // w, row_cell[on] % w], 1))
+            _, img, c = rows[rows[:, 0] == i].unbind(1)
+            cells.append(torch.stack([img, c // f.shape[-1], c % f.shape[-1]], 1))
         logits, deltas = self.head.at_cells(feats, cells)
         return logits[inverse, anchor], deltas[inverse, anchor]
