@@ -15,6 +15,8 @@ fixture, which asserts it and, with MASKRCNN_MARGINS=<file>, appends it there as
 test-variations` (tests/variations.py) runs them under other seeds, thread counts and the AVX2 limits and prints
 every statistic next to its threshold.
 
+`saved_bytes(fn)` measures what autograd keeps for the backward pass while fn runs.
+
 `offline_hub` gives a test its own torch.hub cache with downloads failing as they do offline, and places a
 state dict there as a torchvision weights file would be (a name carrying its SHA-256 prefix).
 """
@@ -128,3 +130,16 @@ class Margin:
 @pytest.fixture
 def margin(request) -> Margin:
     return Margin(request.node.nodeid)
+
+
+def saved_bytes(fn) -> tuple[object, int]:
+    """(fn's result, bytes of the tensors autograd keeps for the backward pass while fn runs, each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

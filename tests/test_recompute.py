@@ -8,6 +8,8 @@ import torch
 from maskrcnn.config import load_config
 from maskrcnn.model.build import build_model
 
+from conftest import saved_bytes
+
 SETS = ["model.backbone.weights=none", "model.backbone.depth=18", "model.backbone.freeze_at=1"]
 
 
@@ -15,19 +17,6 @@ def _model(recompute: str = "[]"):
     torch.manual_seed(0)
     return build_model(load_config("configs/torchvision_compat.yaml", SETS + [f"model.backbone.recompute={recompute}"]),
                        load_weights=False)
-
-
-def _saved_bytes(fn) -> tuple[object, int]:
-    """(fn's result, bytes of the tensors autograd keeps for the backward pass while fn runs, each storage once)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
 
 
 def test_same_gradients_fewer_saved_tensors():
@@ -38,7 +27,7 @@ def test_same_gradients_fewer_saved_tensors():
     results = []
     for model in (plain, rec):
         model.train()
-        out, saved = _saved_bytes(lambda: model.bottom_up(x))
+        out, saved = saved_bytes(lambda: model.bottom_up(x))
         sum(v.square().mean() for v in out.values()).backward()
         results.append((out, saved, {n: p.grad for n, p in model.bottom_up.named_parameters() if p.requires_grad}))
     (out_p, saved_p, grads_p), (out_r, saved_r, grads_r) = results
@@ -61,7 +50,7 @@ def test_only_in_training_with_gradients():
     for mode in ("eval", "train"):
         for name, model in (("plain", plain), ("rec", rec)):
             model.train(mode == "train")
-            out, saved[mode, name] = _saved_bytes(lambda: model.bottom_up(x))
+            out, saved[mode, name] = saved_bytes(lambda: model.bottom_up(x))
     assert saved["eval", "rec"] == saved["eval", "plain"]
     assert saved["train", "rec"] < saved["train", "plain"]
     with torch.no_grad():

@@ -18,6 +18,8 @@ from maskrcnn.model.rpn import RPN
 from maskrcnn.model.sampler import BalancedSampler
 from maskrcnn.model.transform import ImageList
 
+from conftest import saved_bytes
+
 CONFIG = "configs/tiny.yaml"
 # Smaller images than tiny.yaml's 128 px keep these tests fast on 2 CPU cores.
 SMALL = ["model.transform.min_size_train=[64]", "model.transform.max_size_train=96",
@@ -324,24 +326,19 @@ def test_losses_at_sampled_cells_equal_the_whole_map():
 def test_losses_at_sampled_cells_keep_no_whole_map_activations():
     """With the losses at the sampled cells the RPN's training forward saves for the backward pass only the
     sampled cells' neighbourhoods, not the levels' maps and the head's activations over every cell."""
-    def saved_bytes(at_cells):
+    def rpn_saved_bytes(at_cells):
         _, model = make_model()
         model.train().rpn.loss_at_sampled_cells = at_cells
-        images, targets = images_and_targets((True, True))
+        _, targets = images_and_targets((True, True))
         h, w = 256, 256
         feats = {f"p{k}": torch.randn(2, 16, h // 2**k, w // 2**k, requires_grad=True) for k in range(2, 7)}
         model.rpn.head = type(model.rpn.head)(in_channels=16, num_anchors=model.rpn.anchor_generator.num_anchors)
-        total = []
-
-        def pack(t):
-            total.append(t.numel() * t.element_size() if t.is_floating_point() else 0)
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.manual_seed(0)
-            _, losses = model.rpn(ImageList(torch.zeros(2, 3, h, w), [(h, w)] * 2), feats, targets)
+        torch.manual_seed(0)
+        (_, losses), saved = saved_bytes(
+            lambda: model.rpn(ImageList(torch.zeros(2, 3, h, w), [(h, w)] * 2), feats, targets))
         assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
-        return sum(total)
-    whole, cells = saved_bytes(False), saved_bytes(True)
+        return saved
+    whole, cells = rpn_saved_bytes(False), rpn_saved_bytes(True)
     map_bytes = sum(2 * 16 * (256 // 2**k) ** 2 * 4 for k in range(2, 7))
     assert whole >= 2 * map_bytes  # each level's map and the head's ReLU output over it
     assert cells < 0.3 * whole, (cells, whole)
