@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from .model.build import build_model
 from .cli import use_huge_pages
-from .config import load_config
+from .config import BackboneConfig, load_config
 from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, use_winograd
 from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
@@ -86,8 +86,8 @@ class Settings:
     # auto (where the CPU computes bf16 natively), always, never
     winograd: Union[str, bool] = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and
     # inference, as train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512) or False
-    recompute: list = field(default_factory=list)  # ours' ResNet stages computed again in the backward pass
-    # (model.backbone.recompute): less training memory for more time
+    recompute: list = field(default_factory=lambda: list(BackboneConfig().recompute))  # ours' ResNet stages
+    # computed again in the backward pass (model.backbone.recompute; by default the config's, as train.py)
     objects: int = 4  # ground-truth objects per training image
     post_nms_train: int = 2000  # RPN proposals per image after NMS, training (torchvision's default)
     post_nms_test: int = 1000  # ... inference
@@ -750,10 +750,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours' 3x3 convolutions of 128 channels or more by Winograd's F(2x2, 3x3), in training and "
                    "inference, as train.py and evaluate.py run them: auto (default; on an AVX2 or AVX-512 CPU, "
                    "fp32) or never")
-    p.add_argument("--recompute", default="", metavar="STAGES",
+    p.add_argument("--recompute", metavar="STAGES",
                    help="ours' ResNet stages to compute again in the backward pass instead of keeping their "
-                   "activations (model.backbone.recompute), comma-separated, e.g. layer2,layer3,layer4: the "
-                   "training rows and the memory row measure that trade (default: none, as train.py)")
+                   "activations (model.backbone.recompute), comma-separated, e.g. layer2,layer3,layer4, or none: "
+                   "the training rows and the memory row measure that trade (default: "
+                   f"{','.join(BackboneConfig().recompute) or 'none'}, as train.py)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with "
                    "other jobs, 1 avoids OpenMP barriers waiting for descheduled threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -792,7 +793,9 @@ def main(argv=None) -> dict:
         sys.exit(2)
     from .model.backbone import check_stages
     try:  # an unknown stage: one line, exit status 2
-        recompute = list(check_stages([x.strip() for x in args.recompute.split(",") if x.strip()]))
+        stages = (BackboneConfig().recompute if args.recompute is None else
+                  [x.strip() for x in args.recompute.split(",") if x.strip() and x.strip() != "none"])
+        recompute = list(check_stages(stages))
     except ValueError as e:
         print(f"error: --recompute: {e}", file=sys.stderr)
         sys.exit(2)

@@ -68,6 +68,49 @@ def test_the_benchmark_builds_ours_so():
     """python -m maskrcnn.bench --recompute STAGES measures the trade: ours is built with those stages."""
     from maskrcnn import bench
 
-    s = bench.Settings(depth=18, recompute=["layer3", "layer2"])
-    assert bench.build_ours(s).bottom_up.recompute == ("layer2", "layer3")
-    assert bench.build_ours(bench.Settings(depth=18)).bottom_up.recompute == ()
+    s = bench.Settings(depth=18, recompute=["layer4", "layer2"])
+    assert bench.build_ours(s).bottom_up.recompute == ("layer2", "layer4")
+    assert bench.build_ours(bench.Settings(depth=18, recompute=[])).bottom_up.recompute == ()
+    # by default the benchmark measures what train.py trains: the config's stages
+    assert bench.build_ours(bench.Settings(depth=18)).bottom_up.recompute == ("layer2", "layer3")
+
+
+def test_recomputed_by_default_and_the_same_gradient_bits():
+    """model.backbone.recompute defaults to layer2 and layer3; the backward runs the forward's own graph with the
+    recomputed tensors, so every gradient is the same bits as without recomputation."""
+    from maskrcnn.config import BackboneConfig
+
+    assert BackboneConfig().recompute == ["layer2", "layer3"]
+    default = build_model(load_config("configs/torchvision_compat.yaml", SETS), load_weights=False)
+    assert default.bottom_up.recompute == ("layer2", "layer3")
+    plain = _model()
+    default.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model in (plain, default):
+        model.train()
+        sum(v.square().mean() for v in model.bottom_up(x).values()).backward()
+        grads.append({n: p.grad for n, p in model.bottom_up.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_a_stage_whose_batchnorm_tracks_statistics_is_not_recomputed():
+    """norm: bn in training: computing a stage again would move its running statistics a second time, so the stage
+    runs as it is (the same statistics as without recomputation); in eval mode BatchNorm moves nothing."""
+    from maskrcnn.model.backbone import ResNetBottomUp, updates_statistics
+
+    torch.manual_seed(0)
+    plain = ResNetBottomUp(depth=18, norm="bn", freeze_at=2)
+    rec = ResNetBottomUp(depth=18, norm="bn", freeze_at=2, recompute=["layer2", "layer3"])
+    rec.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    for model in (plain, rec):
+        model.train()
+        sum(v.square().mean() for v in model(x).values()).backward()
+    for (name, a), b in zip(plain.state_dict().items(), rec.state_dict().values()):
+        assert torch.equal(a, b), name  # running_mean, running_var, num_batches_tracked: moved once
+    assert rec.layer2[0].bn1.num_batches_tracked.item() == 1
+    assert updates_statistics(rec.layer2) and not updates_statistics(rec.layer1)  # layer1 frozen: FrozenBatchNorm2d
+    rec.eval()
+    assert not updates_statistics(rec.layer2)

@@ -105,6 +105,7 @@ class ResNetBottomUp(nn.Module):
         super().__init__()
         # Stages run under activation checkpointing in training: their inner activations are dropped after the
         # forward and computed again in the backward pass (torch.utils.checkpoint); only the stage's input is kept.
+        # The backward uses the forward's own graph with the recomputed tensors, so the gradients are the same bits.
         self.recompute = check_stages(recompute)
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
@@ -140,9 +141,17 @@ class ResNetBottomUp(nn.Module):
 
     def _stage(self, name: str, x: Tensor) -> Tensor:
         stage = getattr(self, name)
-        if name in self.recompute and self.training and torch.is_grad_enabled():
+        if (name in self.recompute and self.training and torch.is_grad_enabled()
+                and not updates_statistics(stage)):
             return checkpoint(stage, x, use_reentrant=False)
         return stage(x)
+
+
+def updates_statistics(module: nn.Module) -> bool:
+    """Whether a forward of `module` moves BatchNorm running statistics (a BatchNorm in training mode that tracks
+    them): computing it again in the backward pass would move them twice, so such a stage is not recomputed."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in module.modules())
 
 
 def _sha256(path: Path) -> str:

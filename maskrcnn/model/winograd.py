@@ -39,6 +39,10 @@ _G = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]
 # x 22x22 0.96x, 4 x 256 x 11x11 1.2x, 4 x 512 x 6x6 2.7x the plain one's time; 20 RoIs x 256 x 14x14 0.68x).
 MIN_TILES_WITH_AUTOGRAD = 1024
 TILES_PER_CHUNK = 1024  # ~16 MB of transformed fp32 tiles at 256 channels: measured best at 256-1024 on AVX2
+# A band of one image's tile rows (a map too big for one chunk) takes half as many: forward and backward of
+# 2 x 256 x 128x128 0.84-0.94x the time of 1024-tile bands, 2 x 256 x 64x64 0.81-0.89x (AVX2, three runs),
+# and half the transformed tiles alive at the peak of the FPN's P2 backward (16 MB less). Chunks of whole images
+# (RoIs: 256 x 256 x 14x14) keep 1024, where 512 was 1.06x slower.
 
 
 def _kron_g(like: Tensor) -> Tensor:
@@ -114,9 +118,9 @@ def _block_grads(gp: Tensor) -> Tensor:
 
 def _chunks(n: int, th: int, tw: int, tiles_per_chunk: int):
     """(first image, last image + 1, first tile row, last tile row + 1) of each chunk: whole images when an image
-    has few tiles, else bands of tile rows of one image."""
+    has few tiles, else bands of tile rows of one image (half a chunk's tiles, see TILES_PER_CHUNK)."""
     images = max(1, tiles_per_chunk // (th * tw))
-    rows = th if images > 1 else max(1, min(th, tiles_per_chunk // tw))
+    rows = th if images > 1 else max(1, min(th, tiles_per_chunk // 2 // tw))
     for i in range(0, n, images):
         for r in range(0, th, rows):
             yield i, min(n, i + images), r, min(th, r + rows)
