@@ -41,6 +41,27 @@ def test_chunks_of_images_and_bands_of_rows_give_the_same(tiles):
     assert _rel_err(conv3x3(x, u, b, tiles_per_chunk=tiles), F.conv2d(x, w, b, padding=1)) < 1e-5
 
 
+def test_big_maps_go_in_bands_of_half_a_chunk_and_rois_in_whole_chunks():
+    """The measured split: a map with more tiles than a chunk goes in bands of its tile rows of at most half a
+    chunk's tiles (P2 of a 512 px batch: 64 x 64 tiles -> bands of 8 rows), small maps (RoIs) in chunks of whole
+    images up to a chunk's tiles; every tile is covered exactly once."""
+    from maskrcnn.model.winograd import TILES_PER_CHUNK, _chunks
+
+    def covered(n, th, tw, chunks):
+        seen = torch.zeros(n, th, dtype=torch.int64)
+        for i0, i1, r0, r1 in chunks:
+            seen[i0:i1, r0:r1] += 1
+        return bool((seen == 1).all())
+
+    p2 = list(_chunks(2, 64, 64, TILES_PER_CHUNK))  # 2 images of 64 x 64 tiles
+    assert {(i1 - i0, r1 - r0) for i0, i1, r0, r1 in p2} == {(1, TILES_PER_CHUNK // 2 // 64)} and covered(2, 64, 64, p2)
+    p3 = list(_chunks(2, 32, 32, TILES_PER_CHUNK))  # an image of exactly one chunk's tiles goes in two bands
+    assert len(p3) == 4 and covered(2, 32, 32, p3)
+    rois = list(_chunks(200, 7, 7, TILES_PER_CHUNK))  # 200 RoIs of 14x14: 20 whole RoIs per chunk
+    assert {(i1 - i0, r1 - r0) for i0, i1, r0, r1 in rois[:-1]} == {(TILES_PER_CHUNK // 49, 7)}
+    assert covered(200, 7, 7, rois)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_chunks_window_is_the_padded_maps_slice(channels_last):
     """Each chunk pads only its own window (never the whole map): the window equals the slice of the map padded
