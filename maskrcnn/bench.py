@@ -70,6 +70,12 @@ from .model.postprocess import paste_masks, paste_masks_torchvision
 
 COMPAT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "torchvision_compat.yaml"
 
+# The targets printed beside the fp32 rows, ours / torchvision: on a CPU the project's goals (a training step <= 0.75x,
+# inference <= 0.6x, peak training memory <= 0.9x); on CUDA, where nothing has been measured yet, the mission's "at
+# least as fast" and the earlier memory bound.
+FP32_TARGETS = {"cpu": {"training": 0.75, "inference": 0.6, "memory": 0.9},
+                "cuda": {"training": 1.0, "inference": 1.0, "memory": 1.1}}
+
 
 @dataclass
 class Settings:
@@ -623,6 +629,7 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     notes: list[str] = []
     cuda = s.device.startswith("cuda")
     cpu = cpu_header()
+    targets_fp32 = FP32_TARGETS["cuda" if cuda else "cpu"]
 
     def add(name: str, ours_s: float, tv_s: float, target: Optional[float] = None, per_image: bool = False):
         row = {"name": name, "ours_ms": ours_s * 1e3, "torchvision_ms": tv_s * 1e3, "ratio": ours_s / tv_s,
@@ -642,8 +649,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     log("training step ...")
     add(f"training step ({tag}{', ours Winograd' if winograd else ''}"
         f"{', ours recomputing ' + '+'.join(s.recompute) if s.recompute else ''})",
-        *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s), 1.0,
-        per_image=True)
+        *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s),
+        targets_fp32["training"], per_image=True)
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
@@ -653,7 +660,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     layout = inference_channels_last("auto", s.device) or s.channels_last
     ours_infer = prepare_inference(ours, s.device, layout, s.winograd).eval()
     add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''}{', Winograd' if winograd else ''})",
-        *compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s), 0.9, per_image=True)
+        *compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s),
+        targets_fp32["inference"], per_image=True)
     del ours_infer
     if not cuda:
         bf16_rows(s, ours, tv, state, images, targets, tag, add, notes, log)
@@ -686,7 +694,8 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     kind = "max allocated" if cuda else "peak RSS, mmap threshold fixed"
     rows.append({"name": f"training memory, {kind} (MB)", "ours_mb": mem["ours"]["peak_mb"],
                  "torchvision_mb": mem["torchvision"]["peak_mb"],
-                 "ratio": mem["ours"]["peak_mb"] / mem["torchvision"]["peak_mb"], "target": 1.1, "detail": mem})
+                 "ratio": mem["ours"]["peak_mb"] / mem["torchvision"]["peak_mb"], "target": targets_fp32["memory"],
+                 "detail": mem})
     log(f"  memory: ours {mem['ours']['peak_mb']:.0f} MB, torchvision {mem['torchvision']['peak_mb']:.0f} MB")
     return {"cpu": cpu, "settings": asdict(s), "rows": rows, "notes": notes, "environment": environment(s)}
 

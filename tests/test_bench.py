@@ -51,6 +51,12 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     assert memory["ours_mb"] > 100 and memory["torchvision_mb"] > 100  # a real process with a real model
     assert "mmap threshold fixed" in memory["name"]  # the children ran with bench.MEMORY_CHILD_ENV
     assert result["settings"]["depth"] == 18 and result["environment"]["device"] == "cpu"
+    # the fp32 rows carry the project's CPU targets, printed beside them
+    fp32 = {k: next(r for r in result["rows"] if r["name"].startswith(prefix) and "bf16" not in r["name"])
+            for k, prefix in (("training", "training step"), ("inference", "inference"), ("memory", "training memory"))}
+    assert {k: r["target"] for k, r in fp32.items()} == {"training": 0.75, "inference": 0.6, "memory": 0.9}
+    table = [line for line in proc.stdout.splitlines() if line.startswith(fp32["training"]["name"])]
+    assert table and table[-1].rstrip().endswith("<= 0.75"), table
 
 
 def test_memory_children_run_with_the_fixed_mmap_threshold(monkeypatch):
