@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from .model.build import build_model
 from .cli import use_huge_pages
 from .config import BackboneConfig, load_config
-from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, use_winograd
+from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, prepare_training
 from .engine.step import grad_scaler, train_step
 from .model.precision import autocast, cpu_bf16_native
 from .torchvision_weights import to_torchvision
@@ -92,6 +92,8 @@ class Settings:
     # auto (where the CPU computes bf16 natively), always, never
     winograd: Union[str, bool] = "auto"  # ours' 3x3 convolutions by Winograd's F(2x2, 3x3), training and
     # inference, as train.winograd / test.winograd: auto (where it was measured to gain: AVX2, AVX-512) or False
+    frozen_as_inference: Union[str, bool] = "auto"  # ours' frozen stem and layer1 computed as inference computes
+    # them in training (train.frozen_as_inference): auto or False
     recompute: list = field(default_factory=lambda: list(BackboneConfig().recompute))  # ours' ResNet stages
     # computed again in the backward pass (model.backbone.recompute; by default the config's, as train.py)
     objects: int = 4  # ground-truth objects per training image
@@ -492,8 +494,8 @@ def memory_child(which: str, s: Settings, state_path: str, steps: int) -> dict:
     model = model.to(torch.device(s.device))
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if which == "ours":  # as train.py trains it (train.winograd)
-        use_winograd(model, s.winograd, s.device)
+    if which == "ours":  # as train.py trains it (train.winograd, train.frozen_as_inference)
+        prepare_training(model, s.device, s.winograd, s.frozen_as_inference, s.channels_last)
     images, targets = make_batch(s)
     step = training_step_fn(model, s, images, targets)
     result = {"which": which}
@@ -643,11 +645,13 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     ours, tv = load_pair(s, state)
     images, targets = make_batch(s)
     tag = f"batch {s.batch}, {s.height}x{s.width}" + (", AMP" if s.amp else "")
-    # ours as train.py trains it: Winograd's 3x3 convolutions where they gain (train.winograd: auto)
-    winograd = use_winograd(ours, s.winograd, s.device) > 0
+    # ours as train.py trains it: Winograd's 3x3 convolutions where they gain (train.winograd: auto) and its frozen
+    # stem and layer1 as inference computes them (train.frozen_as_inference: auto)
+    winograd, folded = prepare_training(ours, s.device, s.winograd, s.frozen_as_inference, s.channels_last)
 
     log("training step ...")
     add(f"training step ({tag}{', ours Winograd' if winograd else ''}"
+        f"{', ours frozen stages folded, channels-last' if folded else ''}"
         f"{', ours recomputing ' + '+'.join(s.recompute) if s.recompute else ''})",
         *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s),
         targets_fp32["training"], per_image=True)

@@ -138,7 +138,7 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
 def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
         winograd="auto", log: Callable[[str], None] = print) -> dict:
     from . import bench
-    from .model.fuse import prepare_inference, use_winograd
+    from .model.fuse import prepare_inference, prepare_training
     from .torchvision_weights import to_torchvision
 
     s = bench.Settings(height=height, width=width, batch=batch, device=device, amp=False, depth=depth)
@@ -147,8 +147,9 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
     images, targets = bench.make_batch(s)
     result = {"cpu": bench.cpu_header(), "settings": {"height": height, "width": width, "batch": batch,
                                                        "repeats": repeats, "device": device, "depth": depth,
-                                                       # as train.py trains it (train.winograd)
-                                                       "winograd": use_winograd(ours, winograd, device) > 0},
+                                                       # as train.py trains it (train.winograd,
+                                                       # train.frozen_as_inference: auto)
+                                                       "winograd": prepare_training(ours, device, winograd)[0] > 0},
               "ours": {}, "torchvision": {}}
     log("training ...")
     result["ours"]["training"], result["torchvision"]["training"] = profile([ours, tv], "training", images, targets,

@@ -219,6 +219,11 @@ class TrainConfig:
     # forward and backward (maskrcnn/model/winograd.py), in calls of 1024 tiles or more: auto (on an AVX2 or
     # AVX-512 CPU, in fp32: 15% faster ResNet-50-FPN training steps at 512x512 measured on AVX2; never under bf16
     # autocast, on CUDA, or for model.backbone.fold_frozen_bn's convolutions), true or false
+    frozen_as_inference: Switch = "auto"  # the frozen stem and stages (model.backbone.freeze_at) computed as
+    # inference computes them: each FrozenBatchNorm2d inside its convolution, channels-last, what they give back in
+    # the standard layout (maskrcnn/model/fuse.py: frozen_as_inference). No gradient flows through them, so only
+    # their forward changes, to float rounding. auto (on an AVX2 or AVX-512 CPU in fp32, unless train.channels_last:
+    # ResNet-50, 512x512, batch 2, AVX2: the bottom-up pathway's forward 0.77-0.85x), true or false
     log_period: int = 20  # TensorBoard scalars every N iterations
     checkpoint_period: int = 5000  # checkpoint every N iterations (and at the end)
     keep_checkpoints: int = 3  # keep the newest K model_<iter>.pth (0: only last_checkpoint.pth)

@@ -138,7 +138,7 @@ def test_the_data_rules_live_in_one_module():
 ENGINE_MODEL_FUNCTIONS = {"maskrcnn.model.build": {"build_model"},  # the model's one public builder
                           "maskrcnn.model.precision": {"autocast", "choose_precision", "training_precision"},
                           "maskrcnn.model.fuse": {"fold_batchnorm", "inference_channels_last",
-                                                                   "prepare_inference", "use_winograd"}}
+                                                                   "prepare_inference", "prepare_training"}}
 
 
 def engine_model_imports(path: Path) -> list[str]:
@@ -154,7 +154,8 @@ def engine_model_imports(path: Path) -> list[str]:
 def test_the_engine_names_no_model_class():
     """The engine builds the model with build_model and reaches it through nn.Module and the model's own methods
     (rng_state / set_rng_state for its generators): from maskrcnn.model it imports functions only, and only
-    those listed here (the builder, the precision policy, BatchNorm folding and the inference layout), never a class."""
+    those listed here (the builder, the precision policy, BatchNorm folding, the inference layout and the training
+    one), never a class."""
     import importlib
 
     for module, names in ENGINE_MODEL_FUNCTIONS.items():  # the list itself names no class

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..cli import Stopped
 from ..model.build import build_model
-from ..model.fuse import use_winograd
+from ..model.fuse import prepare_training
 from ..model.precision import choose_precision, training_precision
 from .checkpoint import (FORMAT, LAST, config_to_yaml, link_checkpoint, load_resume_checkpoint, numbered_name,
                          partial_load, prune_checkpoints, save_checkpoint)
@@ -173,7 +173,8 @@ class Trainer:
         self.model.to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        use_winograd(self.model, cfg.train.winograd, self.device)
+        prepare_training(self.model, self.device, cfg.train.winograd, cfg.train.frozen_as_inference,
+                         cfg.train.channels_last)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
 

@@ -118,6 +118,9 @@ class ResNetBottomUp(nn.Module):
         expansion = 4 if depth >= 50 else 1
         self.out_channels = {lvl: 64 * 2**i * expansion for i, lvl in enumerate(LEVELS)}
         self.strides = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
+        # The frozen stem and stages computed in channels-last memory format (fp32 on a CPU), their outputs given
+        # back in the input's layout; set by model/fuse.py's frozen_as_inference (train.frozen_as_inference).
+        self.frozen_channels_last = False
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
@@ -131,13 +134,36 @@ class ResNetBottomUp(nn.Module):
                     p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x [N, 3, H, W] normalised images -> {"c2".."c5"}."""
+        """x [N, 3, H, W] normalised images -> {"c2".."c5"}. With frozen_channels_last, the frozen stem and stages
+        (frozen_stages) run in channels-last memory format and each output comes back in x's layout."""
+        frozen = self.frozen_stages() if self._frozen_in_channels_last(x) else 0
+        if frozen:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self._stage("layer1", x)
-        c3 = self._stage("layer2", c2)
-        c4 = self._stage("layer3", c3)
-        c5 = self._stage("layer4", c4)
-        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+        if frozen == 1:
+            x = x.contiguous()
+        out = {}
+        for k, (level, name) in enumerate(zip(LEVELS, STAGES), start=2):  # k: freeze_at's numbering of the stages
+            x = self._stage(name, x)
+            if k == frozen:
+                x = x.contiguous()  # the stages that train get the standard layout, as without this
+            out[level] = x.contiguous() if k < frozen else x
+        return out
+
+    def frozen_stages(self) -> int:
+        """How many of the stem (1) and layer1..layer4 (2..5), from the first, have no parameter that trains and no
+        BatchNorm that moves its statistics: model.backbone.freeze_at's count, as the parameters say now."""
+        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        for k, modules in enumerate(stages):
+            if any(p.requires_grad for m in modules for p in m.parameters()) or any(
+                    updates_statistics(m) for m in modules):
+                return k
+        return len(stages)
+
+    def _frozen_in_channels_last(self, x: Tensor) -> bool:
+        return (self.frozen_channels_last and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and x.dim() == 4
+                and not x.is_contiguous(memory_format=torch.channels_last))
 
     def _stage(self, name: str, x: Tensor) -> Tensor:
         stage = getattr(self, name)

@@ -100,20 +100,47 @@ class FrozenBNConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, bias.to(weight.dtype))
 
 
-def fold_frozen_batchnorm_live(model: nn.Module) -> int:
+def fold_frozen_batchnorm_live(model: nn.Module, parents=None, plain_only: bool = False) -> int:
     """In place: every Conv2d followed by a FrozenBatchNorm2d (found as fold_batchnorm finds pairs) becomes a
     FrozenBNConv2d over the same parameters and the BatchNorm an identity, for training and inference alike
-    (model.backbone.fold_frozen_bn). Returns the number of pairs folded."""
+    (model.backbone.fold_frozen_bn). `parents`: only the pairs that are children of these modules (default: every
+    module of `model`); `plain_only`: only plain nn.Conv2d (Winograd's convolutions keep their own computation).
+    Returns the number of pairs folded."""
     n = 0
-    for parent in list(model.modules()):
+    for parent in list(model.modules()) if parents is None else parents:
         for conv_name, bn_name in _pairs(parent):
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
             if not isinstance(bn, FrozenBatchNorm2d) or isinstance(conv, FrozenBNConv2d):
+                continue
+            if plain_only and type(conv) is not nn.Conv2d:
                 continue
             conv.__class__ = FrozenBNConv2d  # the same object, parameters and hooks: only its forward changes
             conv._bn = [bn]  # a list: not registered as a submodule, so the state dict keeps its keys
             bn.folded = True
             n += 1
+    return n
+
+
+def frozen_as_inference(model: nn.Module, setting, device) -> int:
+    """In place, where `setting` resolves to true (train.frozen_as_inference; auto: an AVX2 or AVX-512 CPU, where
+    channels-last gains: AVX2, the bottom-up pathway's forward in training, 2 x 512x512, 874 -> 742 and 932 -> 722
+    ms in two runs, medians of 21; AVX-512 listed with it as for inference, ATen's scalar kernels not): the
+    backbone's frozen stem and stages (ResNetBottomUp.frozen_stages, no gradient flows through them) computed as
+    inference computes them, each FrozenBatchNorm2d inside its plain convolution (fold_frozen_batchnorm_live) and,
+    in fp32 on a CPU, in channels-last memory format, their outputs given back in the standard layout. Call it
+    after use_winograd (a folded convolution is not Winograd's) and not on a model in channels-last already.
+    The same parameters and state dict; the outputs equal to float rounding. Returns the number of convolutions
+    folded."""
+    bottom_up = getattr(model, "bottom_up", None)
+    if not _where_measured(setting, device, CHANNELS_LAST_CAPABILITIES, "frozen_as_inference") or not \
+            hasattr(bottom_up, "frozen_stages"):
+        return 0
+    stages = [bottom_up, bottom_up.layer1, bottom_up.layer2, bottom_up.layer3, bottom_up.layer4]
+    frozen = bottom_up.frozen_stages()
+    parents = [bottom_up] if frozen >= 1 else []  # the stem's conv1 / bn1 pair
+    parents += [m for stage in stages[1:frozen] for m in stage.modules()]
+    n = fold_frozen_batchnorm_live(bottom_up, parents, plain_only=True)
+    bottom_up.frozen_channels_last = frozen > 0
     return n
 
 
@@ -162,6 +189,16 @@ def use_winograd(model: nn.Module, setting, device) -> int:
     return winograd_convs([model], min_channels=WINOGRAD_MIN_CHANNELS)
 
 
+def prepare_training(model: nn.Module, device, winograd="auto", frozen="auto", channels_last: bool = False
+                     ) -> tuple[int, int]:
+    """In place, the model as training runs it (train.py, the benchmarks), after it is on its device and in its
+    memory format: Winograd's 3x3 convolutions as `winograd` says (train.winograd, use_winograd), then the frozen
+    stages as inference computes them as `frozen` says (train.frozen_as_inference; not on a model in channels-last,
+    `channels_last`: train.channels_last). Returns (Winograd's convolutions, folded convolutions)."""
+    n = use_winograd(model, winograd, device)
+    return n, (0 if channels_last else frozen_as_inference(model, frozen, device))
+
+
 def prepare_inference(model: nn.Module, device, channels_last="auto", winograd="auto", inplace: bool = False
                       ) -> nn.Module:
     """The model as inference runs it (evaluate.py, infer.py, the benchmark): BatchNorm folded into the
@@ -169,6 +206,9 @@ def prepare_inference(model: nn.Module, device, channels_last="auto", winograd="
     (test.channels_last) and the 3x3 convolutions of 128 channels or more computed by Winograd's F(2x2, 3x3) as
     `winograd` says (test.winograd). The same outputs to float rounding, faster; for inference only."""
     model = fold_batchnorm(model, inplace=inplace)
+    for m in model.modules():  # the layout is this function's choice for the whole model (frozen_as_inference)
+        if getattr(m, "frozen_channels_last", False):
+            m.frozen_channels_last = False
     if inference_channels_last(channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     use_winograd(model, winograd, device)
