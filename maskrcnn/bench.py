@@ -740,7 +740,8 @@ def format_table(result: dict) -> str:
 
 
 def winograd_setting(choice: str) -> Union[str, bool]:
-    """--winograd auto|never as the setting model/fuse.py reads (train.winograd, test.winograd): "auto" or False."""
+    """--winograd (or --frozen-as-inference) auto|never as the setting model/fuse.py reads (train.winograd,
+    test.winograd, train.frozen_as_inference): "auto" or False."""
     return {"auto": "auto", "never": False}[choice]
 
 
@@ -763,6 +764,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours' 3x3 convolutions of 128 channels or more by Winograd's F(2x2, 3x3), in training and "
                    "inference, as train.py and evaluate.py run them: auto (default; on an AVX2 or AVX-512 CPU, "
                    "fp32) or never")
+    p.add_argument("--frozen-as-inference", choices=["auto", "never"], default="auto",
+                   help="ours' frozen stem and layer1 computed in training as inference computes them (BatchNorm "
+                   "inside the convolution, channels-last), as train.py runs them (train.frozen_as_inference): auto "
+                   "(default; on an AVX2 or AVX-512 CPU, fp32) or never")
     p.add_argument("--recompute", metavar="STAGES",
                    help="ours' ResNet stages to compute again in the backward pass instead of keeping their "
                    "activations (model.backbone.recompute), comma-separated, e.g. layer2,layer3,layer4, or none: "
@@ -816,7 +821,7 @@ def main(argv=None) -> dict:
         device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     s = Settings(device=device, amp=device.startswith("cuda") and not args.no_amp, channels_last=args.channels_last,
                  bf16=args.bf16, winograd=winograd_setting(args.winograd),
-                 recompute=recompute)
+                 frozen_as_inference=winograd_setting(args.frozen_as_inference), recompute=recompute)
     if args.full_size:
         s.height, s.width = 800, 1333
     if args.quick:

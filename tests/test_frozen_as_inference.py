@@ -103,3 +103,25 @@ def test_inference_chooses_its_own_layout():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ready.bottom_up(x)["c5"], model.bottom_up(x)["c5"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("choice, setting", [("auto", "auto"), ("never", False)])
+def test_the_benchmark_measures_with_or_without_it(monkeypatch, choice, setting):
+    """python -m maskrcnn.bench --frozen-as-inference auto|never: ours' training row with the option as chosen."""
+    from maskrcnn import bench
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def run(s, *args, **kwargs):
+        seen.append(s.frozen_as_inference)
+        raise Stop
+
+    monkeypatch.setattr(bench, "run", run)
+    with pytest.raises(Stop):
+        bench.main(["--quick", "--device", "cpu", "--frozen-as-inference", choice])
+    assert seen == [setting]
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert prepare_training(Wrapper(2), "cpu", False, setting)[1] == (5 if setting else 0)
