@@ -88,6 +88,8 @@ def _freeze_batchnorm(module: nn.Module, eps: float) -> nn.Module:
 
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+# model.backbone.freeze_at's stages in order: freeze_at = k freezes the first k (the stem is the first).
+FREEZE_ORDER = (("conv1", "bn1"), *((name,) for name in STAGES))
 
 
 def check_stages(names: Sequence[str]) -> tuple[str, ...]:
@@ -125,8 +127,7 @@ class ResNetBottomUp(nn.Module):
 
     def freeze(self, freeze_at: int) -> None:
         """Freeze the stem (1) and res2..res<freeze_at> (2..5): no gradients, as in detectron2."""
-        stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-        for stage in stages[: max(0, freeze_at)]:
+        for stage in FREEZE_ORDER[: max(0, freeze_at)]:
             for name in stage:
                 module = _freeze_batchnorm(getattr(self, name), self.frozen_bn_eps)
                 setattr(self, name, module)
@@ -153,12 +154,12 @@ class ResNetBottomUp(nn.Module):
     def frozen_stages(self) -> int:
         """How many of the stem (1) and layer1..layer4 (2..5), from the first, have no parameter that trains and no
         BatchNorm that moves its statistics: model.backbone.freeze_at's count, as the parameters say now."""
-        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        for k, modules in enumerate(stages):
+        for k, names in enumerate(FREEZE_ORDER):
+            modules = [getattr(self, name) for name in names]
             if any(p.requires_grad for m in modules for p in m.parameters()) or any(
                     updates_statistics(m) for m in modules):
                 return k
-        return len(stages)
+        return len(FREEZE_ORDER)
 
     def _frozen_in_channels_last(self, x: Tensor) -> bool:
         return (self.frozen_channels_last and x.device.type == "cpu" and x.dtype == torch.float32

@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from .backbone import FrozenBatchNorm2d
+from .backbone import FREEZE_ORDER, FrozenBatchNorm2d
 from .winograd import winograd_convs
 
 _BN_TYPES = (FrozenBatchNorm2d, nn.BatchNorm2d)
@@ -135,10 +135,9 @@ def frozen_as_inference(model: nn.Module, setting, device) -> int:
     if not _where_measured(setting, device, CHANNELS_LAST_CAPABILITIES, "frozen_as_inference") or not \
             hasattr(bottom_up, "frozen_stages"):
         return 0
-    stages = [bottom_up, bottom_up.layer1, bottom_up.layer2, bottom_up.layer3, bottom_up.layer4]
     frozen = bottom_up.frozen_stages()
     parents = [bottom_up] if frozen >= 1 else []  # the stem's conv1 / bn1 pair
-    parents += [m for stage in stages[1:frozen] for m in stage.modules()]
+    parents += [m for names in FREEZE_ORDER[1:frozen] for name in names for m in getattr(bottom_up, name).modules()]
     n = fold_frozen_batchnorm_live(bottom_up, parents, plain_only=True)
     bottom_up.frozen_channels_last = frozen > 0
     return n
