@@ -77,9 +77,10 @@ class StageTimer:
             h.remove()
 
 
-def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets, sync: Callable[[], None]
-             ) -> dict[str, float]:
-    """Seconds per stage of one training step (forward stages, other, backward, optimiser) or inference."""
+def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets, sync: Callable[[], None],
+             bf16: bool = False) -> dict[str, float]:
+    """Seconds per stage of one training step (forward stages, other, backward, optimiser) or inference; with
+    `bf16`, the forward under bf16 autocast (a CPU's mixed precision, as train.py's train.cpu_amp)."""
     timer.reset()
     sync()
     t0 = time.perf_counter()
@@ -87,7 +88,8 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
     if kind == "training":
         net.train()
         opt.zero_grad(set_to_none=True)
-        losses = net(images, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = net(images, targets)
         sync()
         t1 = time.perf_counter()
         sum(losses.values()).backward()
@@ -99,7 +101,7 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
         forward = t1 - t0
     else:
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             net(images)
         sync()
         forward = time.perf_counter() - t0
@@ -110,7 +112,7 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
     return row
 
 
-def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, device: str
+def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, device: str, bf16: bool = False
             ) -> list[dict[str, float]]:
     """{stage: median ms} of each model (ours first, torchvision's second), one warm-up each, then `repeats`
     steps interleaved (alternating who goes first, as maskrcnn/bench.py does). Training: SGD with momentum, as
@@ -126,7 +128,7 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
     for r in range(repeats + 1):  # the first is a warm-up
         order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
         for i in order:
-            row = one_step(models[i], kind, timers[i], opts[i], images, targets, sync)
+            row = one_step(models[i], kind, timers[i], opts[i], images, targets, sync, bf16)
             if r > 0:
                 runs[i].append(row)
     for t in timers:
@@ -136,33 +138,43 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
 
 
 def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
-        winograd="auto", log: Callable[[str], None] = print) -> dict:
+        winograd="auto", bf16: bool = False, log: Callable[[str], None] = print) -> dict:
+    """With `bf16`, both models under bf16 autocast (a CPU's mixed precision), ours as the benchmark's bf16 rows
+    run it: channels-last, and BatchNorm folded for inference (Winograd's convolutions are fp32's only)."""
+    import copy
+
     from . import bench
-    from .model.fuse import prepare_inference, prepare_training
+    from .model.fuse import fold_batchnorm, prepare_inference, prepare_training
     from .torchvision_weights import to_torchvision
 
     s = bench.Settings(height=height, width=width, batch=batch, device=device, amp=False, depth=depth)
     state = bench.seeded_state(s)
     ours, tv = bench.load_pair(s, state)
     images, targets = bench.make_batch(s)
+    if bf16:
+        trained = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    else:  # as train.py trains it (train.winograd, train.frozen_as_inference: auto)
+        trained = ours
+        winograd = prepare_training(ours, device, winograd)[0] > 0
     result = {"cpu": bench.cpu_header(), "settings": {"height": height, "width": width, "batch": batch,
                                                        "repeats": repeats, "device": device, "depth": depth,
-                                                       # as train.py trains it (train.winograd,
-                                                       # train.frozen_as_inference: auto)
-                                                       "winograd": prepare_training(ours, device, winograd)[0] > 0},
+                                                       "winograd": False if bf16 else winograd, "bf16": bf16},
               "ours": {}, "torchvision": {}}
     log("training ...")
-    result["ours"]["training"], result["torchvision"]["training"] = profile([ours, tv], "training", images, targets,
-                                                                            repeats, device)
+    result["ours"]["training"], result["torchvision"]["training"] = profile([trained, tv], "training", images,
+                                                                            targets, repeats, device, bf16)
     ours.load_state_dict(state)  # inference sees the seeded weights (100 detections per image), as the benchmark
     tv.load_state_dict(to_torchvision(state))
     log("inference ...")
     # ours as its inference entry points run it: BatchNorm folded, channels-last and Winograd's 3x3 convolutions
     # where each gains (model/fuse.py: prepare_inference, test.channels_last and test.winograd: auto), as the
     # benchmark
-    fast = prepare_inference(ours, device, winograd=winograd)
+    if bf16:
+        fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
+    else:
+        fast = prepare_inference(ours, device, winograd=winograd)
     result["ours"]["inference"], result["torchvision"]["inference"] = profile(
-        [fast, tv], "inference", images, targets, repeats, device)
+        [fast, tv], "inference", images, targets, repeats, device, bf16)
     return result
 
 
@@ -171,6 +183,7 @@ def format_table(result: dict) -> str:
     for kind in ("training", "inference"):
         s = result["settings"]
         how = ", ours with Winograd's 3x3 convolutions" if s.get("winograd") else ""
+        how += ", both under bf16 autocast" if s.get("bf16") else ""
         lines += ["", f"{kind} ({s['batch']} x {s['height']}x{s['width']}, median of {s['repeats']}{how}; ms)", "",
                   "| stage | ours | torchvision | ours / torchvision | share of ours |", "|---|---|---|---|---|"]
         ours, tv = result["ours"][kind], result["torchvision"][kind]
@@ -199,8 +212,16 @@ def main(argv=None) -> dict:
     p.add_argument("--winograd", choices=["auto", "never"], default="auto",
                    help="ours' 3x3 convolutions by Winograd's F(2x2, 3x3) as train.py and evaluate.py run them: "
                    "auto (default; on an AVX2 or AVX-512 CPU, fp32) or never")
+    p.add_argument("--bf16", action="store_true",
+                   help="both models under bf16 autocast (ours channels-last, BatchNorm folded for inference), as "
+                   "the benchmark's rows against torchvision's bf16; on a CPU without native bfloat16 it is emulated "
+                   "and 7-16x slower")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
+    if args.bf16 and not args.device.startswith("cpu"):
+        print("error: --bf16: a CPU's mixed precision; on CUDA python -m maskrcnn.bench runs fp16 autocast",
+              file=sys.stderr)
+        sys.exit(2)
     from .engine.device import DeviceError, select_device
     try:  # an unknown name or an absent GPU: one line, exit status 2
         args.device = str(select_device(args.device))
@@ -211,7 +232,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from .bench import winograd_setting
     result = run(args.size[0], args.size[1], args.batch, args.repeats, args.device, args.depth,
-                 winograd_setting(args.winograd))
+                 winograd_setting(args.winograd), args.bf16)
     print(format_table(result))
     if args.out:
         with open(args.out, "w") as f:

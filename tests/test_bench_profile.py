@@ -49,3 +49,53 @@ def test_profile_times_every_stage_of_both_models(capsys):
             assert ("backward" in row) == (kind == "training")
     printed = capsys.readouterr().out
     assert "\nCPU capability " in printed and "| mask head (convs + predictor) |" in printed
+
+
+def test_one_step_bf16_runs_the_forward_under_autocast():
+    """bf16=True: the forward of a training step and of an inference runs under bf16 autocast (a convolution gives
+    bf16), the backward and the optimiser as usual; bf16=False: fp32. (A toy model: bf16 is emulated, slow, on a
+    CPU without it.)"""
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.seen = []
+
+        def forward(self, images, targets=None):
+            out = self.conv(torch.stack(images))
+            self.seen.append(out.dtype)
+            return {"loss": out.float().square().mean()} if self.training else [{"out": out}]
+
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        net = Toy()
+        timer = bp.StageTimer(net, {"conv": ["conv"]}, lambda: None)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        before = net.conv.weight.detach().clone()
+        for kind in ("training", "inference"):
+            row = bp.one_step(net, kind, timer, opt, [torch.rand(3, 8, 8)], [{}], lambda: None, bf16)
+            assert row["conv"] > 0 and ("backward" in row) == (kind == "training")
+        assert net.seen == [dtype, dtype]
+        assert net.conv.weight.dtype == torch.float32 and not torch.equal(net.conv.weight, before)  # a step taken
+
+
+def test_profile_bf16_option_reaches_the_run(monkeypatch, capsys):
+    seen = {}
+
+    def fake_run(*args):
+        seen["bf16"] = args[-1]
+        return {"cpu": {"capability": "AVX2", "bf16_native": False, "evidence": "-"}, "settings": {}, "ours": {},
+                "torchvision": {}}
+
+    monkeypatch.setattr(bp, "run", fake_run)
+    monkeypatch.setattr(bp, "format_table", lambda result: "")
+    bp.main(["--bf16"])
+    assert seen["bf16"] is True
+    bp.main([])
+    assert seen["bf16"] is False
+
+
+def test_profile_bf16_is_a_cpu_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        bp.main(["--bf16", "--device", "cuda"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
