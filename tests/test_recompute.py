@@ -114,3 +114,27 @@ def test_a_stage_whose_batchnorm_tracks_statistics_is_not_recomputed():
     assert updates_statistics(rec.layer2) and not updates_statistics(rec.layer1)  # layer1 frozen: FrozenBatchNorm2d
     rec.eval()
     assert not updates_statistics(rec.layer2)
+
+
+def test_not_recomputed_under_cpu_bf16_autocast_unless_asked():
+    """Under a CPU's bf16 autocast (train.cpu_amp) the stages run as they are by default (their activations are bf16
+    there, and the step was measured faster without); model.backbone.recompute_under_cpu_amp=true recomputes them
+    there too. In fp32 the default recomputes."""
+    from maskrcnn.config import BackboneConfig
+
+    assert BackboneConfig().recompute_under_cpu_amp is False
+    plain = _model()
+    default = _model("[layer2,layer3]")
+    asked = build_model(load_config("configs/torchvision_compat.yaml", SETS + [
+        "model.backbone.recompute=[layer2,layer3]", "model.backbone.recompute_under_cpu_amp=true"]), load_weights=False)
+    assert not default.bottom_up.recompute_under_cpu_amp and asked.bottom_up.recompute_under_cpu_amp
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    saved = {}
+    for name, model in (("plain", plain), ("default", default), ("asked", asked)):
+        model.train()
+        for bf16 in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                _, saved[name, bf16] = saved_bytes(lambda: model.bottom_up(x))
+    assert saved["default", False] < saved["plain", False]  # fp32: recomputed
+    assert saved["default", True] == saved["plain", True]  # bf16 autocast: kept, as without recomputation
+    assert saved["asked", True] < saved["plain", True]  # asked for: recomputed under bf16 too

