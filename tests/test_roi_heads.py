@@ -520,3 +520,30 @@ def test_mask_head_layout_follows_the_cpu_not_the_pooler(monkeypatch, capability
     with torch.no_grad():
         head.eval()(x)
     assert seen == [capability == "DEFAULT"] * 2
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_box_head_casts_channels_last_features_in_one_pass(bf16):
+    """The pooler's channels-last RoI features reach fc6 in the standard layout and, under bf16 autocast, already
+    in bf16 (precision.cast_as_autocast: one pass instead of a layout copy and autocast's cast): the same scores,
+    deltas and gradients, bit for bit, as flattening a standard-layout copy."""
+    from maskrcnn.model.precision import cast_as_autocast
+
+    torch.manual_seed(0)
+    head = BoxHead(**box_head_kwargs())
+    x = torch.rand(5, C, 7, 7)
+    seen = []
+    head.fc6.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[0].is_contiguous())))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        inp = x.clone().contiguous(memory_format=layout).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            scores, deltas = head(inp)
+        (scores.sum() + deltas.square().sum()).backward()
+        results.append((scores, deltas, inp.grad, head.fc6.weight.grad.clone()))
+        head.zero_grad()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert seen == [(torch.bfloat16 if bf16 else torch.float32, True)] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cast_as_autocast(x.double()).dtype == torch.float64  # only what autocast casts

@@ -17,7 +17,7 @@ from torchvision.ops import batched_nms
 from .box_coder import BoxCoder
 from .box_ops import clip_boxes, nonempty
 from .losses import ratio, smooth_l1_sum
-from .precision import fp32
+from .precision import cast_as_autocast, fp32
 from .roi_heads import RoIHead, Samples
 
 
@@ -52,7 +52,8 @@ class BoxHead(RoIHead):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[R, C, S, S] pooled features -> (scores [R, K+1], deltas [R, 4(K+1)])."""
         # ReLUs in place: a linear layer's backward does not need its output (saves a copy)
-        x = F.relu(self.fc6(x.flatten(1)), inplace=True)  # [R, C*S*S] -> [R, fc_dim]
+        # the pooler's channels-last features in the standard layout, already cast where autocast would cast them
+        x = F.relu(self.fc6(cast_as_autocast(x).flatten(1)), inplace=True)  # [R, C*S*S] -> [R, fc_dim]
         x = F.relu(self.fc7(x), inplace=True)
         # fp32 under autocast: the scores rank detections for NMS and the deltas become pixels (precision.py)
         return fp32(self.cls_score, x), fp32(self.bbox_pred, x)
