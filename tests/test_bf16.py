@@ -152,16 +152,17 @@ def test_bf16_detections_match_fp32(trained, margin):
 
 
 @pytest.mark.trains
-def test_bf16_ap_within_0_02_of_fp32(trained, margin):
-    """Box and mask AP on the four images within 0.02 (seen: <= 0.011: on ~20 objects one detection that flips
-    in NMS moves AP by about 0.01)."""
+def test_bf16_ap_within_0_05_of_fp32(trained, margin):
+    """Box and mask AP on the four images within 0.05 (seen: <= 0.011 on an AVX2-only CPU, <= 0.021 on an AVX-512
+    BF16 one, seeds 0-2 at 1 and 2 threads: on ~20 objects one detection that flips in NMS moves AP by 0.01-0.02;
+    how close each detection is, is test_bf16_detections_match_fp32's)."""
     dataset, model, images, targets = trained
     ap32 = coco_ap(dataset, infer(model, images, False), targets)
     ap16 = coco_ap(dataset, infer(model, images, True), targets)
     margin.check("fp32 box AP", ap32["bbox"], ">", 0.05)  # a detector, not noise (seen: >= 0.13)
     margin.check("fp32 mask AP", ap32["segm"], ">", 0.02)  # (seen: >= 0.039)
     for kind in ap32:
-        margin.check(f"{kind} AP |fp32 - bf16|", abs(ap32[kind] - ap16[kind]), "<=", 0.02, (ap32, ap16))
+        margin.check(f"{kind} AP |fp32 - bf16|", abs(ap32[kind] - ap16[kind]), "<=", 0.05, (ap32, ap16))
 
 
 @pytest.mark.trains
@@ -358,9 +359,10 @@ def test_bf16_fine_tuning_keeps_learning(trained, margin):
     # AVX2 variables of `make test-avx2`): from 0.577, fp32 reached 0.456 (drop 0.121), bf16 0.506 (drop 0.071).
     # Both go on learning, so the comparison is not of two flat lines. After the RPN's losses moved to the sampled
     # cells, seeds 0-2 at 1 and 2 threads: fp32 drops 0.108-0.149 and 0.024 (seed 1, one thread, from 0.488),
-    # bf16 0.111-0.177: bounds 0.015 (fp32, 1.6x under the lowest) and 0.04 (bf16, 2.8x).
+    # bf16 0.111-0.177. On an AVX-512 BF16 CPU (bf16 native), seeds 0-2 at 1 and 2 threads: fp32 0.063-0.261, bf16
+    # 0.050-0.268. Bounds 0.015 (fp32, 1.6x under the lowest) and 0.02 (bf16, 2.5x).
     margin.check("fp32 fine-tuning: loss drop", drops[False], ">=", 0.015, (before, drops, histories))
-    margin.check("bf16 fine-tuning: loss drop", drops[True], ">=", 0.04, (before, drops, histories))
+    margin.check("bf16 fine-tuning: loss drop", drops[True], ">=", 0.02, (before, drops, histories))
     # bf16 learns about as much (seen 0.58-1.37 of fp32's drop, 4.6 where fp32's was 0.024; bound 0.25: 2.3x
     # margin); a bf16 path that stops learning drops by ~0 and fails here.
     margin.check("bf16 loss drop / fp32 loss drop", drops[True] / drops[False], ">=", 0.25, (before, drops))
