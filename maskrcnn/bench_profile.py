@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from .cli import use_huge_pages
+from .model.precision import autocast
+
+_CPU = torch.device("cpu")  # --bf16 is a CPU's mixed precision (bf16 autocast there)
 
 # stage -> (our module, torchvision's modules); the first stage a module belongs to is its stage
 STAGES = {
@@ -88,7 +91,7 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
     if kind == "training":
         net.train()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(_CPU, bf16):
             losses = net(images, targets)
         sync()
         t1 = time.perf_counter()
@@ -101,7 +104,7 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
         forward = t1 - t0
     else:
         net.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), autocast(_CPU, bf16):
             net(images)
         sync()
         forward = time.perf_counter() - t0
