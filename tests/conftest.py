@@ -110,18 +110,21 @@ _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
 
 
 class Margin:
-    """`margin.check("mask IoU (worst object)", value, ">", 0.7)` asserts `value > 0.7` and keeps the three for
-    tests/variations.py (written to $MASKRCNN_MARGINS when set, one JSON line each)."""
+    """`margin.check("mask IoU (worst object)", value, ">", 0.7, limit=1)` asserts `value > 0.7` and keeps the
+    numbers for tests/variations.py (written to $MASKRCNN_MARGINS when set, one JSON line each). `limit` is the
+    most the statistic can ever be, where it has one (1 for a cosine, an IoU, a fraction): the table then measures
+    a lower bound's margin against the room up to it; without one, against the threshold."""
 
     def __init__(self, nodeid: str):
         self.nodeid = nodeid
 
-    def check(self, name: str, value: float, op: str, threshold: float, detail=None) -> None:
+    def check(self, name: str, value: float, op: str, threshold: float, detail=None, *,
+              limit: float | None = None) -> None:
         value = float(value)
         path = os.environ.get("MASKRCNN_MARGINS")
         if path:
             record = {"test": self.nodeid, "statistic": name, "value": value, "op": op, "threshold": threshold,
-                      "passed": bool(_OPS[op](value, threshold))}
+                      "limit": limit, "passed": bool(_OPS[op](value, threshold))}
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         assert _OPS[op](value, threshold), (name, value, op, threshold, detail)
