@@ -26,7 +26,10 @@ the fp32 detections on trained weights is tests/test_bf16.py's job: on these see
 a near tie, and no detector's detections are stable.
 
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
-reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. Peak training
+reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. The ratio is ours'
+median over torchvision's; beside it, the range of the repeats' own ratios (ours / torchvision of each repeat's
+back-to-back pair), which shows how far one run's ratio moves with the machine: a target inside that range is not
+shown met or missed by that run. Peak training
 memory is measured in a fresh subprocess per model (peak RSS on CPU, with glibc's mmap threshold fixed so that
 it follows the live memory: MEMORY_CHILD_ENV; max allocated on CUDA). On CUDA the
 training and inference benchmarks run in mixed precision (autocast fp16 + GradScaler) and report images/s.
@@ -211,9 +214,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timing:
+    """One comparison: the median seconds of ours and torchvision's, and each repeat's ratio (ours / torchvision of
+    the pair measured back to back), in the order measured."""
+    ours_s: float
+    tv_s: float
+    ratios: list[float]
+
+
 def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings, repeats: Optional[int] = None,
-            warmup: Optional[int] = None) -> tuple[float, float]:
-    """Median seconds of ours and torchvision's, warmed up, repeats interleaved (alternating who goes first)."""
+            warmup: Optional[int] = None) -> Timing:
+    """Ours and torchvision's, warmed up, repeats interleaved (alternating who goes first): medians and each
+    repeat's ratio."""
     for _ in range(s.warmup if warmup is None else warmup):
         fn_ours()
         fn_tv()
@@ -226,7 +239,8 @@ def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings,
             fn()
             _sync(s.device)
             times[name].append(time.perf_counter() - t0)
-    return statistics.median(times["ours"]), statistics.median(times["tv"])
+    return Timing(statistics.median(times["ours"]), statistics.median(times["tv"]),
+                  [o / t for o, t in zip(times["ours"], times["tv"])])
 
 
 # ------------------------------------------------------------------------------------ micro benches
@@ -573,7 +587,7 @@ def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tens
     fast = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     log(f"training step, ours bf16{which} ...")
     add(f"training step ({tag}), ours bf16 channels-last{which}, tv fp32",
-        *compare(training_step_fn(fast, s, images, targets, bf16=True),
+        compare(training_step_fn(fast, s, images, targets, bf16=True),
                  training_step_fn(tv, s, images, targets), s, repeats, warmup), 0.6, per_image=True)
     tv.load_state_dict(to_torchvision(state))
     # the peer a torchvision user with a bf16 CPU would run: its model under torch.autocast("cpu", bfloat16)
@@ -588,26 +602,26 @@ def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tens
     log(f"inference, ours bf16{which} ...")
     fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
     add(f"inference ({tag}), ours bf16 channels-last folded{which}, tv fp32",
-        *compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s, repeats, warmup), 0.6,
+        compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s, repeats, warmup), 0.6,
         per_image=True)
     peer_row(f"inference ({tag}), ours bf16 channels-last folded{which}, tv bf16 autocast",
              lambda: compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images, bf16=True), s,
                              repeats, peer_warmup), add, notes, log)
 
 
-def peer_row(name: str, measure: Callable[[], tuple[float, float]], add: Callable, notes: list[str],
+def peer_row(name: str, measure: Callable[[], Timing], add: Callable, notes: list[str],
              log: Callable[[str], None]) -> None:
     """A row against torchvision under bf16 autocast; if torchvision cannot run so, a note that says why."""
     log(f"{name} ...")
     try:
-        ours_s, tv_s = measure()
+        timing = measure()
     except Exception as e:  # an op without a bf16 CPU kernel, a dtype mismatch: said, not hidden
         detail = " ".join(str(e).split())[:200]
         notes.append(f"{name}: not measured, torchvision could not run under bf16 autocast ({type(e).__name__}: "
                      f"{detail})")
         log(notes[-1])
         return
-    add(name, ours_s, tv_s, 0.6, per_image=True)
+    add(name, timing, 0.6, per_image=True)
 
 
 def cpu_header() -> dict:
@@ -633,13 +647,16 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     cpu = cpu_header()
     targets_fp32 = FP32_TARGETS["cuda" if cuda else "cpu"]
 
-    def add(name: str, ours_s: float, tv_s: float, target: Optional[float] = None, per_image: bool = False):
+    def add(name: str, timing: Timing, target: Optional[float] = None, per_image: bool = False):
+        ours_s, tv_s = timing.ours_s, timing.tv_s
         row = {"name": name, "ours_ms": ours_s * 1e3, "torchvision_ms": tv_s * 1e3, "ratio": ours_s / tv_s,
+               "ratio_range": [min(timing.ratios), max(timing.ratios)], "repeat_ratios": timing.ratios,
                "target": target}
         if per_image:
             row["ours_img_s"], row["torchvision_img_s"] = s.batch / ours_s, s.batch / tv_s
         rows.append(row)
-        log(f"  {name}: ours {ours_s * 1e3:.1f} ms, torchvision {tv_s * 1e3:.1f} ms, ratio {ours_s / tv_s:.2f}")
+        log(f"  {name}: ours {ours_s * 1e3:.1f} ms, torchvision {tv_s * 1e3:.1f} ms, ratio {ours_s / tv_s:.2f} "
+            f"(repeats {ratio_range(row)})")
 
     state = seeded_state(s)
     ours, tv = load_pair(s, state)
@@ -653,7 +670,7 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     add(f"training step ({tag}{', ours Winograd' if winograd else ''}"
         f"{', ours frozen stages folded, channels-last' if folded else ''}"
         f"{', ours recomputing ' + '+'.join(s.recompute) if s.recompute else ''})",
-        *compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s),
+        compare(training_step_fn(ours, s, images, targets), training_step_fn(tv, s, images, targets), s),
         targets_fp32["training"], per_image=True)
     ours.load_state_dict(state)  # undo the training steps: inference sees the seeded weights again
     tv.load_state_dict(to_torchvision(state))
@@ -664,7 +681,7 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     layout = inference_channels_last("auto", s.device) or s.channels_last
     ours_infer = prepare_inference(ours, s.device, layout, s.winograd).eval()
     add(f"inference ({tag}, ours BN folded{', channels-last' if layout else ''}{', Winograd' if winograd else ''})",
-        *compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s),
+        compare(inference_fn(ours_infer, s, images), inference_fn(tv, s, images), s),
         targets_fp32["inference"], per_image=True)
     del ours_infer
     if not cuda:
@@ -673,17 +690,17 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     log("RoIAlign ...")
     for sr, aligned in ((2, False), (0, True)):
         f_ours, f_tv, label = roi_align_fns(s, sr, aligned)
-        add(label, *compare(f_ours, f_tv, s), 2.0)
+        add(label, compare(f_ours, f_tv, s), 2.0)
     log("anchors + proposals ...")
     add(f"anchors + proposal selection (2000/level, NMS, {s.post_nms_train}/image)",
-        *compare(*proposal_fns(ours, tv, s), s))
+        compare(*proposal_fns(ours, tv, s), s))
     log("mask paste ...")
     fns = paste_fns(s)
     for mode in ("torchvision", "bilinear"):
-        add(f"paste 100 masks, {mode} rule ({s.height}x{s.width})", *compare(fns[mode], fns["reference"], s))
+        add(f"paste 100 masks, {mode} rule ({s.height}x{s.width})", compare(fns[mode], fns["reference"], s))
     log("mask targets ...")
     f_ours, f_tv, label = mask_target_fns(s)
-    add(label, *compare(f_ours, f_tv, s), 1.0)
+    add(label, compare(f_ours, f_tv, s), 1.0)
     rows.append({"name": f"{label}, extra peak memory (MB)", "ours_mb": peak_extra_mb(f_ours, s.device),
                  "torchvision_mb": peak_extra_mb(f_tv, s.device), "ratio": float("nan"), "target": 1.0})
     rows[-1]["ratio"] = rows[-1]["ours_mb"] / max(rows[-1]["torchvision_mb"], 1e-6)
@@ -715,9 +732,17 @@ def environment(s: Settings) -> dict:
     return env
 
 
+def ratio_range(row: dict) -> str:
+    """The range of a row's repeat ratios, "0.61-0.70" ("-" for a row without repeats: memory, file loading)."""
+    if not row.get("ratio_range"):
+        return "-"
+    lo, hi = row["ratio_range"]
+    return f"{lo:.2f}-{hi:.2f}"
+
+
 def format_table(result: dict) -> str:
     lines = [cpu_line(result["cpu"]),
-             f"{'benchmark':<78} {'ours':>10} {'torchvision':>12} {'ratio':>6} {'target':>7}"]
+             f"{'benchmark':<78} {'ours':>10} {'torchvision':>12} {'ratio':>6} {'repeats':>9} {'target':>7}"]
     for r in result["rows"]:
         if "ours_mb" in r:
             ours, theirs = f"{r['ours_mb']:.0f} MB", f"{r['torchvision_mb']:.0f} MB"
@@ -728,7 +753,7 @@ def format_table(result: dict) -> str:
             target = f"<= {r['limit_s']:.0f} s"
         elif r.get("limit_mb"):
             target = f"<= {r['limit_mb'] / 1024:.0f} GB"
-        lines.append(f"{r['name']:<78} {ours:>10} {theirs:>12} {r['ratio']:>6.2f} {target:>7}")
+        lines.append(f"{r['name']:<78} {ours:>10} {theirs:>12} {r['ratio']:>6.2f} {ratio_range(r):>9} {target:>7}")
         if "ours_img_s" in r:
             lines.append(f"{'   images / s':<78} {r['ours_img_s']:>10.2f} {r['torchvision_img_s']:>12.2f}")
     lines += [f"note: {n}" for n in result.get("notes", [])]

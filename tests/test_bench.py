@@ -47,6 +47,8 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
         assert row["ratio"] > 0
     timed = [r for r in result["rows"] if "ours_ms" in r]
     assert all(r["ours_ms"] > 0 and r["torchvision_ms"] > 0 for r in timed)
+    # each timed row keeps its repeats' own ratios (a quick run: one repeat each) and prints their range
+    assert all(len(r["repeat_ratios"]) == 1 and r["ratio_range"] == r["repeat_ratios"] * 2 for r in timed), timed
     memory = next(r for r in result["rows"] if r["name"].startswith("training memory"))
     assert memory["ours_mb"] > 100 and memory["torchvision_mb"] > 100  # a real process with a real model
     assert "mmap threshold fixed" in memory["name"]  # the children ran with bench.MEMORY_CHILD_ENV
@@ -81,7 +83,7 @@ def test_bf16_rows_follow_the_cpu(monkeypatch, native):
     """--bf16 auto times the bf16 rows only where bfloat16 is native; elsewhere a note says why they are skipped
     and how to measure them. never skips them anywhere."""
     monkeypatch.setattr(bench, "cpu_bf16_native", lambda: (native, "CPU capability TEST"))
-    monkeypatch.setattr(bench, "compare", lambda *a, **k: (1.0, 2.0))
+    monkeypatch.setattr(bench, "compare", lambda *a, **k: bench.Timing(1.0, 2.0, [0.5]))
     monkeypatch.setattr(bench, "fold_batchnorm", lambda m: m)
     monkeypatch.setattr(bench, "to_torchvision", lambda state: state)
 
@@ -101,6 +103,30 @@ def test_bf16_rows_follow_the_cpu(monkeypatch, native):
             assert "no native bfloat16" in notes[0] and "--bf16 always" in notes[0]
         if mode == "always" and not native:
             assert all("emulated" in r for r in rows)
+
+
+def test_compare_keeps_each_repeats_ratio_and_the_table_prints_their_range(monkeypatch):
+    """The ratio is of the medians; beside it the range of the repeats' own ratios (each repeat's pair measured
+    back to back, who goes first alternating), from which a reader sees how far one run's ratio moves."""
+    clock = iter([0.0, 1.0, 1.0, 3.0,   # repeat 0: ours 1 s, then torchvision 2 s
+                  3.0, 7.0, 7.0, 10.0,  # repeat 1: torchvision 4 s first, then ours 3 s
+                  10.0, 12.0, 12.0, 14.0])  # repeat 2: ours 2 s, torchvision 2 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    calls = []
+    timing = bench.compare(lambda: calls.append("ours"), lambda: calls.append("tv"),
+                           bench.Settings(repeats=3, warmup=0, device="cpu"))
+    assert calls == ["ours", "tv", "tv", "ours", "ours", "tv"]
+    assert (timing.ours_s, timing.tv_s) == (2.0, 2.0)
+    assert timing.ratios == [0.5, 0.75, 1.0]
+    row = {"name": "inference", "ours_ms": 2000.0, "torchvision_ms": 2000.0, "ratio": 1.0,
+           "ratio_range": [min(timing.ratios), max(timing.ratios)], "target": 0.6}
+    memory = {"name": "training memory", "ours_mb": 1.0, "torchvision_mb": 2.0, "ratio": 0.5, "target": 0.9}
+    result = {"cpu": bench.cpu_header(), "rows": [row, memory], "notes": [],
+              "environment": {"torch": "t", "torchvision": "v", "device": "cpu", "threads": 2}}
+    lines = bench.format_table(result).splitlines()
+    assert "repeats" in lines[1]
+    assert lines[2].split()[-4:] == ["1.00", "0.50-1.00", "<=", "0.6"], lines[2]
+    assert lines[3].split()[-4:] == ["0.50", "-", "<=", "0.9"], lines[3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
