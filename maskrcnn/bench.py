@@ -27,12 +27,11 @@ a near tie, and no detector's detections are stable.
 
 Each benchmark warms up, then interleaves ours and torchvision's repeats (alternating which goes first) and
 reports medians: on a CPU shared with other jobs, interleaving puts both under the same load. The ratio is ours'
-median over torchvision's; beside it, the range of the repeats' own ratios (ours / torchvision of each repeat's
-back-to-back pair), which shows how far one run's ratio moves with the machine: a target inside that range is not
-shown met or missed by that run. Peak training
-memory is measured in a fresh subprocess per model (peak RSS on CPU, with glibc's mmap threshold fixed so that
-it follows the live memory: MEMORY_CHILD_ENV; max allocated on CUDA). On CUDA the
-training and inference benchmarks run in mixed precision (autocast fp16 + GradScaler) and report images/s.
+median over torchvision's, what the targets are read against; beside it, the range of the repeats' own ratios (ours
+/ torchvision of each repeat's back-to-back pair): how far a single pair moves with the machine, not an interval for
+the ratio of the medians. Peak training memory is measured in a fresh subprocess per model (peak RSS on CPU, with
+glibc's mmap threshold fixed so that it follows the live memory: MEMORY_CHILD_ENV; max allocated on CUDA). On CUDA
+the training and inference benchmarks run in mixed precision (autocast fp16 + GradScaler) and report images/s.
 
 Mask targets: 512 sampled RoIs per image (128 foreground) on a batch of two 800x1333 images with 15 objects
 each, our maskrcnn.model.mask_targets against torchvision's project_masks_on_boxes (RoIAlign of the
@@ -648,15 +647,10 @@ def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[
     targets_fp32 = FP32_TARGETS["cuda" if cuda else "cpu"]
 
     def add(name: str, timing: Timing, target: Optional[float] = None, per_image: bool = False):
-        ours_s, tv_s = timing.ours_s, timing.tv_s
-        row = {"name": name, "ours_ms": ours_s * 1e3, "torchvision_ms": tv_s * 1e3, "ratio": ours_s / tv_s,
-               "ratio_range": [min(timing.ratios), max(timing.ratios)], "repeat_ratios": timing.ratios,
-               "target": target}
-        if per_image:
-            row["ours_img_s"], row["torchvision_img_s"] = s.batch / ours_s, s.batch / tv_s
+        row = timing_row(name, timing, target, s.batch if per_image else None)
         rows.append(row)
-        log(f"  {name}: ours {ours_s * 1e3:.1f} ms, torchvision {tv_s * 1e3:.1f} ms, ratio {ours_s / tv_s:.2f} "
-            f"(repeats {ratio_range(row)})")
+        log(f"  {name}: ours {row['ours_ms']:.1f} ms, torchvision {row['torchvision_ms']:.1f} ms, ratio "
+            f"{row['ratio']:.2f} (repeats {ratio_range(row)})")
 
     state = seeded_state(s)
     ours, tv = load_pair(s, state)
@@ -730,6 +724,17 @@ def environment(s: Settings) -> dict:
     if s.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def timing_row(name: str, timing: Timing, target: Optional[float] = None, batch: Optional[int] = None) -> dict:
+    """One row of the result: the medians in ms, their ratio (what a target is read against), the repeats' own
+    ratios and their range, and, given the batch, images per second."""
+    row = {"name": name, "ours_ms": timing.ours_s * 1e3, "torchvision_ms": timing.tv_s * 1e3,
+           "ratio": timing.ours_s / timing.tv_s, "ratio_range": [min(timing.ratios), max(timing.ratios)],
+           "repeat_ratios": list(timing.ratios), "target": target}
+    if batch:
+        row["ours_img_s"], row["torchvision_img_s"] = batch / timing.ours_s, batch / timing.tv_s
+    return row
 
 
 def ratio_range(row: dict) -> str:

@@ -118,15 +118,18 @@ def test_compare_keeps_each_repeats_ratio_and_the_table_prints_their_range(monke
     assert calls == ["ours", "tv", "tv", "ours", "ours", "tv"]
     assert (timing.ours_s, timing.tv_s) == (2.0, 2.0)
     assert timing.ratios == [0.5, 0.75, 1.0]
-    row = {"name": "inference", "ours_ms": 2000.0, "torchvision_ms": 2000.0, "ratio": 1.0,
-           "ratio_range": [min(timing.ratios), max(timing.ratios)], "target": 0.6}
+    row = bench.timing_row("inference", timing, 0.6, batch=2)
+    assert row["ratio"] == 1.0 and row["ratio_range"] == [0.5, 1.0] and row["repeat_ratios"] == [0.5, 0.75, 1.0]
+    assert (row["ours_ms"], row["torchvision_ms"], row["ours_img_s"], row["target"]) == (2000.0, 2000.0, 1.0, 0.6)
+    assert "ours_img_s" not in bench.timing_row("RoIAlign", timing)  # images per second only where asked
     memory = {"name": "training memory", "ours_mb": 1.0, "torchvision_mb": 2.0, "ratio": 0.5, "target": 0.9}
     result = {"cpu": bench.cpu_header(), "rows": [row, memory], "notes": [],
               "environment": {"torch": "t", "torchvision": "v", "device": "cpu", "threads": 2}}
     lines = bench.format_table(result).splitlines()
     assert "repeats" in lines[1]
     assert lines[2].split()[-4:] == ["1.00", "0.50-1.00", "<=", "0.6"], lines[2]
-    assert lines[3].split()[-4:] == ["0.50", "-", "<=", "0.9"], lines[3]
+    assert lines[3].split() == ["images", "/", "s", "1.00", "1.00"], lines[3]
+    assert lines[4].split()[-4:] == ["0.50", "-", "<=", "0.9"], lines[4]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
