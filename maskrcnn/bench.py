@@ -566,6 +566,17 @@ def measure_memory(s: Settings, state: dict[str, Tensor], steps: int, runs: int)
 
 
 # ---------------------------------------------------------------------------------------------- main
+def bf16_training_model(ours: nn.Module) -> nn.Module:
+    """Ours as the bf16 rows (and bench_profile --bf16) train it: a channels-last copy of the model prepared for
+    training (under bf16 autocast Winograd's convolutions and the frozen stages' layout are fp32's only)."""
+    return copy.deepcopy(ours).to(memory_format=torch.channels_last)
+
+
+def bf16_inference_model(ours: nn.Module) -> nn.Module:
+    """Ours as the bf16 rows (and bench_profile --bf16) run inference: BatchNorm folded, channels-last."""
+    return fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
+
+
 def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tensor], images, targets, tag: str,
               add: Callable, notes: list[str], log: Callable[[str], None]) -> None:
     """Ours under bf16 autocast (channels-last; BatchNorm folded for inference) against torchvision in fp32, and
@@ -583,23 +594,23 @@ def bf16_rows(s: Settings, ours: nn.Module, tv: nn.Module, state: dict[str, Tens
         log(notes[-1])
         return
     repeats, warmup, which = (None, None, "") if native else (1, 1, ", emulated: 1 repeat")
-    fast = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    fast = bf16_training_model(ours)
     log(f"training step, ours bf16{which} ...")
     add(f"training step ({tag}), ours bf16 channels-last{which}, tv fp32",
         compare(training_step_fn(fast, s, images, targets, bf16=True),
-                 training_step_fn(tv, s, images, targets), s, repeats, warmup), 0.6, per_image=True)
+                training_step_fn(tv, s, images, targets), s, repeats, warmup), 0.6, per_image=True)
     tv.load_state_dict(to_torchvision(state))
     # the peer a torchvision user with a bf16 CPU would run: its model under torch.autocast("cpu", bfloat16)
     # (emulated, where torchvision's bf16 step is slower still: one repeat without a warm-up, a smoke run only)
     peer_warmup = warmup if native else 0
-    fresh = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    fresh = bf16_training_model(ours)
     peer_row(f"training step ({tag}), ours bf16 channels-last{which}, tv bf16 autocast",
              lambda: compare(training_step_fn(fresh, s, images, targets, bf16=True),
                              training_step_fn(tv, s, images, targets, bf16=True), s, repeats, peer_warmup),
              add, notes, log)
     tv.load_state_dict(to_torchvision(state))
     log(f"inference, ours bf16{which} ...")
-    fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
+    fast = bf16_inference_model(ours)
     add(f"inference ({tag}), ours bf16 channels-last folded{which}, tv fp32",
         compare(inference_fn(fast, s, images, bf16=True), inference_fn(tv, s, images), s, repeats, warmup), 0.6,
         per_image=True)

@@ -144,10 +144,8 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
         winograd="auto", bf16: bool = False, log: Callable[[str], None] = print) -> dict:
     """With `bf16`, both models under bf16 autocast (a CPU's mixed precision), ours as the benchmark's bf16 rows
     run it: channels-last, and BatchNorm folded for inference (Winograd's convolutions are fp32's only)."""
-    import copy
-
     from . import bench
-    from .model.fuse import fold_batchnorm, prepare_inference, prepare_training
+    from .model.fuse import prepare_inference, prepare_training
     from .torchvision_weights import to_torchvision
 
     s = bench.Settings(height=height, width=width, batch=batch, device=device, amp=False, depth=depth)
@@ -158,7 +156,7 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
     # convolutions and the frozen stages' layout are fp32's only, their folded BatchNorm stays, as in the benchmark's
     # bf16 rows (a channels-last copy of this model)
     with_winograd = prepare_training(ours, device, winograd)[0] > 0
-    trained = copy.deepcopy(ours).to(memory_format=torch.channels_last) if bf16 else ours
+    trained = bench.bf16_training_model(ours) if bf16 else ours
     result = {"cpu": bench.cpu_header(), "settings": {"height": height, "width": width, "batch": batch,
                                                        "repeats": repeats, "device": device, "depth": depth,
                                                        "winograd": with_winograd and not bf16, "bf16": bf16},
@@ -172,10 +170,7 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
     # ours as its inference entry points run it: BatchNorm folded, channels-last and Winograd's 3x3 convolutions
     # where each gains (model/fuse.py: prepare_inference, test.channels_last and test.winograd: auto), as the
     # benchmark
-    if bf16:
-        fast = fold_batchnorm(ours).to(memory_format=torch.channels_last).eval()
-    else:
-        fast = prepare_inference(ours, device, winograd=winograd)
+    fast = bench.bf16_inference_model(ours) if bf16 else prepare_inference(ours, device, winograd=winograd)
     result["ours"]["inference"], result["torchvision"]["inference"] = profile(
         [fast, tv], "inference", images, targets, repeats, device, bf16)
     return result

@@ -58,10 +58,10 @@ def margin_of(value: float, op: str, threshold: float, limit: float | None = Non
 def table(records: list[dict], columns: list[str]) -> str:
     rows: dict[tuple[str, str], dict] = {}
     for r in records:
-        row = rows.setdefault((r["test"], r["statistic"]), {"op": r["op"], "threshold": r["threshold"], "values": {}})
+        row = rows.setdefault((r["test"], r["statistic"]),
+                              {"op": r["op"], "threshold": r["threshold"], "limit": r.get("limit"), "values": {}})
         # a statistic checked several times in one test (per image, per kind) keeps its worst value
         old = row["values"].get(r["column"])
-        row["limit"] = r.get("limit")
         if old is None or (margin_of(r["value"], r["op"], r["threshold"], row["limit"])
                            < margin_of(old, r["op"], r["threshold"], row["limit"])):
             row["values"][r["column"]] = r["value"]
