@@ -61,7 +61,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .model.build import build_model
-from .cli import use_huge_pages
+from .cli import ready_to_write, use_huge_pages
 from .config import BackboneConfig, load_config
 from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, prepare_training
 from .engine.step import grad_scaler, train_step
@@ -842,6 +842,8 @@ def main(argv=None) -> dict:
         s = Settings(**json.loads(args.child_settings))
         print(json.dumps(memory_child(args.child_memory, s, args.child_state, args.child_steps)))
         return {}
+    if args.out:
+        ready_to_write(args.out)
     from .engine.device import DeviceError, check_cuda, check_device_name
     try:  # an unknown name or an absent GPU: one line, exit status 2
         device = check_device_name(args.device)

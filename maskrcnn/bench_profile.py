@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cli import use_huge_pages
+from .cli import ready_to_write, use_huge_pages
 from .model.precision import autocast
 
 _CPU = torch.device("cpu")  # --bf16 is a CPU's mixed precision (bf16 autocast there)
@@ -220,6 +220,8 @@ def main(argv=None) -> dict:
         print("error: --bf16: a CPU's mixed precision; on CUDA python -m maskrcnn.bench runs fp16 autocast",
               file=sys.stderr)
         sys.exit(2)
+    if args.out:
+        ready_to_write(args.out)
     from .engine.device import DeviceError, select_device
     try:  # an unknown name or an absent GPU: one line, exit status 2
         args.device = str(select_device(args.device))

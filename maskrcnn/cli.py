@@ -43,6 +43,20 @@ def use_huge_pages() -> bool:
     return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
+def ready_to_write(path: str, option: str = "--out") -> None:
+    """Before minutes of measuring: the folder of an output file made if it is missing, and checked writable; if
+    not, one line on stderr and exit status 2, so that a wrong path costs nothing measured."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        print(f"error: {option}: cannot create the folder {parent}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    if os.path.isdir(path) or not os.access(parent, os.W_OK):
+        print(f"error: {option}: cannot write {path}", file=sys.stderr)
+        sys.exit(2)
+
+
 @contextmanager
 def one_line_errors():
     """Known user errors (bad config, bad data, missing files or weights) and errors of the machine (a file that

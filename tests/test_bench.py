@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_benchmark_writes_table_and_json(tmp_path):
     """--bf16 always: the bf16 rows on any CPU (emulated ones with one warm-up and one repeat)."""
-    out = tmp_path / "bench.json"
+    out = tmp_path / "results" / "bench.json"  # a folder that does not exist yet: made at the start
     proc = subprocess.run([sys.executable, "-m", "maskrcnn.bench", "--quick", "--threads", "1", "--device", "cpu",
                            "--bf16", "always", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -193,3 +193,21 @@ def test_coco_size_annotation_file_loads_in_both(tmp_path):
     theirs = bench.ann_child("pycocotools", str(path))
     assert ours["images"] == theirs["images"] == 50
     assert ours["seconds"] > 0 and ours["peak_mb"] > 0
+
+
+def test_a_wrong_out_path_is_one_line_before_anything_is_measured(monkeypatch, capsys, tmp_path):
+    """--out under a file (its folder cannot be made): one line and exit status 2 at the start, not a traceback
+    after minutes of measuring; a missing folder is made."""
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "a_file" / "bench.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --out: cannot create the folder")
+    from maskrcnn.cli import ready_to_write
+
+    ready_to_write(str(tmp_path / "new" / "folder" / "bench.json"))
+    assert (tmp_path / "new" / "folder").is_dir()
+    with pytest.raises(SystemExit):
+        ready_to_write(str(tmp_path / "new"))  # a folder, not a file

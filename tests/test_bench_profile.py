@@ -99,3 +99,12 @@ def test_profile_bf16_is_a_cpu_option(capsys):
         bp.main(["--bf16", "--device", "cuda"])
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_profile_wrong_out_path_is_one_line_before_anything_is_measured(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bp, "run", lambda *a, **k: pytest.fail("measured before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bp.main(["--out", str(tmp_path / "a_file" / "profile.json")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
