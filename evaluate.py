@@ -32,7 +32,7 @@ import os
 import time
 from pathlib import Path
 
-from maskrcnn.cli import one_line_errors, use_huge_pages
+from maskrcnn.cli import keep_freed_memory, one_line_errors, use_huge_pages
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -325,6 +325,7 @@ def evaluate_file(args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> dict:
     use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
+    keep_freed_memory()  # glibc: the next tensors reuse freed memory instead of faulting fresh pages
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from maskrcnn.cli import one_line_errors, use_huge_pages
+from maskrcnn.cli import keep_freed_memory, one_line_errors, use_huge_pages
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -49,6 +49,7 @@ def output_stems(images: list[Path]) -> list[str]:
 
 def main(argv=None) -> list[dict]:
     use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
+    keep_freed_memory()  # glibc: the next tensors reuse freed memory instead of faulting fresh pages
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a full-stage checkpoint")
     p.add_argument("--input", required=True, help="an image file or a folder of images")

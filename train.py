@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from maskrcnn.cli import add_config_args, one_line_errors, use_huge_pages
+from maskrcnn.cli import add_config_args, keep_freed_memory, one_line_errors, use_huge_pages
 
 DEFAULT_CONFIG = "configs/shapes.yaml"
 
@@ -91,6 +91,7 @@ def _resumed_config(cfg, args):
 
 def main(argv=None) -> dict:
     use_huge_pages()  # first: PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation
+    keep_freed_memory()  # glibc: the next tensors reuse freed memory instead of faulting fresh pages
     args = parse_args(argv)
     with one_line_errors():
         from maskrcnn.engine import distributed

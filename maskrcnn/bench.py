@@ -61,7 +61,8 @@ import torchvision
 from torch import Tensor, nn
 
 from .model.build import build_model
-from .cli import ready_to_write, use_huge_pages
+from . import cli
+from .cli import keep_freed_memory, ready_to_write, use_huge_pages
 from .config import BackboneConfig, load_config
 from .model.fuse import fold_batchnorm, inference_channels_last, prepare_inference, prepare_training
 from .engine.step import grad_scaler, train_step
@@ -640,12 +641,13 @@ def cpu_header() -> dict:
     native, evidence = cpu_bf16_native()
     return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": native, "evidence": evidence,
             "processor": platform.processor() or platform.machine(),
-            "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")}
+            "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), "freed_memory_kept": cli.freed_memory_kept}
 
 
 def cpu_line(cpu: dict) -> str:
     return (f"CPU capability {cpu['capability']}, bfloat16 {'native' if cpu['bf16_native'] else 'not native'} "
-            f"({cpu['evidence']}); THP_MEM_ALLOC_ENABLE={cpu.get('huge_pages', 'unset')} (both models)")
+            f"({cpu['evidence']}); THP_MEM_ALLOC_ENABLE={cpu.get('huge_pages', 'unset')}, freed memory "
+            f"{'kept' if cpu.get('freed_memory_kept') else 'returned to the system'} (both models)")
 
 
 def run(s: Settings, memory_steps: int = 2, memory_runs: int = 3, log: Callable[[str], None] = print,
@@ -832,6 +834,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     use_huge_pages()  # as train.py and evaluate.py run, for both models alike (the memory children inherit it)
+    keep_freed_memory()  # likewise (not in the memory children: MEMORY_CHILD_ENV sets glibc's threshold)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

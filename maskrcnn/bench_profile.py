@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cli import ready_to_write, use_huge_pages
+from .cli import keep_freed_memory, ready_to_write, use_huge_pages
 from .model.precision import autocast
 
 _CPU = torch.device("cpu")  # --bf16 is a CPU's mixed precision (bf16 autocast there)
@@ -199,6 +199,7 @@ def bench_cpu_line(result: dict) -> str:
 
 def main(argv=None) -> dict:
     use_huge_pages()  # as train.py and evaluate.py run, for both models alike
+    keep_freed_memory()  # likewise
     p = argparse.ArgumentParser(prog="python -m maskrcnn.bench_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
