@@ -51,6 +51,17 @@ _MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_
 freed_memory_kept = False  # whether keep_freed_memory's request was made and accepted in this process
 
 
+def glibc() -> bool:
+    """Linux with glibc: where keep_freed_memory can ask anything."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def users_malloc_settings() -> bool:
+    """Whether the user set glibc's malloc tunables (a MALLOC_* variable or GLIBC_TUNABLES): then they are kept."""
+    return (any(v in os.environ for v in _MALLOC_VARIABLES)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep the memory the process frees for its next allocations instead of handing it
     back to the system (mallopt: M_MMAP_MAX 0, no block is mmapped on its own; M_TRIM_THRESHOLD 2 GB, the free top
@@ -67,9 +78,7 @@ def keep_freed_memory() -> bool:
     GLIBC_TUNABLES are kept, and nothing changes. Returns whether the request was made and accepted (also kept in
     `freed_memory_kept`, which the benchmarks print)."""
     global freed_memory_kept
-    if (platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
-            or any(v in os.environ for v in _MALLOC_VARIABLES)
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+    if not glibc() or users_malloc_settings():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:

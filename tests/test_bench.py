@@ -3,8 +3,6 @@ writes the JSON. The numbers of a quick run are not measurements (no warm-up, on
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -32,10 +30,7 @@ def test_quick_benchmark_writes_table_and_json(tmp_path):
     assert result["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
     assert proc.stdout.splitlines()[0] == bench.cpu_line(result["cpu"]) and evidence in proc.stdout.splitlines()[0]
     # and the process settings both models ran under: freed memory kept on glibc (maskrcnn.cli.keep_freed_memory)
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    users = (any(v in os.environ for v in cli._MALLOC_VARIABLES)
-             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
-    assert result["cpu"]["freed_memory_kept"] is (glibc and not users)
+    assert result["cpu"]["freed_memory_kept"] is (cli.glibc() and not cli.users_malloc_settings())
     names = [r["name"] for r in result["rows"]]
     for expected in ("training step", "inference", "RoIAlign fwd+bwd", "anchors + proposal selection",
                      "paste 100 masks", "mask targets", "training memory"):

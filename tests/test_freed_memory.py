@@ -3,7 +3,6 @@ malloc not to hand big blocks back to the system (right after huge pages: tests/
 a setting the user made is kept, and glibc honours the request:
 a step that allocates, touches and frees big tensors stops faulting fresh pages after its first runs."""
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from maskrcnn import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 @pytest.mark.parametrize("name, value", [("MALLOC_MMAP_MAX_", "65536"), ("MALLOC_MMAP_THRESHOLD_", "131072"),
@@ -49,7 +47,7 @@ print(asked, *faults)
 """
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+@pytest.mark.skipif(not cli.glibc(), reason="glibc's malloc only")
 @pytest.mark.parametrize("huge_pages", ["0", "1"])
 def test_glibc_honours_it(huge_pages):
     """Without the request every step faults its 144 MB in again (36.9k faults of 4 KB, or 1.6k with huge pages,
