@@ -9,17 +9,25 @@ models alike; a stage's time excludes the stages inside it. The backward pass an
 as wholes (autograd runs the stages' backward interleaved), "other" is the rest of the forward (the input
 transform, mask pasting and what runs between the stages). On a CPU every kernel is synchronous, so the
 wall-clock times add up; on CUDA each hook synchronises first.
+
+The inference's arithmetic is counted too: the floating-point operations (2 per multiply-add) of every convolution
+and linear layer, as a direct computation does them, per stage, and the rate each stage reached. Beside them, the
+rate of one 3x3 convolution of the mask head's shape timed alone (the reference: what this device's convolution
+kernel reaches on this model's largest layer) and the time ours' arithmetic would take at that rate, against
+torchvision's whole inference: a floor for the inference ratio that only fewer multiplications can go below.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cli import keep_freed_memory, ready_to_write, use_huge_pages
@@ -39,6 +47,8 @@ STAGES = {
     "mask head (convs + predictor)": (["roi_heads.mask_head"], ["roi_heads.mask_head", "roi_heads.mask_predictor"]),
     "RoI heads: sampling, targets, losses, post-processing": (["roi_heads"], ["roi_heads"]),
 }
+OTHER = "other (transform, paste, between stages)"
+LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 class StageTimer:
@@ -109,7 +119,7 @@ def one_step(net: nn.Module, kind: str, timer: StageTimer, opt, images, targets,
         sync()
         forward = time.perf_counter() - t0
     row = dict(timer.seconds)
-    row["other (transform, paste, between stages)"] = forward - sum(timer.seconds.values())
+    row[OTHER] = forward - sum(timer.seconds.values())
     row.update(after)
     row["total"] = sum(row.values())
     return row
@@ -138,6 +148,73 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
         t.remove()
     return [{k: 1e3 * statistics.median(run[k] for run in model_runs) for k in model_runs[0]}
             for model_runs in runs]
+
+
+def layer_flops(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> float:
+    """Floating-point operations (2 per multiply-add) of one call of a convolution or linear layer computed
+    directly (Winograd's convolutions do fewer multiplications for the same result)."""
+    if isinstance(module, nn.Linear):
+        return 2.0 * out.numel() * x.shape[-1]
+    taps = math.prod(module.kernel_size)
+    if isinstance(module, nn.ConvTranspose2d):  # every input value meets out_channels / groups filters' taps
+        return 2.0 * x.numel() * (module.out_channels // module.groups) * taps
+    return 2.0 * out.numel() * (module.in_channels // module.groups) * taps
+
+
+def stage_of(path: str, names: dict[str, list[str]]) -> str:
+    """The innermost stage whose module contains the module at `path` (as StageTimer counts time), else "other"."""
+    best, depth = OTHER, -1
+    for stage, paths in names.items():
+        for p in paths:
+            if (path == p or path.startswith(p + ".")) and p.count(".") > depth:
+                best, depth = stage, p.count(".")
+    return best
+
+
+def count_flops(net: nn.Module, names: dict[str, list[str]], images, bf16: bool = False) -> dict[str, float]:
+    """{stage: GFLOP} of the convolutions and linear layers of one inference of `net` (hooks on every layer, one
+    pass); a layer called through its weight rather than its module (ours' per-class mask predictor) is not seen."""
+    gflop = {stage: 0.0 for stage in [*names, OTHER]}
+
+    def counter(stage: str):
+        def hook(module, args, out):
+            gflop[stage] += layer_flops(module, args[0], out) / 1e9
+        return hook
+
+    handles = [m.register_forward_hook(counter(stage_of(path, names)))
+               for path, m in net.named_modules() if isinstance(m, LAYERS)]
+    try:
+        net.eval()
+        with torch.no_grad(), autocast(_CPU, bf16):
+            net(images)
+    finally:
+        for h in handles:
+            h.remove()
+    gflop["total"] = sum(gflop.values())
+    return gflop
+
+
+def reference_rate(device: str, bf16: bool, rois: int = 64, repeats: int = 7) -> dict:
+    """GFLOP/s of one 3x3 convolution (256 to 256 channels) of `rois` RoIs of 14x14, the mask head's shape, alone:
+    channels-last, in bf16 or fp32 as the profile runs, without autograd; the best of `repeats` after a warm-up."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rois, 256, 14, 14, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    best = math.inf
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if r > 0:
+                best = min(best, time.perf_counter() - t0)
+    gflop = 2.0 * rois * 14 * 14 * 256 * 256 * 9 / 1e9
+    return {"what": f"a 3x3 convolution of the mask head's shape alone ({rois} RoIs x 256 x 14x14, "
+                    f"{'bf16' if bf16 else 'fp32'}, channels-last)", "gflop": gflop, "gflop_per_s": gflop / best}
 
 
 def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, device: str = "cpu", depth: int = 50,
@@ -173,6 +250,10 @@ def run(height: int = 512, width: int = 512, batch: int = 2, repeats: int = 3, d
     fast = bench.bf16_inference_model(ours) if bf16 else prepare_inference(ours, device, winograd=winograd)
     result["ours"]["inference"], result["torchvision"]["inference"] = profile(
         [fast, tv], "inference", images, targets, repeats, device, bf16)
+    log("arithmetic ...")
+    result["arithmetic"] = {"ours": count_flops(fast, {k: v[0] for k, v in STAGES.items()}, images, bf16),
+                            "torchvision": count_flops(tv, {k: v[1] for k, v in STAGES.items()}, images, bf16),
+                            "reference": reference_rate(device, bf16)}
     return result
 
 
@@ -189,7 +270,30 @@ def format_table(result: dict) -> str:
             ratio = ours[stage] / tv[stage] if tv[stage] > 0.05 else float("nan")
             lines.append(f"| {stage} | {ours[stage]:.1f} | {tv[stage]:.1f} | {ratio:.2f} | "
                          f"{100 * ours[stage] / ours['total']:.0f}% |")
+    if "arithmetic" in result:
+        lines += ["", *format_arithmetic(result)]
     return "\n".join(lines)
+
+
+def format_arithmetic(result: dict) -> list[str]:
+    """The inference's GFLOP and GFLOP/s per stage for both models, the reference rate and ours' floor."""
+    a, ref = result["arithmetic"], result["arithmetic"]["reference"]
+    times = {which: result[which]["inference"] for which in ("ours", "torchvision")}
+    lines = ["inference arithmetic (convolutions and linear layers, 2 FLOP per multiply-add as a direct computation "
+             "does them; a rate above the reference is Winograd's fewer multiplications)", "",
+             "| stage | GFLOP: ours | torchvision | GFLOP/s: ours | torchvision |", "|---|---|---|---|---|"]
+    for stage in a["ours"]:
+        g = [a[w][stage] for w in ("ours", "torchvision")]
+        if max(g) < 0.05:
+            continue
+        rate = [f"{a[w][stage] / times[w][stage] * 1e3:.0f}" if times[w][stage] > 0.05 else "-"
+                for w in ("ours", "torchvision")]
+        lines.append(f"| {stage} | {g[0]:.1f} | {g[1]:.1f} | {rate[0]} | {rate[1]} |")
+    floor = a["ours"]["total"] / ref["gflop_per_s"] * 1e3
+    lines += ["", f"reference: {ref['what']}: {ref['gflop_per_s']:.0f} GFLOP/s. Ours' {a['ours']['total']:.0f} GFLOP "
+              f"at that rate: {floor:.0f} ms, {floor / times['torchvision']['total']:.2f} of torchvision's inference "
+              f"({times['torchvision']['total']:.0f} ms)"]
+    return lines
 
 
 def bench_cpu_line(result: dict) -> str:

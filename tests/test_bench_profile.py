@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from maskrcnn import bench_profile as bp
 
@@ -49,6 +50,69 @@ def test_profile_times_every_stage_of_both_models(capsys):
             assert ("backward" in row) == (kind == "training")
     printed = capsys.readouterr().out
     assert "\nCPU capability " in printed and "| mask head (convs + predictor) |" in printed
+    # the arithmetic: the same architecture computes the same multiply-adds stage by stage (ours' BatchNorm folded,
+    # torchvision's not: BatchNorm is no convolution), and the same detections reach both mask heads, where ours'
+    # per-class predictor does less than torchvision's 91 maps
+    ours, tv = result["arithmetic"]["ours"], result["arithmetic"]["torchvision"]
+    for stage in ("bottom-up (ResNet)", "FPN", "RPN head (conv)", "box head (FCs + predictor)"):
+        assert ours[stage] > 0 and ours[stage] == pytest.approx(tv[stage], rel=1e-9), stage
+    assert 0.9 * tv["mask head (convs + predictor)"] < ours["mask head (convs + predictor)"] \
+        < tv["mask head (convs + predictor)"]
+    assert ours[bp.OTHER] == tv[bp.OTHER] == 0
+    assert result["arithmetic"]["reference"]["gflop_per_s"] > 0
+    assert "| mask head (convs + predictor) | " in printed.split("inference arithmetic")[1]
+    assert "\nreference: a 3x3 convolution of the mask head's shape alone" in printed
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 9, 7)),
+    (nn.Conv2d(3, 8, (1, 3)), (1, 3, 6, 6)),
+    (nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (3, 4, 5, 5)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=1), (1, 4, 5, 5)),
+    (nn.Linear(7, 5), (3, 2, 7)),
+])
+def test_layer_flops_agree_with_torchs_flop_counter(layer, shape):
+    x = torch.randn(shape)
+    with FlopCounterMode(display=False) as counter:
+        out = layer(x)
+    assert bp.layer_flops(layer, x, out) == counter.get_total_flops() > 0
+
+
+def test_count_flops_puts_each_layer_in_its_innermost_stage():
+    """outer holds a conv and the inner stage's linear; a layer outside every stage is "other"."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.outer = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Sequential(nn.Linear(64, 8)))
+            self.loose = nn.Linear(8, 2)
+
+        def forward(self, images):
+            return self.loose(self.outer(torch.stack(images)))
+
+    net = Net()
+    images = [torch.rand(3, 6, 6)]
+    gflop = bp.count_flops(net, {"outer": ["outer"], "inner": ["outer.2"]}, images)
+    assert gflop["outer"] * 1e9 == 2 * (4 * 4 * 4) * 3 * 9
+    assert gflop["inner"] * 1e9 == 2 * 8 * 64
+    assert gflop[bp.OTHER] * 1e9 == 2 * 2 * 8
+    with FlopCounterMode(display=False) as counter:
+        net(images)
+    assert gflop["total"] * 1e9 == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    assert not net._forward_hooks and not net.outer[0]._forward_hooks  # the hooks are gone
+
+
+def test_format_arithmetic_states_the_floor():
+    """Ours' GFLOP at the reference rate, against torchvision's inference time."""
+    stages = {"FPN": 1.0, bp.OTHER: 0.0, "total": 2.0}
+    result = {"ours": {"inference": {"FPN": 10.0, bp.OTHER: 5.0, "total": 20.0}},
+              "torchvision": {"inference": {"FPN": 20.0, bp.OTHER: 5.0, "total": 40.0}},
+              "arithmetic": {"ours": dict(stages, FPN=1.0, total=1.0), "torchvision": dict(stages, FPN=1.0, total=1.0),
+                             "reference": {"what": "a conv", "gflop": 1.0, "gflop_per_s": 100.0}}}
+    lines = bp.format_arithmetic(result)
+    assert "| FPN | 1.0 | 1.0 | 100 | 50 |" in lines
+    assert not any(line.startswith(f"| {bp.OTHER}") for line in lines)  # no arithmetic there
+    assert lines[-1] == ("reference: a conv: 100 GFLOP/s. Ours' 1 GFLOP at that rate: 10 ms, 0.25 of torchvision's "
+                         "inference (40 ms)")
 
 
 def test_one_step_bf16_runs_the_forward_under_autocast():
