@@ -13,8 +13,9 @@ wall-clock times add up; on CUDA each hook synchronises first.
 The inference's arithmetic is counted too: the floating-point operations (2 per multiply-add) of every convolution
 and linear layer, as a direct computation does them, per stage, and the rate each stage reached. Beside them, the
 rate of one 3x3 convolution of the mask head's shape timed alone (the reference: what this device's convolution
-kernel reaches on this model's largest layer) and the time ours' arithmetic would take at that rate, against
-torchvision's whole inference: a floor for the inference ratio that only fewer multiplications can go below.
+kernel reaches on the shape of this model's largest layer) and the time ours' arithmetic would take at that rate,
+against torchvision's whole inference: where the inference ratio would stand with every layer at that rate and
+nothing else, which only layers faster than that kernel (fewer multiplications) go below.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .model.precision import autocast
 
 _CPU = torch.device("cpu")  # --bf16 is a CPU's mixed precision (bf16 autocast there)
 
-# stage -> (our module, torchvision's modules); the first stage a module belongs to is its stage
+# stage -> (our module, torchvision's modules); a module's stage is the innermost stage that contains it
 STAGES = {
     "bottom-up (ResNet)": (["bottom_up"], ["backbone.body"]),
     "FPN": (["fpn"], ["backbone.fpn"]),
@@ -183,6 +184,7 @@ def count_flops(net: nn.Module, names: dict[str, list[str]], images, bf16: bool 
 
     handles = [m.register_forward_hook(counter(stage_of(path, names)))
                for path, m in net.named_modules() if isinstance(m, LAYERS)]
+    was_training = net.training
     try:
         net.eval()
         with torch.no_grad(), autocast(_CPU, bf16):
@@ -190,6 +192,7 @@ def count_flops(net: nn.Module, names: dict[str, list[str]], images, bf16: bool 
     finally:
         for h in handles:
             h.remove()
+        net.train(was_training)
     gflop["total"] = sum(gflop.values())
     return gflop
 
@@ -288,7 +291,8 @@ def format_arithmetic(result: dict) -> list[str]:
             continue
         rate = [f"{a[w][stage] / times[w][stage] * 1e3:.0f}" if times[w][stage] > 0.05 else "-"
                 for w in ("ours", "torchvision")]
-        lines.append(f"| {stage} | {g[0]:.1f} | {g[1]:.1f} | {rate[0]} | {rate[1]} |")
+        label = "total (rate: over the whole inference's time)" if stage == "total" else stage
+        lines.append(f"| {label} | {g[0]:.1f} | {g[1]:.1f} | {rate[0]} | {rate[1]} |")
     floor = a["ours"]["total"] / ref["gflop_per_s"] * 1e3
     lines += ["", f"reference: {ref['what']}: {ref['gflop_per_s']:.0f} GFLOP/s. Ours' {a['ours']['total']:.0f} GFLOP "
               f"at that rate: {floor:.0f} ms, {floor / times['torchvision']['total']:.2f} of torchvision's inference "
