@@ -209,7 +209,8 @@ def inference_fn(model: nn.Module, s: Settings, images, bf16: bool = False) -> C
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA's run asynchronously; a CPU's have finished)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -234,10 +235,10 @@ def compare(fn_ours: Callable[[], None], fn_tv: Callable[[], None], s: Settings,
     for r in range(repeats or s.repeats):
         order = [("ours", fn_ours), ("tv", fn_tv)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            _sync(s.device)
+            synchronize(s.device)
             t0 = time.perf_counter()
             fn()
-            _sync(s.device)
+            synchronize(s.device)
             times[name].append(time.perf_counter() - t0)
     return Timing(statistics.median(times["ours"]), statistics.median(times["tv"]),
                   [o / t for o, t in zip(times["ours"], times["tv"])])

@@ -131,9 +131,10 @@ def profile(models: list[nn.Module], kind: str, images, targets, repeats: int, d
     """{stage: median ms} of each model (ours first, torchvision's second), one warm-up each, then `repeats`
     steps interleaved (alternating who goes first, as maskrcnn/bench.py does). Training: SGD with momentum, as
     the benchmark's step."""
+    from .bench import synchronize
+
     def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
 
     timers = [StageTimer(m, {k: v[which] for k, v in STAGES.items()}, sync) for which, m in enumerate(models)]
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
@@ -204,15 +205,15 @@ def reference_rate(device: str, bf16: bool, rois: int = 64, repeats: int = 7) ->
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rois, 256, 14, 14, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    from .bench import synchronize
+
     best = math.inf
     with torch.no_grad():
         for r in range(repeats + 1):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             t0 = time.perf_counter()
             F.conv2d(x, w, padding=1)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             if r > 0:
                 best = min(best, time.perf_counter() - t0)
     gflop = 2.0 * rois * 14 * 14 * 256 * 256 * 9 / 1e9
